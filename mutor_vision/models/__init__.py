@@ -1,0 +1,19 @@
+"""LlamaGen-compatible class-conditional GPT with MuToR registers."""
+
+from mutor_vision.models.checkpoint import CheckpointError, load_gpt, save_gpt
+from mutor_vision.models.config import SIZES, GPTConfig, RegisterConfig
+from mutor_vision.models.gpt import GPT, GPTOutput
+from mutor_vision.models.sampling import generate, sample_logits
+
+__all__ = [
+    "GPT",
+    "SIZES",
+    "CheckpointError",
+    "GPTConfig",
+    "GPTOutput",
+    "RegisterConfig",
+    "generate",
+    "load_gpt",
+    "sample_logits",
+    "save_gpt",
+]

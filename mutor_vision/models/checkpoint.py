@@ -1,0 +1,195 @@
+"""Loading LlamaGen / mutor-vision GPT checkpoints strictly, and saving this project's format.
+
+Accepted inputs (llamagen.md §1):
+- this project's export: a directory (or its ``model.safetensors``) with ``config.json`` beside;
+- any ``.safetensors`` file holding a GPT state dict;
+- an official LlamaGen ``.pt``: the raw state dict, or one under ``"model"`` / ``"module"`` /
+  ``"state_dict"`` (DDP runs may also hold ``optimizer``, ``steps``, ``args``, ``ema``), keys
+  possibly prefixed ``module.`` / ``_orig_mod.``, possibly with ``freqs_cis`` / ``*.kv_cache.*``.
+
+Pickles are opened with ``weights_only=True``. Files that need arbitrary unpickling (LlamaGen's DDP
+checkpoints pickle an argparse Namespace) load only with ``trust=True``, with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mutor_vision.config import ConfigError, from_dict, to_dict
+from mutor_vision.models.config import GPTConfig
+from mutor_vision.models.gpt import GPT
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+REGISTER_KEY = "register_embedding"
+_CONTAINER_KEYS = ("model", "module", "state_dict")
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or does not match the model; the message says what and where."""
+
+
+def load_gpt(path: str | Path, size: str | None = "GPT-B", trust: bool = False, **overrides: Any) -> GPT:
+    """Build a GPT and load ``path`` strictly (see module docstring). ``overrides`` patch the config.
+
+    An own export brings its config (``size`` is then ignored); for official files ``size`` picks
+    the architecture. A missing register vector (official files) is initialised and logged.
+    """
+    path = Path(path)
+    weights_path, config_path = _resolve(path)
+    if config_path is not None:
+        try:
+            config = from_dict(GPTConfig, {**json.loads(config_path.read_text()), **overrides})
+        except (json.JSONDecodeError, ConfigError) as error:
+            raise CheckpointError(f"{config_path}: bad model config: {error}") from None
+    else:
+        config = GPTConfig(size=size, **overrides) if size is not None else from_dict(GPTConfig, overrides)
+    state = read_state_dict(weights_path, trust=trust)
+    model = GPT(config)
+    load_state_dict_strict(model, state, source=str(weights_path))
+    return model
+
+
+def save_gpt(model: GPT, directory: str | Path) -> None:
+    """Write ``model.safetensors`` and ``config.json`` into ``directory``, each atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    text = json.dumps(to_dict(model.config), indent=2)
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` on a temp file beside ``path``, then rename it over ``path``.
+
+    A crash mid-write leaves the previous file intact (rename is atomic on one filesystem).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_state_dict(path: str | Path, trust: bool = False) -> dict[str, torch.Tensor]:
+    """Read a GPT state dict from any accepted container, normalised to this project's key names."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        try:
+            raw: Any = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+    else:
+        raw = _torch_load(path, trust)
+    return normalise_state_dict(_unwrap_container(raw, path), path)
+
+
+def _torch_load(path: Path, trust: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        needs_globals = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if needs_globals is None:  # not a refused class: the bytes themselves are broken
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt pickle stream)") from None
+        if not trust:
+            raise CheckpointError(
+                f"{path}: the file pickles {needs_globals.group(1)}, which only arbitrary unpickling can load. "
+                "Unpickling can run code: if you trust this file, pass trust=True "
+                "(--trust-checkpoint on the command line), or convert it once to safetensors."
+            ) from None
+        warnings.warn(f"{path}: unpickling with weights_only=False because trust=True", stacklevel=3)
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({error})") from None
+
+
+def _unwrap_container(raw: Any, path: Path) -> dict[str, torch.Tensor]:
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a state dict or a dict holding one, got {type(raw).__name__}")
+    for key in _CONTAINER_KEYS:
+        if key in raw and isinstance(raw[key], dict):
+            return raw[key]
+    if any(isinstance(v, torch.Tensor) for v in raw.values()):
+        return raw
+    raise CheckpointError(f"{path}: no state dict found (top-level keys: {sorted(raw)[:10]})")
+
+
+def normalise_state_dict(state: dict[str, Any], source: str | Path = "<state dict>") -> dict[str, torch.Tensor]:
+    """Strip ``module.`` / ``_orig_mod.`` prefixes; drop ``freqs_cis`` and KV-cache entries."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for prefix in _PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix) :]
+            key = key.replace("." + prefix, ".")
+        if key == "freqs_cis" or key.endswith(".freqs_cis") or ".kv_cache." in key:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        out[key] = value
+    return out
+
+
+def load_state_dict_strict(model: GPT, state: dict[str, torch.Tensor], source: str = "<state dict>") -> None:
+    """Copy ``state`` into ``model``; any missing, unexpected or mis-shaped key is one clear error.
+
+    Only the register vector may be missing (official LlamaGen files): it keeps its fresh init.
+    """
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state) - {REGISTER_KEY})
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(state) & set(expected))
+        if state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"{source} does not match the model (config: {_describe(model)}):"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if items:
+                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(shown))
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(state, strict=False)
+    if REGISTER_KEY not in state:
+        log.warning("%s has no %s (an official LlamaGen file): initialised N(0, 0.02)", source, REGISTER_KEY)
+
+
+def _describe(model: GPT) -> str:
+    c = model.config
+    return (
+        f"size={c.size} n_layer={c.n_layer} n_head={c.n_head} dim={c.dim} vocab={c.vocab_size} classes={c.num_classes}"
+    )
+
+
+def _resolve(path: Path) -> tuple[Path, Path | None]:
+    """(weights file, config.json or None) for a directory or a file."""
+    if path.is_dir():
+        weights, config = path / WEIGHTS_NAME, path / CONFIG_NAME
+        if not weights.is_file():
+            raise CheckpointError(f"{path}: directory has no {WEIGHTS_NAME}")
+        return weights, config if config.is_file() else None
+    config = path.parent / CONFIG_NAME
+    return path, config if path.suffix == ".safetensors" and config.is_file() else None

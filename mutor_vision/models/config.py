@@ -1,0 +1,103 @@
+"""Model and register configs (typed, validated) and the LlamaGen size table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from mutor_vision.config import check
+
+# name -> (n_layer, n_head, dim); llamagen.md §1. head_dim is 64 for every size.
+SIZES: dict[str, tuple[int, int, int]] = {
+    "GPT-B": (12, 12, 768),
+    "GPT-L": (24, 16, 1024),
+    "GPT-XL": (36, 20, 1280),
+    "GPT-XXL": (48, 24, 1536),
+}
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int = 256) -> int:
+    """LlamaGen's SwiGLU width: int(2·4·dim/3) rounded up to a multiple of ``multiple_of``."""
+    hidden = int(2 * 4 * dim / 3)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+@dataclass
+class RegisterConfig:
+    """MuToR registers for the image model (spec §3). ``mode: ntp`` trains the plain baseline."""
+
+    mode: Literal["ntp", "mutor1d", "mutor2d"] = "mutor2d"
+    d_max: int = 4  # MuToR-1D: d uniform in {1..d_max}
+    d_max_2d: int = 4  # MuToR-2D: (d_h, d_w) uniform in {1..D}² \ {(1,1)}
+    num_registers: int | None = 80  # R random slots per sample; null = every slot
+    valid_slots_only: bool = False  # draw only slots whose target exists
+    edge: Literal["wrap", "drop"] = "wrap"  # 2D targets that wrap into the next raster row
+    weight: float = 0.5  # a in (1 - a)·L_ntp + a·L_reg
+
+    def __post_init__(self) -> None:
+        check(self.d_max >= 1, "d_max", f"must be >= 1, got {self.d_max}")
+        check(self.d_max_2d >= 2, "d_max_2d", f"must be >= 2, got {self.d_max_2d}")
+        check(self.num_registers is None or self.num_registers >= 1, "num_registers", "must be >= 1 or null")
+        check(0.0 <= self.weight <= 1.0, "weight", f"must be in [0, 1], got {self.weight}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "ntp"
+
+
+@dataclass
+class GPTConfig:
+    """A LlamaGen class-conditional GPT. ``size`` fills n_layer/n_head/dim unless given explicitly."""
+
+    size: str | None = "GPT-B"
+    n_layer: int | None = None
+    n_head: int | None = None
+    dim: int | None = None
+    ffn_hidden: int | None = None  # default: ffn_hidden_dim(dim)
+    vocab_size: int = 16384
+    num_classes: int = 1000
+    grid_size: int = 16  # h = w; N = grid_size² image tokens
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    token_dropout: float = 0.1
+    resid_dropout: float = 0.1
+    ffn_dropout: float = 0.1
+    class_dropout: float = 0.1  # label -> null class with this probability in training (CFG)
+    init_std: float = 0.02
+    attention: Literal["auto", "flex", "sdpa"] = "auto"
+    registers: RegisterConfig = field(default_factory=RegisterConfig)
+
+    def __post_init__(self) -> None:
+        if self.size is not None:
+            check(self.size in SIZES, "size", f"must be one of {list(SIZES)} or null, got {self.size!r}")
+            n_layer, n_head, dim = SIZES[self.size]
+            self.n_layer = n_layer if self.n_layer is None else self.n_layer
+            self.n_head = n_head if self.n_head is None else self.n_head
+            self.dim = dim if self.dim is None else self.dim
+        for key in ("n_layer", "n_head", "dim"):
+            value = getattr(self, key)
+            check(value is not None and value >= 1, key, f"must be a positive integer (or set size), got {value}")
+        check(self.dim % self.n_head == 0, "dim", f"{self.dim} is not divisible by n_head {self.n_head}")
+        check(self.head_dim % 4 == 0, "dim", f"head_dim {self.head_dim} must be divisible by 4 for 2D RoPE")
+        self.ffn_hidden = ffn_hidden_dim(self.dim) if self.ffn_hidden is None else self.ffn_hidden
+        check(self.ffn_hidden >= 1, "ffn_hidden", "must be >= 1")
+        check(self.vocab_size >= 2, "vocab_size", "must be >= 2")
+        check(self.num_classes >= 1, "num_classes", "must be >= 1")
+        check(self.grid_size >= 1, "grid_size", "must be >= 1")
+        for key in ("token_dropout", "resid_dropout", "ffn_dropout", "class_dropout"):
+            check(0.0 <= getattr(self, key) < 1.0, key, f"must be in [0, 1), got {getattr(self, key)}")
+        if self.registers.enabled and self.registers.mode == "mutor2d":
+            check(self.grid_size >= self.registers.d_max_2d, "registers.d_max_2d", "must be <= grid_size")
+        if self.registers.num_registers is not None:
+            check(self.registers.num_registers <= self.num_tokens, "registers.num_registers", "exceeds grid_size²")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size**2
+
+    def replace(self, **changes: Any) -> GPTConfig:
+        return replace(self, **changes)

@@ -1,0 +1,287 @@
+"""LlamaGen's class-conditional GPT with MuToR registers.
+
+State-dict compatible with LlamaGen c2i checkpoints (llamagen.md §1) plus one tensor, the shared
+``register_embedding`` (dim,). With a register layout from :mod:`mutor_vision.registers`, the
+forward runs the two-block sequence ``[class, x_1..x_{N-1} | R registers]``; without one it is
+LlamaGen's training forward. Sampling uses the static KV cache below (see ``sampling.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from mutor_vision.models.config import GPTConfig
+from mutor_vision.models.rope import apply_rope, rope_2d_table
+from mutor_vision.registers import (
+    LossParts,
+    RegisterLayout,
+    combined_loss,
+    grid_layout,
+    sample_offsets_1d,
+    sample_offsets_2d,
+)
+
+log = logging.getLogger(__name__)
+
+# Masked SDPA on CUDA avoids cuDNN (wrong output with some masks, NaN grad_q at seq_len % 128 == 64:
+# ecosystem.md §4); flash refuses masks anyway.
+_MASKED_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+AttentionMask = Tensor | BlockMask | None  # None = plain causal
+
+
+@functools.cache
+def _compiled_flex_attention():
+    # FlexAttention is only fast compiled; one compiled function serves every layer and step.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
+    """Attention over (B, H, T, D) with a causal flag (None), a dense bool mask or a BlockMask."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if isinstance(mask, BlockMask):
+        flex = _compiled_flex_attention() if q.is_cuda else flex_attention
+        return flex(q, k, v, block_mask=mask)
+    if q.is_cuda:
+        with sdpa_kernel(_MASKED_SDPA_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@dataclass
+class GPTOutput:
+    logits: Tensor  # (B, N, V) float32: logits[:, t] predicts tokens[:, t]
+    register_logits: Tensor | None = None  # (B, R, V) float32
+
+
+class KVCache(nn.Module):
+    """Preallocated static cache (B, H, max_len, D) for one layer."""
+
+    def __init__(self, batch_size: int, n_head: int, max_len: int, head_dim: int, dtype, device) -> None:
+        super().__init__()
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k[:, :, input_pos] = k.to(self.k.dtype)
+        self.v[:, :, input_pos] = v.to(self.v.dtype)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.wqkv = nn.Linear(config.dim, 3 * config.dim, bias=False)  # rows: q | k | v
+        self.wo = nn.Linear(config.dim, config.dim, bias=False)
+        self.resid_dropout = nn.Dropout(config.resid_dropout)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask, input_pos: Tensor | None) -> Tensor:
+        batch, length, dim = x.shape
+        q, k, v = (t.view(batch, length, self.n_head, self.head_dim).transpose(1, 2) for t in self.wqkv(x).chunk(3, -1))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        out = attend(q, k, v, mask)
+        return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(batch, length, dim)))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) · w3 x); w1 = gate, w3 = up, w2 = down (LlamaGen's key names)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.ffn_hidden, bias=False)
+        self.w3 = nn.Linear(config.dim, config.ffn_hidden, bias=False)
+        self.w2 = nn.Linear(config.ffn_hidden, config.dim, bias=False)
+        self.ffn_dropout = nn.Dropout(config.ffn_dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask, input_pos: Tensor | None) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class ClassEmbedding(nn.Module):
+    """Class table with a null row (index num_classes) for CFG; labels dropped to it in training."""
+
+    def __init__(self, num_classes: int, dim: int, dropout: float) -> None:
+        super().__init__()
+        self.num_classes, self.dropout = num_classes, dropout
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, labels: Tensor) -> Tensor:
+        if self.training and self.dropout > 0:
+            drop = torch.rand(labels.shape, device=labels.device) < self.dropout
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        return self.embedding_table(labels)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.cls_embedding = ClassEmbedding(config.num_classes, config.dim, config.class_dropout)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.tok_dropout = nn.Dropout(config.token_dropout)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.register_embedding = nn.Parameter(torch.empty(config.dim))  # MuToR's one shared register
+        cos, sin = rope_2d_table(config.grid_size, config.head_dim, config.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (1 + N, head_dim / 2)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """LlamaGen's init: Linear and Embedding N(0, std), zero head; the register like an embedding."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)
+        nn.init.zeros_(self.output.weight)
+        nn.init.normal_(self.register_embedding, std=std)
+
+    # ---- training forward ----
+
+    def forward(self, tokens: Tensor, labels: Tensor, layout: RegisterLayout | None = None) -> GPTOutput:
+        """tokens (B, N) codes x_1..x_N, labels (B,) -> logits (B, N, V) (+ register logits (B, R, V))."""
+        batch, num_tokens = tokens.shape
+        x = torch.cat([self.cls_embedding(labels)[:, None], self.tok_embeddings(tokens[:, :-1])], dim=1)
+        positions = torch.arange(num_tokens, device=tokens.device)
+        mask: AttentionMask = None
+        if layout is not None:
+            if layout.seq_len != num_tokens:
+                raise ValueError(f"register layout is for {layout.seq_len} tokens, the batch has {num_tokens}")
+            registers = self.register_embedding.to(x.dtype).expand(batch, layout.num_registers, -1)
+            x = torch.cat([x, registers], dim=1)
+            positions = torch.cat([positions.expand(batch, -1), layout.position], dim=1)
+            mask = self._register_mask(layout, x)
+        x = self.tok_dropout(x)  # registers go through the same token dropout
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        if positions.dim() == 2:  # per-sample positions: broadcast over heads
+            cos, sin = cos[:, None], sin[:, None]
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, None)
+        logits = self.output(self.norm(x)).float()
+        if layout is None:
+            return GPTOutput(logits)
+        return GPTOutput(logits[:, :num_tokens], logits[:, num_tokens:])
+
+    def _register_mask(self, layout: RegisterLayout, x: Tensor) -> AttentionMask:
+        backend = self.config.attention
+        if backend == "auto":
+            backend = "flex" if x.is_cuda else "sdpa"
+        if backend == "sdpa":
+            return layout.dense_mask()
+        if not x.is_cuda and torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError("attention: flex has no backward on CPU; use attention: sdpa (or auto) for CPU training")
+        return layout.block_mask(compile=x.is_cuda)
+
+    def register_layout(
+        self, batch_size: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+    ) -> RegisterLayout | None:
+        """A fresh random register layout for one batch, per ``config.registers`` (None for next-token)."""
+        reg, grid = self.config.registers, self.config.grid_size
+        if not reg.enabled:
+            return None
+        if reg.mode == "mutor2d":
+            offsets = sample_offsets_2d(batch_size, reg.d_max_2d, grid, generator=generator, device=device)
+        else:
+            offsets = sample_offsets_1d(batch_size, reg.d_max, generator=generator, device=device)
+        return grid_layout(
+            offsets,
+            grid,
+            grid,
+            num_registers=reg.num_registers,
+            valid_slots_only=reg.valid_slots_only,
+            edge=reg.edge,
+            generator=generator,
+        )
+
+    def loss(self, tokens: Tensor, output: GPTOutput, layout: RegisterLayout | None) -> LossParts:
+        """The combined loss (1 - a)·L_ntp + a·L_reg; plain L_ntp without registers."""
+        register_labels = None
+        if layout is not None:
+            register_labels = layout.register_labels(F.pad(tokens, (1, 0)))  # sequence index 0 = class
+        return combined_loss(
+            output.logits, tokens, output.register_logits, register_labels, self.config.registers.weight
+        )
+
+    # ---- KV-cache inference ----
+
+    def setup_caches(self, batch_size: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate a static KV cache for ``batch_size`` rows and the full sequence (N positions)."""
+        dtype = dtype or self.output.weight.dtype
+        device = self.output.weight.device
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(
+                batch_size, self.config.n_head, self.config.num_tokens, self.config.head_dim, dtype, device
+            )
+
+    def clear_caches(self) -> None:
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    def prefill(self, labels: Tensor) -> Tensor:
+        """Class tokens at position 0 -> logits (B, V) for x_1. Needs :meth:`setup_caches`."""
+        return self._cached_forward(self.cls_embedding(labels)[:, None], torch.zeros(1, dtype=torch.long))
+
+    def decode(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        """tokens (B, 1) at sequence position ``input_pos`` (1,) -> logits (B, V) for the next token."""
+        return self._cached_forward(self.tok_embeddings(tokens), input_pos)
+
+    def _cached_forward(self, x: Tensor, input_pos: Tensor) -> Tensor:
+        input_pos = input_pos.to(x.device)
+        max_len = self.config.num_tokens
+        mask = (torch.arange(max_len, device=x.device)[None, :] <= input_pos[:, None])[None, None]
+        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, input_pos)
+        return self.output(self.norm(x[:, -1])).float()
+
+    # ---- checkpoints ----
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, size: str | None = "GPT-B", trust: bool = False, **overrides) -> GPT:
+        """Load an official LlamaGen c2i checkpoint or this project's export, strictly.
+
+        See :func:`mutor_vision.models.checkpoint.load_gpt` for the accepted forms.
+        """
+        from mutor_vision.models.checkpoint import load_gpt
+
+        return load_gpt(path, size=size, trust=trust, **overrides)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``model.safetensors`` + ``config.json`` (each atomically)."""
+        from mutor_vision.models.checkpoint import save_gpt
+
+        save_gpt(self, directory)
+
+    def num_parameters(self, include_register: bool = True) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        return total if include_register else total - self.register_embedding.numel()
