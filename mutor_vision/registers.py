@@ -116,6 +116,7 @@ class RegisterLayout:
     seq_len: int  # L: regular tokens in the model input
     length: Tensor  # (B,) long: non-padded regular tokens per sample (padding is never attended)
     prefix_len: Tensor  # (B,) long: bidirectional prompt block (0 = plain causal)
+    regular_causal: bool = False  # True when no padding and no prompt block: regular rows are plain causal
 
     @property
     def num_registers(self) -> int:
@@ -151,12 +152,16 @@ class RegisterLayout:
 
         return mask_mod
 
-    def dense_mask(self) -> Tensor:
-        """The same rule as a dense boolean mask (B, 1, L+R, L+R) for SDPA (True = attend)."""
+    def dense_mask(self, first_query: int = 0) -> Tensor:
+        """The same rule as a dense boolean mask (B, 1, L+R, L+R) for SDPA (True = attend).
+
+        ``first_query = L`` gives only the register rows (B, 1, R, L+R): when ``regular_causal``
+        holds, the regular rows are plain causal and can run on the fastest causal kernel instead.
+        """
         horizon, length, prefix_len = self._rule_tensors()
         device, total = horizon.device, self.total_len
         b = torch.arange(horizon.shape[0], device=device).view(-1, 1, 1, 1)
-        q = torch.arange(total, device=device).view(1, 1, -1, 1)
+        q = torch.arange(first_query, total, device=device).view(1, 1, -1, 1)
         kv = torch.arange(total, device=device).view(1, 1, 1, -1)
         return register_mask_rule(b, q, kv, horizon, length, prefix_len, self.seq_len)
 
@@ -248,6 +253,7 @@ def grid_layout(
         seq_len=num_tokens,
         length=full,
         prefix_len=torch.zeros_like(full),
+        regular_causal=True,
     )
 
 
@@ -320,6 +326,7 @@ def _place_registers(
     seq_len: int,
     length: Tensor,
     prefix_len: Tensor,
+    regular_causal: bool = False,
 ) -> RegisterLayout:
     """Pick R slots per sample (all, or R distinct at random) and derive the register triples."""
     batch, num_slots = slot_anchor.shape
@@ -349,6 +356,7 @@ def _place_registers(
         seq_len=seq_len,
         length=length,
         prefix_len=prefix_len,
+        regular_causal=regular_causal,
     )
 
 

@@ -35,7 +35,21 @@ log = logging.getLogger(__name__)
 # Masked SDPA on CUDA avoids cuDNN (wrong output with some masks, NaN grad_q at seq_len % 128 == 64:
 # ecosystem.md §4); flash refuses masks anyway.
 _MASKED_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-AttentionMask = Tensor | BlockMask | None  # None = plain causal
+
+
+@dataclass
+class RegisterRows:
+    """Split attention for layouts whose regular rows are plain causal (spec §2, consequence 3).
+
+    The L regular queries run the fastest causal kernel over the regular keys; only the R register
+    queries use the rule's mask rows (B, 1, R, L+R). Equal to the full dense mask, but cheaper.
+    """
+
+    seq_len: int
+    rows: Tensor
+
+
+AttentionMask = Tensor | BlockMask | RegisterRows | None  # None = plain causal
 
 
 @functools.cache
@@ -51,6 +65,14 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
     if isinstance(mask, BlockMask):
         flex = _compiled_flex_attention() if q.is_cuda else flex_attention
         return flex(q, k, v, block_mask=mask)
+    if isinstance(mask, RegisterRows):
+        n = mask.seq_len
+        regular = F.scaled_dot_product_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], is_causal=True)
+        return torch.cat([regular, _masked_sdpa(q[:, :, n:], k, v, mask.rows)], dim=2)
+    return _masked_sdpa(q, k, v, mask)
+
+
+def _masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     if q.is_cuda:
         with sdpa_kernel(_MASKED_SDPA_BACKENDS):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -187,16 +209,20 @@ class GPT(nn.Module):
             cos, sin = cos[:, None], sin[:, None]
         for layer in self.layers:
             x = layer(x, cos, sin, mask, None)
-        logits = self.output(self.norm(x)).float()
+        x = self.norm(x)
         if layout is None:
-            return GPTOutput(logits)
-        return GPTOutput(logits[:, :num_tokens], logits[:, num_tokens:])
+            return GPTOutput(self.output(x).float())
+        # Split before the head: slicing (B, T, dim) is cheap, slicing (B, T, V) logits is not
+        # (their backward zero-fills and the CE runs on non-contiguous views).
+        return GPTOutput(self.output(x[:, :num_tokens]).float(), self.output(x[:, num_tokens:]).float())
 
     def _register_mask(self, layout: RegisterLayout, x: Tensor) -> AttentionMask:
         backend = self.config.attention
         if backend == "auto":
             backend = "flex" if x.is_cuda else "sdpa"
         if backend == "sdpa":
+            if layout.regular_causal:
+                return RegisterRows(layout.seq_len, layout.dense_mask(first_query=layout.seq_len))
             return layout.dense_mask()
         if not x.is_cuda and torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("attention: flex has no backward on CPU; use attention: sdpa (or auto) for CPU training")
