@@ -5,3 +5,18 @@ site-packages (see README, "Layout"): run from the checkout, where ``from tokeni
 resolves. The library (``mutor_vision``) never imports it: tokenizers produce token shards, the
 library consumes them.
 """
+
+from tokenizer.palette import PaletteTokenizer
+from tokenizer.preprocess import center_crop_adm, crops, to_model_input, to_uint8
+from tokenizer.vq16 import VQ16, VQ16Config
+
+__all__ = ["VQ16", "PaletteTokenizer", "VQ16Config", "center_crop_adm", "crops", "to_model_input", "to_uint8"]
+
+
+def load_tokenizer(kind: str, path: str):
+    """A tokenizer by kind (``vq16`` | ``palette``) from its file."""
+    if kind == "vq16":
+        return VQ16.from_pretrained(path)
+    if kind == "palette":
+        return PaletteTokenizer.load(path)
+    raise ValueError(f"tokenizer kind must be 'vq16' or 'palette', got {kind!r}")

@@ -88,7 +88,7 @@ class GPTConfig:
             check(0.0 <= getattr(self, key) < 1.0, key, f"must be in [0, 1), got {getattr(self, key)}")
         if self.registers.enabled and self.registers.mode == "mutor2d":
             check(self.grid_size >= self.registers.d_max_2d, "registers.d_max_2d", "must be <= grid_size")
-        if self.registers.num_registers is not None:
+        if self.registers.enabled and self.registers.num_registers is not None:
             check(self.registers.num_registers <= self.num_tokens, "registers.num_registers", "exceeds grid_size²")
 
     @property

@@ -1,0 +1,260 @@
+"""Encode an ImageNet-style dataset into webdataset shards of token grids.
+
+    # one process (CPU or one GPU)
+    python tokenizer/encode_imagenet.py --input /data/imagenet/train --out /data/in1k_vq16 \\
+        --tokenizer vq16 --tokenizer-path vq_ds16_c2i.pt
+    # 8 GPUs: each rank encodes a disjoint set of output shards
+    accelerate launch --num_processes 8 tokenizer/encode_imagenet.py --input ... --out ...
+
+Input: an ImageFolder (class = sorted WordNet-id folder order) or a folder of webdataset tars of
+images (``jpg``/``jpeg``/``png`` + ``cls``). Output: ``train-NNNNNN.tar`` shards of
+``tokens.npy`` (uint16, (n_crops, h, w)) + ``cls``, a ``train-NNNNNN.json`` sidecar per finished
+shard, and ``manifest.json``. Crops: ``adm-flip`` (ADM centre crop + its mirror; the paper's
+setting, default) or ``ten-crop`` (LlamaGen). Re-running resumes: finished shards (sidecar
+present) are kept, a partial one is rewritten; the output is byte-identical either way. An
+unreadable image is logged, counted in the manifest and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import sys
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tokenizer import load_tokenizer
+from tokenizer.preprocess import CropMode, crops, num_crops, to_model_input
+
+log = logging.getLogger("encode_imagenet")
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input image: a file path, or a member of an input tar."""
+
+    key: str
+    label: int
+    path: str
+    member: str | None = None  # name inside the tar at ``path``
+
+
+@dataclass(frozen=True)
+class Source:
+    shards: list[list[Item]]  # the items of each output shard, in order
+    classes: list[str] | None
+    kind: str
+
+
+def image_folder(root: Path, maxcount: int) -> Source:
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise ValueError(f"{root}: no class folders (expected an ImageFolder: root/<wnid>/<image>)")
+    items = [
+        Item(key=f"{label:04d}_{f.stem}".replace(".", "_"), label=label, path=str(f))
+        for label, name in enumerate(classes)
+        for f in sorted((root / name).iterdir())
+        if f.suffix.lower() in IMAGE_EXTENSIONS
+    ]
+    if not items:
+        raise ValueError(f"{root}: no images with extensions {sorted(IMAGE_EXTENSIONS)}")
+    return Source([items[i : i + maxcount] for i in range(0, len(items), maxcount)], classes, "imagefolder")
+
+
+def tar_folder(root: Path) -> Source:
+    """One output shard per input tar; labels from each sample's ``cls``."""
+    shards = []
+    for tar_path in sorted(root.glob("*.tar")):
+        images: dict[str, str] = {}
+        labels: dict[str, int] = {}
+        with tarfile.open(tar_path) as archive:
+            for member in archive:
+                stem, _, ext = member.name.partition(".")
+                if ext.lower() in ("jpg", "jpeg", "png", "webp"):
+                    images.setdefault(stem, member.name)
+                elif ext.lower() == "cls":
+                    labels[stem] = int(archive.extractfile(member).read().decode().strip())
+        shards.append(
+            [
+                Item(key=stem.replace(".", "_").replace("/", "_"), label=labels[stem], path=str(tar_path), member=name)
+                for stem, name in images.items()
+                if stem in labels
+            ]
+        )
+    if not shards:
+        raise ValueError(f"{root}: no .tar files")
+    classes_file = root / "classes.txt"
+    classes = classes_file.read_text().split() if classes_file.is_file() else None
+    return Source(shards, classes, "webdataset")
+
+
+def open_source(root: Path, maxcount: int) -> Source:
+    if not root.is_dir():
+        raise ValueError(f"--input {root}: not a directory")
+    return tar_folder(root) if any(root.glob("*.tar")) else image_folder(root, maxcount)
+
+
+def load_crops(item: Item, size: int, mode: CropMode, blob: bytes | None = None) -> list[Image.Image] | str:
+    """The crops of one image (from its file, or ``blob`` for tar members), or the error text."""
+    try:
+        with Image.open(item.path if blob is None else io.BytesIO(blob)) as image:
+            return crops(image, size, mode)
+    except Exception as error:  # any decoder failure is a skipped image, never a crash
+        return f"{type(error).__name__}: {error}"
+
+
+def read_members(items: list[Item]) -> dict[str, bytes]:
+    """All tar members of a shard's items in one pass over the tar (none for file items)."""
+    wanted = {it.member for it in items if it.member is not None}
+    if not wanted:
+        return {}
+    with tarfile.open(items[0].path) as archive:
+        return {m.name: archive.extractfile(m).read() for m in archive if m.name in wanted}
+
+
+def shard_name(index: int) -> str:
+    return f"train-{index:06d}"
+
+
+def encode_shard(
+    items: list[Item],
+    out_dir: Path,
+    index: int,
+    tokenizer,
+    args: argparse.Namespace,
+    device: torch.device,
+    pool: ThreadPoolExecutor,
+    progress,
+) -> dict:
+    """Write one shard atomically (temp file, rename), then its sidecar; return the sidecar."""
+    import webdataset as wds
+
+    tar_path = out_dir / f"{shard_name(index)}.tar"
+    tmp_path = out_dir / f".{shard_name(index)}.tar.tmp"
+    count, skipped = 0, []
+    per_image = num_crops(args.crop)
+    blobs = read_members(items)
+    with open(tmp_path, "wb") as stream:
+        writer = wds.TarWriter(stream, mtime=0.0)  # fixed mtime: reproducible bytes on resume
+        for start in range(0, len(items), args.batch_size):
+            chunk = items[start : start + args.batch_size]
+            loaded = list(pool.map(lambda it: load_crops(it, args.image_size, args.crop, blobs.get(it.member)), chunk))
+            good = [(it, c) for it, c in zip(chunk, loaded, strict=True) if not isinstance(c, str)]
+            for it, c in zip(chunk, loaded, strict=True):
+                if isinstance(c, str):
+                    log.warning("skipping unreadable image %s%s: %s", it.path, f"::{it.member}" if it.member else "", c)
+                    skipped.append({"path": it.path, "member": it.member, "error": c})
+            if good:
+                images = to_model_input([im for _, cs in good for im in cs]).to(device)
+                with torch.no_grad():
+                    codes = tokenizer.encode(images).cpu().numpy().astype(np.uint16)
+                codes = codes.reshape(len(good), per_image, *codes.shape[1:])
+                for (item, _), grid in zip(good, codes, strict=True):
+                    writer.write({"__key__": item.key, "tokens.npy": grid, "cls": item.label})
+                    count += 1
+            progress.update(len(chunk))
+        writer.close()
+    os.replace(tmp_path, tar_path)
+    sidecar = {"shard": tar_path.name, "count": count, "skipped": skipped}
+    sidecar_tmp = out_dir / f".{shard_name(index)}.json.tmp"
+    sidecar_tmp.write_text(json.dumps(sidecar))
+    os.replace(sidecar_tmp, out_dir / f"{shard_name(index)}.json")
+    return sidecar
+
+
+def write_manifest(out_dir: Path, source: Source, tokenizer, grid: tuple[int, int], args: argparse.Namespace) -> dict:
+    sidecars = [json.loads((out_dir / f"{shard_name(i)}.json").read_text()) for i in range(len(source.shards))]
+    manifest = {
+        "num_samples": sum(s["count"] for s in sidecars),
+        "num_shards": len(sidecars),
+        "shards": [s["shard"] for s in sidecars],
+        "shard_counts": [s["count"] for s in sidecars],
+        "grid": list(grid),
+        "num_crops": num_crops(args.crop),
+        "crop": args.crop,
+        "image_size": args.image_size,
+        "codebook_size": int(tokenizer.vocab_size),
+        "tokenizer": {"kind": args.tokenizer, "path": str(args.tokenizer_path), "checksum": tokenizer.checksum},
+        "classes": source.classes,
+        "num_classes": len(source.classes) if source.classes else None,
+        "input": {"path": str(args.input), "kind": source.kind},
+        "skipped": [x for s in sidecars for x in s["skipped"]],
+        "num_skipped": sum(len(s["skipped"]) for s in sidecars),
+    }
+    tmp = out_dir / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out_dir / MANIFEST)
+    return manifest
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", type=Path, required=True, help="ImageFolder root, or a folder of .tar shards")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tokenizer", choices=["vq16", "palette"], default="vq16")
+    parser.add_argument("--tokenizer-path", type=Path, required=True, help="vq_ds16_c2i.pt or a palette JSON")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--crop", choices=["adm-flip", "ten-crop"], default="adm-flip")
+    parser.add_argument("--maxcount", type=int, default=1000, help="images per output shard (ImageFolder input)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per encoder batch")
+    parser.add_argument("--workers", type=int, default=8, help="threads decoding images")
+    parser.add_argument("--limit-shards", type=int, default=None, help=argparse.SUPPRESS)  # tests: stop early
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    from accelerate import PartialState
+    from tqdm import tqdm
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU ranks need gloo, not NCCL
+    source = open_source(args.input, args.maxcount)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(args.tokenizer, str(args.tokenizer_path))
+    if isinstance(tokenizer, torch.nn.Module):
+        tokenizer = tokenizer.to(state.device)
+    side = args.image_size // tokenizer.downsample
+    mine = [i for i in range(len(source.shards)) if i % state.num_processes == state.process_index]
+    todo = [i for i in mine if not (args.out / f"{shard_name(i)}.json").is_file()]
+    if args.limit_shards is not None:
+        todo = todo[: args.limit_shards]
+    total = sum(len(source.shards[i]) for i in todo)
+    log.info("rank %d: %d of %d shards to encode (%d images)", state.process_index, len(todo), len(mine), total)
+    with (
+        ThreadPoolExecutor(args.workers) as pool,
+        tqdm(total=total, unit="img", disable=not state.is_local_main_process) as progress,
+    ):
+        for i in todo:
+            encode_shard(source.shards[i], args.out, i, tokenizer, args, state.device, pool, progress)
+    state.wait_for_everyone()
+    if args.limit_shards is not None:
+        return None
+    if state.is_main_process:
+        manifest = write_manifest(args.out, source, tokenizer, (side, side), args)
+        log.info(
+            "wrote %d samples in %d shards (%d skipped)",
+            manifest["num_samples"],
+            manifest["num_shards"],
+            manifest["num_skipped"],
+        )
+        return manifest
+    return None
+
+
+if __name__ == "__main__":
+    main()
