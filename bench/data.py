@@ -26,33 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tokenizer/ lives at the repo root
 
-from mutor_vision.data import token_loader
+from mutor_vision.data import token_loader, write_synthetic_shards
 from mutor_vision.models import GPT, GPTConfig, RegisterConfig
 
 PAPER_H100_SAMPLES_PER_RANK = 1024 / 8 / 0.16
-
-
-def write_shards(root: Path, shards: int, per_shard: int, grid: int, vocab: int) -> None:
-    import webdataset as wds
-
-    rng = np.random.default_rng(0)
-    names = []
-    for s in range(shards):
-        name = f"train-{s:06d}.tar"
-        with wds.TarWriter(str(root / name)) as writer:
-            for i in range(per_shard):
-                tokens = rng.integers(0, vocab, (2, grid, grid)).astype(np.uint16)
-                writer.write({"__key__": f"{s:04d}_{i:06d}", "tokens.npy": tokens, "cls": int(rng.integers(1000))})
-        names.append(name)
-    manifest = {
-        "shards": names,
-        "num_samples": shards * per_shard,
-        "grid": [grid, grid],
-        "num_crops": 2,
-        "codebook_size": vocab,
-        "num_classes": 1000,
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest))
 
 
 def loader_rate(root: Path, batch_size: int, workers: int, batches: int) -> float:
@@ -115,7 +92,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         start = time.perf_counter()
-        write_shards(root, args.shards, args.per_shard, 16, 16384)
+        write_synthetic_shards(root, args.shards, args.per_shard, grid=16, vocab_size=16384, num_classes=1000)
         write_s = time.perf_counter() - start
         loader = loader_rate(root, args.batch_size, args.workers, args.batches)
     step = step_rate(args.size, args.step_batch, args.step_repeats)

@@ -207,3 +207,42 @@ def hash_seed(*parts: int) -> int:
 
     digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def write_synthetic_shards(
+    root: str | Path,
+    num_shards: int,
+    per_shard: int,
+    grid: int,
+    vocab_size: int,
+    num_classes: int,
+    num_crops: int = 2,
+    seed: int = 0,
+) -> Manifest:
+    """Random-token shards + manifest in the encoder's format (tests and benchmarks; no images)."""
+    import webdataset as wds
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = []
+    for s in range(num_shards):
+        names.append(f"train-{s:06d}.tar")
+        with wds.TarWriter(str(root / names[-1]), mtime=0.0) as writer:
+            for i in range(per_shard):
+                tokens = rng.integers(0, vocab_size, (num_crops, grid, grid)).astype(np.uint16)
+                writer.write(
+                    {"__key__": f"{s:06d}_{i:06d}", "tokens.npy": tokens, "cls": int(rng.integers(num_classes))}
+                )
+    manifest = {
+        "num_samples": num_shards * per_shard,
+        "num_shards": num_shards,
+        "shards": names,
+        "grid": [grid, grid],
+        "num_crops": num_crops,
+        "codebook_size": vocab_size,
+        "num_classes": num_classes,
+        "tokenizer": {"kind": "synthetic"},
+    }
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return read_manifest(root)

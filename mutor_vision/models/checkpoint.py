@@ -67,11 +67,16 @@ def load_gpt(path: str | Path, size: str | None = "GPT-B", trust: bool = False, 
 
 def save_gpt(model: GPT, directory: str | Path) -> None:
     """Write ``model.safetensors`` and ``config.json`` into ``directory``, each atomically."""
+    save_gpt_weights(model.state_dict(), model.config, directory)
+
+
+def save_gpt_weights(state: dict[str, torch.Tensor], config: GPTConfig, directory: str | Path) -> None:
+    """:func:`save_gpt` from a state dict (e.g. one gathered by accelerate), keys normalised."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in normalise_state_dict(state).items()}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    text = json.dumps(to_dict(model.config), indent=2)
+    text = json.dumps(to_dict(config), indent=2)
     atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
 
 

@@ -1,0 +1,96 @@
+"""The class-conditional training config (YAML -> typed dataclasses, validated)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from mutor_vision.config import check
+from mutor_vision.models.config import GPTConfig
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # folder of token shards with manifest.json (tokenizer/encode_imagenet.py)
+    num_workers: int = 4  # loader workers per rank
+    shuffle_buffer: int = 1000
+    on_error: Literal["raise", "skip"] = "raise"  # corrupt shards: stop with the shard's name, or skip
+
+    def __post_init__(self) -> None:
+        check(self.num_workers >= 0, "num_workers", "must be >= 0")
+        check(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 4e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.05  # on 2-D parameters only (matrices, embeddings); never norms or the register
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    schedule: Literal["constant", "warmup_constant", "warmup_cosine"] = "constant"
+    warmup_steps: int = 0
+    min_lr: float = 0.0  # cosine floor
+
+    def __post_init__(self) -> None:
+        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two values in [0, 1)")
+        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+        check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        check(0 <= self.min_lr <= self.lr, "min_lr", "must be in [0, lr]")
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = False
+    decay: float = 0.9999
+
+    def __post_init__(self) -> None:
+        check(0 < self.decay < 1, "decay", f"must be in (0, 1), got {self.decay}")
+
+
+@dataclass
+class TrainConfig:
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    steps: int = 360_000  # optimizer steps
+    global_batch_size: int = 1024  # images per optimizer step, over all ranks
+    micro_batch_size: int = 128  # images per rank per forward; accumulation = global / (micro · ranks)
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16"] = "bf16"  # CPU always runs fp32
+    compile: bool = False
+    init_from: str | None = None  # an official LlamaGen checkpoint (or an export) to start from
+    trust_checkpoint: bool = False  # allow unpickling init_from (LlamaGen DDP files pickle argparse)
+    out_dir: str = "runs/c2i"
+    save_every: int = 5000  # steps between checkpoints (also where the data stream is re-seeded)
+    keep_last: int = 3  # complete checkpoints kept
+    log_every: int = 50
+    tensorboard: bool = True
+    wandb: bool = False
+    peak_tflops: float = 989.0  # per device, for MFU (H100 SXM dense bf16)
+
+    def __post_init__(self) -> None:
+        check(self.steps >= 1, "steps", "must be >= 1")
+        check(self.global_batch_size >= 1, "global_batch_size", "must be >= 1")
+        check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+        check(
+            self.global_batch_size % self.micro_batch_size == 0,
+            "global_batch_size",
+            f"{self.global_batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}",
+        )
+        check(self.save_every >= 1, "save_every", "must be >= 1")
+        check(self.keep_last >= 1, "keep_last", "must be >= 1")
+        check(self.log_every >= 1, "log_every", "must be >= 1")
+        check(bool(self.out_dir), "out_dir", "must be set")
+
+    def accumulation_steps(self, world_size: int) -> int:
+        per_step = self.micro_batch_size * world_size
+        check(
+            self.global_batch_size % per_step == 0,
+            "global_batch_size",
+            f"{self.global_batch_size} is not divisible by micro_batch_size × ranks = {per_step}",
+        )
+        return self.global_batch_size // per_step

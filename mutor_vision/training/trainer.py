@@ -1,0 +1,306 @@
+"""The class-conditional training loop: one trainer for next-token, MuToR-1D and MuToR-2D, DDP or FSDP.
+
+Exact resume: every random draw of step s (dropout, class dropout, register layout) is seeded
+from (seed, rank, s), and the data stream is re-seeded from (seed, rank, s) at every checkpoint
+step, so N steps + resume + N steps equals 2N uninterrupted steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator, PartialState
+from accelerate.utils import ProjectConfiguration, send_to_device
+from tqdm.auto import tqdm
+
+from mutor_vision.config import to_dict
+from mutor_vision.data import hash_seed, token_loader
+from mutor_vision.models import GPT
+from mutor_vision.models.checkpoint import load_state_dict_strict, read_state_dict, save_gpt_weights
+from mutor_vision.training.checkpoints import CheckpointManager
+from mutor_vision.training.config import TrainConfig
+from mutor_vision.training.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; training stopped before the update."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    reason: str  # "completed" | "terminated"
+    losses: list[float] = field(default_factory=list)  # this rank's mean loss per optimizer step
+    checkpoint: Path | None = None
+
+
+class _StopFlag:
+    """SIGTERM (and SIGINT) ask for a clean stop at the next step boundary: save, then exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("received signal %d: saving a checkpoint at the end of this step, then exiting", signum)
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
+    """Train per ``config``; ``resume`` is None, ``"auto"`` (newest complete checkpoint) or a path."""
+    out_dir = Path(config.out_dir)
+    manager = CheckpointManager(out_dir / "checkpoints", config.keep_last)
+    on_cuda = torch.cuda.is_available()
+    state = PartialState(cpu=not on_cuda)
+    accumulation = config.accumulation_steps(state.num_processes)
+    mixed_precision = config.mixed_precision
+    if mixed_precision == "bf16" and not on_cuda:
+        log.warning("mixed_precision bf16 requested without CUDA: running fp32 (bf16 on CPU is ~40x slower)")
+        mixed_precision = "no"
+    trackers = (["tensorboard"] if config.tensorboard else []) + (["wandb"] if config.wandb else [])
+    accelerator = Accelerator(
+        cpu=not on_cuda,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=accumulation,
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
+        step_scheduler_with_optimizer=False,
+    )
+    _reduce_fsdp_gradients_in_fp32(accelerator)
+    checkpoint = _resume_point(manager, resume)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    model = GPT(config.model)
+    if config.init_from and checkpoint is None:
+        load_state_dict_strict(
+            model, read_state_dict(config.init_from, trust=config.trust_checkpoint), config.init_from
+        )
+        log.info("initialised from %s", config.init_from)
+    optimizer = build_optimizer(model, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, config.steps)
+    ema = None
+    if config.ema.enabled:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=config.ema.decay)
+    model, optimizer = accelerator.prepare(model, optimizer)  # one call: FSDP2 needs both together
+    accelerator.register_for_checkpointing(scheduler)  # stepped by us, never prepared (ecosystem.md §3)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    core: GPT = accelerator.unwrap_model(model)
+    forward = torch.compile(model) if config.compile else model
+
+    step = 0
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint / "accelerate"))
+        step = int(manager.read_state(checkpoint)["step"])
+        log.info("resumed from %s at step %d", checkpoint, step)
+    if trackers:
+        accelerator.init_trackers("c2i", config=_flat_hparams(to_dict(config)))
+
+    def export(directory: Path) -> None:
+        weights = accelerator.get_state_dict(model)  # every rank: FSDP gathers the full state
+        if accelerator.is_main_process:
+            save_gpt_weights(weights, core.config, directory)
+            if ema is not None:
+                save_gpt_weights(ema.module.state_dict(), core.config, directory.parent / "export_ema")
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+    num_tokens = core.config.num_tokens
+    registers = core.config.registers
+    register_count = (registers.num_registers or num_tokens) if registers.enabled else 0
+    flops_per_image = 6 * core.num_parameters() * (num_tokens + register_count)
+    result = TrainResult(step=step, reason="completed")
+    progress = tqdm(total=config.steps, initial=step, disable=not accelerator.is_main_process, unit="step")
+    window = {"loss": 0.0, "ntp": 0.0, "reg": 0.0, "steps": 0, "start": time.perf_counter()}
+
+    with _StopFlag() as stop:
+        while step < config.steps:
+            # The stream of a segment (save_every steps) is seeded by its first step; resuming inside a
+            # segment replays its start and skips what was consumed, so the data match exactly.
+            segment_start = step - step % config.save_every
+            segment_end = min(config.steps, segment_start + config.save_every)
+            batches = iter(
+                token_loader(
+                    config.data.root,
+                    batch_size=config.micro_batch_size,
+                    num_batches=(segment_end - segment_start) * accumulation,
+                    seed=hash_seed(config.seed, segment_start),
+                    rank=rank,
+                    world_size=world,
+                    num_workers=config.data.num_workers,
+                    shuffle_buffer=config.data.shuffle_buffer,
+                    on_error=config.data.on_error,
+                    expect=dict(
+                        grid_size=core.config.grid_size,
+                        vocab_size=core.config.vocab_size,
+                        num_classes=core.config.num_classes,
+                    ),
+                )
+            )
+            for _ in range((step - segment_start) * accumulation):
+                next(batches)
+            while step < segment_end:
+                torch.manual_seed(hash_seed(config.seed, rank, step))  # dropout, class dropout
+                layouts = torch.Generator().manual_seed(hash_seed(config.seed, rank, step, 1))
+                losses = []
+                for _ in range(accumulation):
+                    tokens, labels = send_to_device(next(batches), device)
+                    with accelerator.accumulate(model):
+                        layout = core.register_layout(tokens.shape[0], generator=layouts, device=device)
+                        with accelerator.autocast():
+                            output = forward(tokens, labels, layout)
+                        parts = core.loss(tokens, output, layout)
+                        accelerator.backward(parts.loss)
+                        if accelerator.sync_gradients:
+                            max_norm = config.optim.grad_clip or math.inf
+                            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+                            if not math.isfinite(grad_norm) or not math.isfinite(parts.loss.item()):
+                                last = manager.latest()
+                                raise TrainingDiverged(
+                                    f"non-finite loss or gradient at step {step} (loss {parts.loss.item()}, "
+                                    f"L_ntp {parts.ntp.item()}, L_reg {parts.reg.item()}, grad norm {grad_norm}); "
+                                    f"no update applied, last good checkpoint: {last}"
+                                )
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    losses.append((parts.loss.item(), parts.ntp.item(), parts.reg.item()))
+                scheduler.step()
+                step += 1
+                if ema is not None:
+                    ema.update(core, step=step)
+                mean = [sum(x) / len(losses) for x in zip(*losses, strict=True)]
+                result.losses.append(mean[0])
+                window["loss"] += mean[0]
+                window["ntp"] += mean[1]
+                window["reg"] += mean[2]
+                window["steps"] += 1
+                progress.update(1)
+                if step % config.log_every == 0 or step == config.steps:
+                    _log_window(accelerator, window, step, scheduler, grad_norm, config, num_tokens, flops_per_image)
+                    progress.set_postfix(loss=f"{mean[0]:.4f}")
+                stopping = _any_rank(accelerator, stop.requested)
+                if step == segment_end or stopping:
+                    state = {
+                        "reason": "terminated" if stopping else "periodic",
+                        "world_size": world,
+                        "accumulation": accumulation,
+                        "config": to_dict(config),
+                    }
+                    result.checkpoint = manager.save(accelerator, step, state, export)
+                if stopping:
+                    result.reason = "terminated"
+                    break
+            if result.reason == "terminated":
+                break
+    progress.close()
+    result.step = step
+    accelerator.end_training()
+    return result
+
+
+def _reduce_fsdp_gradients_in_fp32(accelerator: Accelerator) -> None:
+    """FSDP with bf16 reduces gradients in bf16 unless told otherwise (ecosystem.md §3): keep fp32."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is None or accelerator.mixed_precision != "bf16":
+        return
+    if plugin.fsdp_version == 2:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        plugin.mixed_precision_policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.bfloat16
+        )
+    else:
+        from torch.distributed.fsdp import MixedPrecision
+
+        plugin.mixed_precision_policy = MixedPrecision(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, buffer_dtype=torch.float32
+        )
+
+
+def _resume_point(manager: CheckpointManager, resume: str | None) -> Path | None:
+    if resume is None:
+        if manager.latest() is not None:
+            raise FileExistsError(
+                f"{manager.root} already holds checkpoints: pass --resume auto to continue, or set another out_dir"
+            )
+        return None
+    if resume == "auto":
+        latest = manager.latest()
+        if latest is None:
+            log.info("--resume auto: no complete checkpoint in %s, starting fresh", manager.root)
+        return latest
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint directory (no state.json)")
+    return path
+
+
+def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
+
+
+def _log_window(
+    accelerator, window: dict, step: int, scheduler, grad_norm: float, config, num_tokens: int, flops_per_image: float
+) -> None:
+    elapsed = time.perf_counter() - window["start"]
+    steps = max(window["steps"], 1)
+    means = torch.tensor([window["loss"], window["ntp"], window["reg"]], device=accelerator.device) / steps
+    means = accelerator.reduce(means, reduction="mean") if accelerator.num_processes > 1 else means
+    images_per_s = config.global_batch_size * steps / elapsed
+    metrics = {
+        "train/loss": means[0].item(),
+        "train/loss_ntp": means[1].item(),
+        "train/loss_reg": means[2].item(),
+        "train/lr": scheduler.get_last_lr()[0],
+        "train/grad_norm": grad_norm,
+        "perf/images_per_s": images_per_s,
+        "perf/tokens_per_s": images_per_s * num_tokens,
+        "perf/step_s": elapsed / steps,
+    }
+    if torch.cuda.is_available():
+        metrics["perf/mfu"] = images_per_s * flops_per_image / (config.peak_tflops * 1e12 * accelerator.num_processes)
+    accelerator.log(metrics, step=step)
+    if accelerator.is_main_process:
+        log.info("step %d: %s", step, " ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in metrics.items()))
+    window.update(loss=0.0, ntp=0.0, reg=0.0, steps=0, start=time.perf_counter())
+
+
+def _flat_hparams(data: dict, prefix: str = "") -> dict[str, int | float | str | bool]:
+    """TensorBoard hparams take only scalars: flatten nested dicts, stringify the rest."""
+    flat: dict[str, int | float | str | bool] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat_hparams(value, f"{name}."))
+        elif isinstance(value, bool | int | float | str):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat

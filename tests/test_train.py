@@ -1,0 +1,194 @@
+"""train_c2i: learning, exact resume, SIGTERM, kill during save, NaN stop, config errors, two ranks."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_c2i
+from mutor_vision.config import ConfigError, load_yaml
+from mutor_vision.data import write_synthetic_shards
+from mutor_vision.models import GPT
+from mutor_vision.training import TrainConfig, TrainingDiverged, train
+from mutor_vision.training import checkpoints as checkpoints_module
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "c2i" / "tiny_cpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shards")
+    write_synthetic_shards(root, num_shards=4, per_shard=16, grid=8, vocab_size=16, num_classes=10)
+    return root
+
+
+def config(tmp_path: Path, shards: Path, *overrides: str) -> TrainConfig:
+    base = [f"data.root={shards}", f"out_dir={tmp_path / 'run'}", "tensorboard=false"]
+    return load_yaml(TrainConfig, TINY, [*base, *overrides])
+
+
+def exported(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(run / "checkpoints" / f"step_{step:08d}" / "export" / "model.safetensors")
+
+
+def test_tiny_config_learns_a_small_dataset(tmp_path):
+    small = tmp_path / "small"
+    write_synthetic_shards(small, num_shards=2, per_shard=4, grid=8, vocab_size=16, num_classes=10, num_crops=1)
+    result = train(
+        config(
+            tmp_path,
+            small,
+            "steps=60",
+            "save_every=60",
+            "model.token_dropout=0.0",
+            "model.resid_dropout=0.0",
+            "model.ffn_dropout=0.0",
+            "model.class_dropout=0.0",
+            "tensorboard=true",
+        )
+    )
+    assert result.reason == "completed" and result.step == 60 and len(result.losses) == 60
+    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+    run = tmp_path / "run"
+    assert list((run / "logs").rglob("events.out.tfevents.*"))  # TensorBoard scalars written
+    model = GPT.from_pretrained(run / "checkpoints" / "step_00000060" / "export")
+    assert model.config.registers.mode == "mutor2d"
+
+
+def stop_after(monkeypatch, calls: int) -> None:
+    """Send this process SIGTERM during the ``calls``-th loss computation."""
+    original = GPT.loss
+    count = {"n": 0}
+
+    def loss(self, *args, **kwargs):
+        count["n"] += 1
+        if count["n"] == calls:
+            signal.raise_signal(signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "loss", loss)
+
+
+def test_resume_is_exact_mid_segment_with_ema(tmp_path, shards, monkeypatch):
+    # 7 steps with accumulation 2, checkpoints every 3: interrupted by SIGTERM inside step 5, saved
+    # at 5 (mid-segment), resumed; losses and weights equal an uninterrupted run bit for bit.
+    args = ["steps=7", "save_every=3", "ema.enabled=true", "ema.decay=0.9"]
+    straight = train(config(tmp_path / "a", shards, *args))
+    stop_after(monkeypatch, calls=2 * 4 + 1)  # the first micro-batch of step 5
+    first = train(config(tmp_path / "b", shards, *args))
+    assert first.reason == "terminated" and first.step == 5
+    monkeypatch.undo()
+    second = train(config(tmp_path / "b", shards, *args), resume="auto")
+    assert second.reason == "completed" and second.step == 7
+    assert first.losses + second.losses == straight.losses
+    a, b = exported(tmp_path / "a" / "run", 7), exported(tmp_path / "b" / "run", 7)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ema_a = load_file(tmp_path / "a" / "run" / "checkpoints" / "step_00000007" / "export_ema" / "model.safetensors")
+    ema_b = load_file(tmp_path / "b" / "run" / "checkpoints" / "step_00000007" / "export_ema" / "model.safetensors")
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    kept = sorted(p.name for p in (tmp_path / "b" / "run" / "checkpoints").iterdir())
+    assert kept == ["step_00000006", "step_00000007"]  # keep_last 2
+
+
+def test_kill_during_save_keeps_previous_checkpoint(tmp_path, shards, monkeypatch):
+    args = ["steps=6", "save_every=3"]
+    straight = train(config(tmp_path / "a", shards, *args))
+    original = checkpoints_module.CheckpointManager.save
+    calls = {"n": 0}
+
+    def dying_save(self, accelerator, step, state, export):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second save dies after accelerate wrote its files
+            accelerator.save_state(str(self.root / f".step_{step:08d}.tmp" / "accelerate"))
+            raise KeyboardInterrupt("killed during save")
+        return original(self, accelerator, step, state, export)
+
+    monkeypatch.setattr(checkpoints_module.CheckpointManager, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path / "b", shards, *args))
+    monkeypatch.undo()
+    run = tmp_path / "b" / "run" / "checkpoints"
+    assert (run / ".step_00000006.tmp").is_dir() and (run / "step_00000003" / "state.json").is_file()
+    assert not (run / "step_00000006").exists()
+    with pytest.raises(FileExistsError, match="--resume auto"):  # never silently start over
+        train(config(tmp_path / "b", shards, *args))
+    resumed = train(config(tmp_path / "b", shards, *args), resume="auto")
+    assert resumed.losses == straight.losses[3:]
+    a, b = exported(tmp_path / "a" / "run", 6), exported(tmp_path / "b" / "run", 6)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(run.glob(".*.tmp"))  # the partial save was cleaned up
+
+
+def test_nan_loss_stops_with_checkpoint_intact(tmp_path, shards, monkeypatch):
+    original = GPT.loss
+    count = {"n": 0}
+
+    def loss(self, *args, **kwargs):
+        count["n"] += 1
+        parts = original(self, *args, **kwargs)
+        if count["n"] > 8:  # from step 5 on (2 micro-batches per step)
+            object.__setattr__(parts, "loss", parts.loss * float("nan"))
+        return parts
+
+    monkeypatch.setattr(GPT, "loss", loss)
+    with pytest.raises(TrainingDiverged, match=r"step 4 .*last good checkpoint: .*step_00000003"):
+        train(config(tmp_path, shards, "steps=8", "save_every=3"))
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000003"]
+    weights = exported(tmp_path / "run", 3)
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_config_errors_name_the_key(tmp_path, shards, capsys):
+    with pytest.raises(ConfigError, match=r"optim\.lrr"):
+        config(tmp_path, shards, "optim.lrr=1")
+    with pytest.raises(ConfigError, match=r"optim.*lr: must be > 0"):
+        config(tmp_path, shards, "optim.lr=-1")
+    with pytest.raises(ConfigError, match=r"model\.registers\.mode"):
+        config(tmp_path, shards, "model.registers.mode=mutor3d")
+    with pytest.raises(ConfigError, match="global_batch_size"):
+        config(tmp_path, shards, "global_batch_size=12")
+    with pytest.raises(ConfigError, match="steps: expected an integer"):
+        config(tmp_path, shards, "steps=ten")
+    assert train_c2i.main(["--config", str(TINY), "model.n_layerz=3"]) == 2
+    assert "model.n_layerz" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml(TrainConfig, bad)
+
+
+def test_every_shipped_config_loads():
+    for path in sorted((ROOT / "configs" / "c2i").glob("*.yaml")):
+        loaded = load_yaml(TrainConfig, path)
+        assert loaded.global_batch_size % loaded.micro_batch_size == 0, path
+    paper = load_yaml(TrainConfig, ROOT / "configs" / "c2i" / "llamagen_b_mutor2d.yaml")
+    assert (paper.global_batch_size, paper.optim.lr, paper.steps, paper.model.registers.num_registers) == (
+        1024,
+        4e-4,
+        360_000,
+        80,
+    )
+    assert paper.optim.betas == [0.9, 0.95] and paper.optim.weight_decay == 0.05 and paper.optim.grad_clip == 1.0
+    assert paper.model.registers.weight == 0.5 and paper.model.registers.d_max_2d == 4
+    assert paper.mixed_precision == "bf16" and paper.optim.schedule == "constant"
+
+
+def test_two_rank_cpu_training_run(tmp_path, shards):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train_c2i.py"]
+    cmd += ["--config", str(TINY), f"data.root={shards}", f"out_dir={tmp_path / 'run'}", "steps=4", "save_every=2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000004" / "state.json").read_text())
+    assert state["world_size"] == 2 and state["accumulation"] == 1  # 16 = 8 per rank × 2 ranks
+    assert GPT.from_pretrained(tmp_path / "run" / "checkpoints" / "step_00000004" / "export") is not None
