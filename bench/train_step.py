@@ -1,7 +1,8 @@
 """Training-step time of MuToR (2D, 1D) against next-token at the same batch, as ratios.
 
     python bench/train_step.py                       # small CPU config, fp32
-    python bench/train_step.py --size GPT-B --batch-size 2 --repeats 3
+    python bench/train_step.py --size GPT-B --batch-size 2 --repeats 5
+    python bench/train_step.py --n-layer 2 --dim 64 --vocab-size 16 --grid-size 8 --variants ntp,mutor2d:20
     python bench/train_step.py --device cuda --dtype bf16 --size GPT-B --batch-size 64 --attention flex
 
 Each step is forward + backward + AdamW on one batch. Variants run interleaved (A B C A B C ...)
@@ -24,23 +25,25 @@ import torch
 
 from mutor_vision.models import GPT, GPTConfig, RegisterConfig
 
-VARIANTS = {
-    "ntp": RegisterConfig(mode="ntp"),
-    "mutor2d-R80": RegisterConfig(mode="mutor2d", num_registers=80),
-    "mutor2d-R256": RegisterConfig(mode="mutor2d", num_registers=None),
-    "mutor1d-R80": RegisterConfig(mode="mutor1d", num_registers=80),
-}
+
+def variant(name: str) -> RegisterConfig:
+    """``ntp``, or ``mutor2d:R`` / ``mutor1d:R`` with R registers per sample (``all`` = every slot)."""
+    if name == "ntp":
+        return RegisterConfig(mode="ntp")
+    mode, _, count = name.partition(":")
+    return RegisterConfig(mode=mode, num_registers=None if count in ("", "all") else int(count))
 
 
 def build(args: argparse.Namespace, registers: RegisterConfig) -> GPTConfig:
     if args.size:
-        return GPTConfig(size=args.size, registers=registers, attention=args.attention)
+        return GPTConfig(size=args.size, registers=registers, attention=args.attention, grid_size=args.grid_size)
     return GPTConfig(
         size=None,
         n_layer=args.n_layer,
-        n_head=args.dim // 64,
+        n_head=max(1, args.dim // 64),
         dim=args.dim,
         vocab_size=args.vocab_size,
+        grid_size=args.grid_size,
         registers=registers,
         attention=args.attention,
     )
@@ -52,8 +55,9 @@ def main() -> None:
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--grid-size", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--variants", default="ntp,mutor2d-R80,mutor2d-R256,mutor1d-R80")
+    parser.add_argument("--variants", default="ntp,mutor2d:80,mutor2d:all,mutor1d:80")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu")
@@ -72,7 +76,7 @@ def main() -> None:
     steps = {}
     for name in names:
         torch.manual_seed(0)
-        model = GPT(build(args, VARIANTS[name])).to(device).train()
+        model = GPT(build(args, variant(name))).to(device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
         forward = torch.compile(model) if args.compile else model
         config = model.config
