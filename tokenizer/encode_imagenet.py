@@ -188,7 +188,11 @@ def write_manifest(out_dir: Path, source: Source, tokenizer, grid: tuple[int, in
         "crop": args.crop,
         "image_size": args.image_size,
         "codebook_size": int(tokenizer.vocab_size),
-        "tokenizer": {"kind": args.tokenizer, "path": str(args.tokenizer_path), "checksum": tokenizer.checksum},
+        "tokenizer": {
+            "kind": args.tokenizer,
+            "path": str(args.tokenizer_path.resolve()),
+            "checksum": tokenizer.checksum,
+        },
         "classes": source.classes,
         "num_classes": len(source.classes) if source.classes else None,
         "input": {"path": str(args.input), "kind": source.kind},

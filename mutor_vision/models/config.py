@@ -89,7 +89,11 @@ class GPTConfig:
         if self.registers.enabled and self.registers.mode == "mutor2d":
             check(self.grid_size >= self.registers.d_max_2d, "registers.d_max_2d", "must be <= grid_size")
         if self.registers.enabled and self.registers.num_registers is not None:
-            check(self.registers.num_registers <= self.num_tokens, "registers.num_registers", "exceeds grid_size²")
+            check(
+                self.registers.num_registers <= self.num_tokens,
+                "registers.num_registers",
+                f"{self.registers.num_registers} exceeds grid_size² = {self.num_tokens} slots (null = every slot)",
+            )
 
     @property
     def head_dim(self) -> int:

@@ -7,6 +7,7 @@ step, so N steps + resume + N steps equals 2N uninterrupted steps.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
@@ -22,7 +23,7 @@ from accelerate.utils import ProjectConfiguration, send_to_device
 from tqdm.auto import tqdm
 
 from mutor_vision.config import to_dict
-from mutor_vision.data import hash_seed, token_loader
+from mutor_vision.data import hash_seed, read_manifest, token_loader
 from mutor_vision.models import GPT
 from mutor_vision.models.checkpoint import load_state_dict_strict, read_state_dict, save_gpt_weights
 from mutor_vision.training.checkpoints import CheckpointManager
@@ -87,6 +88,7 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
     )
     _reduce_fsdp_gradients_in_fp32(accelerator)
     checkpoint = _resume_point(manager, resume)
+    manifest = read_manifest(config.data.root)  # fail before building anything when data are missing
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
@@ -124,6 +126,8 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
         weights = accelerator.get_state_dict(model)  # every rank: FSDP gathers the full state
         if accelerator.is_main_process:
             save_gpt_weights(weights, core.config, directory)
+            # The tokenizer the shards were made with, so eval/fid.py can decode without flags.
+            (directory / "tokenizer.json").write_text(json.dumps(manifest.raw.get("tokenizer", {}), indent=2))
             if ema is not None:
                 save_gpt_weights(ema.module.state_dict(), core.config, directory.parent / "export_ema")
 

@@ -1,0 +1,136 @@
+"""Sample a class-conditional model with CFG and report FID / IS / Precision / Recall (ADM protocol).
+
+    python eval/fid.py --ckpt runs/c2i/llamagen_b_mutor2d/checkpoints/step_00360000/export \\
+        --vq-ckpt vq_ds16_c2i.pt --ref-batch VIRTUAL_imagenet256_labeled.npz \\
+        --inception-weights weights-inception-2015-12-05-6726825d.pth --out runs/eval/b_mutor2d
+    accelerate launch --num_processes 8 eval/fid.py ...       # ranks sample disjoint slices
+    python eval/fid.py --ckpt c2i_B_256.pt --size GPT-B --trust-checkpoint ...   # an official file
+
+Settings default to the paper's FID protocol: 50,000 samples (50 per class), CFG 2.0 on logits,
+temperature 1.0, top-k 0, top-p 1.0. Samples are written as PNGs as they come; a rerun with the
+same --out skips existing indices. Outputs: samples/, samples.npz (ADM ``arr_0``), labels.npy,
+grid.png, results.json. Compute FID against the ADM reference batch (ImageNet *train* statistics),
+never against the validation set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: tokenizer/
+
+from mutor_vision.evaluation import evaluate, inception_extractor
+from mutor_vision.evaluation.fid import reference_from_folder, reference_from_npz
+from mutor_vision.models import GPT
+from tokenizer import load_tokenizer
+from tokenizer.preprocess import center_crop_adm, to_uint8
+
+log = logging.getLogger("eval.fid")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="an export dir, a .safetensors file, or an official LlamaGen .pt")
+    p.add_argument("--size", default="GPT-B", help="architecture for official files (exports carry their config)")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow unpickling (LlamaGen DDP files)")
+    p.add_argument("--num-samples", type=int, default=50_000)
+    labels = p.add_mutually_exclusive_group()
+    labels.add_argument("--per-class", dest="per_class", action="store_true", default=True, help="balanced (default)")
+    labels.add_argument("--random-labels", dest="per_class", action="store_false")
+    p.add_argument("--cfg-scale", type=float, default=2.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="images per sampling batch (per rank)")
+    p.add_argument("--feature-batch-size", type=int, default=64)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--vq-ckpt", default=None, help="vq_ds16_c2i.pt (default: the tokenizer recorded in the export)")
+    p.add_argument("--tokenizer", choices=["vq16", "palette"], default="vq16")
+    ref = p.add_mutually_exclusive_group()
+    ref.add_argument("--ref-batch", type=Path, default=None, help="ADM reference npz (mu, sigma, arr_0)")
+    ref.add_argument("--ref-folder", type=Path, default=None, help="a folder of reference images")
+    p.add_argument("--ref-cache", type=Path, default=Path.home() / ".cache" / "mutor_vision" / "reference")
+    p.add_argument("--inception-weights", default=None, help="weights-inception-2015-12-05-6726825d.pth")
+    p.add_argument("--download-inception", action="store_true", help="allow fetching the Inception weights")
+    p.add_argument("--no-npz", dest="save_npz", action="store_false", help="skip the ADM samples.npz")
+    p.add_argument("--out", type=Path, required=True)
+    return p.parse_args(argv)
+
+
+def resolve_tokenizer(args: argparse.Namespace) -> tuple[str, str, str | None]:
+    """(kind, path, expected checksum): the flag, else ``tokenizer.json`` recorded in an export."""
+    recorded = Path(args.ckpt) / "tokenizer.json" if Path(args.ckpt).is_dir() else None
+    info = json.loads(recorded.read_text()) if recorded is not None and recorded.is_file() else {}
+    if args.vq_ckpt:
+        return args.tokenizer, args.vq_ckpt, info.get("checksum")
+    if info.get("kind") in ("vq16", "palette") and info.get("path"):
+        return info["kind"], info["path"], info.get("checksum")
+    raise SystemExit("eval/fid.py: pass --vq-ckpt (no tokenizer is recorded with this checkpoint)")
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    extractor = inception_extractor(args.inception_weights, allow_download=args.download_inception)
+    model = GPT.from_pretrained(args.ckpt, size=args.size, trust=args.trust_checkpoint).to(device).eval()
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
+        model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()  # RoPE stays fp32
+    kind, path, checksum = resolve_tokenizer(args)
+    tokenizer = load_tokenizer(kind, path)
+    if checksum and tokenizer.checksum != checksum:
+        raise SystemExit(f"eval/fid.py: {path} is not the tokenizer the training shards were made with (checksum)")
+    if isinstance(tokenizer, torch.nn.Module):
+        tokenizer = tokenizer.to(device)
+
+    def decode(codes: torch.Tensor) -> torch.Tensor:
+        return to_uint8(tokenizer.decode(codes).float())
+
+    resolution = model.config.grid_size * tokenizer.downsample
+    reference = None
+    if args.ref_batch is not None:
+        reference = reference_from_npz(args.ref_batch, extractor, args.feature_batch_size, device, args.ref_cache)
+    elif args.ref_folder is not None:
+        reference = reference_from_folder(
+            args.ref_folder, resolution, center_crop_adm, extractor, args.feature_batch_size, device, args.ref_cache
+        )
+    else:
+        log.warning("no --ref-batch / --ref-folder: only the Inception Score is computed")
+    return evaluate(
+        model,
+        decode,
+        extractor,
+        reference,
+        args.out,
+        num_samples=args.num_samples,
+        per_class=args.per_class,
+        cfg_scale=args.cfg_scale,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        feature_batch_size=args.feature_batch_size,
+        save_npz=args.save_npz,
+        compile=args.compile,
+        extra={
+            "checkpoint": str(args.ckpt),
+            "tokenizer": {"kind": kind, "path": str(path)},
+            "precision": precision,
+            "resolution": resolution,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

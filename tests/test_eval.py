@@ -1,0 +1,162 @@
+"""Evaluation: metric maths against independent computations, and the eval/fid.py pipeline."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from conftest import COLORS, make_image_folder
+
+from mutor_vision.evaluation import frechet_distance, inception_extractor, inception_score, precision_recall, statistics
+from mutor_vision.evaluation.pipeline import INCEPTION_FILE
+from mutor_vision.models import GPT, GPTConfig, RegisterConfig
+from tokenizer import PaletteTokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "eval"))
+import fid as fid_cli  # noqa: E402
+
+
+def test_fid_against_own_statistics_is_zero():
+    features = np.random.default_rng(0).normal(size=(2000, 32))
+    stats = statistics(features)
+    assert abs(frechet_distance(stats, stats)) < 1e-6
+
+
+def test_fid_equals_scipy_on_gaussians():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(3000, 16)) @ rng.normal(size=(16, 16)) + 0.5
+    b = rng.normal(size=(3000, 16)) * 1.5
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean)
+    assert frechet_distance(statistics(a), statistics(b)) == pytest.approx(expected, rel=1e-6)
+    # ADM's reference statistics may be float32: the comparison still runs in float64.
+    ref = {k: v.astype(np.float32) for k, v in statistics(b).items()}
+    assert frechet_distance(statistics(a), ref) == pytest.approx(expected, rel=1e-4)
+
+
+def test_inception_score_of_uniform_logits_is_one():
+    mean, std = inception_score(np.zeros((100, 1008)))
+    assert mean == pytest.approx(1.0) and std == pytest.approx(0.0)
+    # One-hot-ish logits over 10 classes, all classes equally used: IS -> 10.
+    logits = np.full((1000, 10), -50.0)
+    logits[np.arange(1000), np.arange(1000) % 10] = 50.0
+    assert inception_score(logits)[0] == pytest.approx(10.0, rel=1e-6)
+
+
+def test_precision_recall_identical_and_disjoint():
+    features = np.random.default_rng(2).normal(size=(300, 8))
+    assert precision_recall(features, features) == (1.0, 1.0)
+    far = features + 100.0
+    assert precision_recall(far, features) == (0.0, 0.0)
+    # Half the samples on the manifold: precision about 1/2, recall stays high.
+    half = np.concatenate([features[:150], far[:150]])
+    precision, recall = precision_recall(half, features)
+    assert precision == pytest.approx(0.5, abs=0.02) and recall > 0.5
+
+
+def test_offline_inception_error_names_both_ways(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    with pytest.raises(FileNotFoundError) as error:
+        inception_extractor(None)
+    message = str(error.value)
+    assert "--inception-weights" in message and str(tmp_path / "torch_home") in message and INCEPTION_FILE in message
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory) -> Path:
+    """torch-fidelity's Inception with random weights, saved as a weights file (numbers not reportable)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+    path = tmp_path_factory.mktemp("inception") / INCEPTION_FILE
+    cls = inception.FeatureExtractorInceptionV3
+    saved = (inception.load_state_dict_from_url, cls.load_state_dict)
+    # Build the network without its download: no weights are fetched, the init stays random.
+    inception.load_state_dict_from_url = lambda *args, **kwargs: {}
+    cls.load_state_dict = lambda self, state: None
+    try:
+        torch.manual_seed(0)
+        model = cls("inception-v3-compat", ["2048"])
+    finally:
+        inception.load_state_dict_from_url, cls.load_state_dict = saved
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory) -> Path:
+    """A tiny trained-shape export with the palette tokenizer recorded beside it."""
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    config = GPTConfig(
+        size=None, n_layer=2, n_head=2, dim=64, vocab_size=len(COLORS), num_classes=3, grid_size=8,
+        registers=RegisterConfig(mode="ntp"),
+    )  # fmt: skip
+    model = GPT(config)
+    torch.nn.init.normal_(model.output.weight, std=0.5)
+    model.save_pretrained(root / "export")
+    palette = PaletteTokenizer(COLORS)
+    palette.save(root / "palette.json")
+    record = {"kind": "palette", "path": str(root / "palette.json"), "checksum": palette.checksum}
+    (root / "export" / "tokenizer.json").write_text(json.dumps(record))
+    make_image_folder(root / "reference", classes=3, per_class=2)
+    return root
+
+
+def cli_args(export: Path, out: Path, weights: Path, *extra: str) -> list[str]:
+    return [
+        "--ckpt", str(export / "export"), "--num-samples", "12", "--batch-size", "4", "--cfg-scale", "1.5",
+        "--ref-folder", str(export / "reference"), "--ref-cache", str(out.parent / "cache"),
+        "--inception-weights", str(weights), "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+def test_interrupted_eval_resumes_every_index_once(tmp_path, export, inception_weights, monkeypatch):
+    from mutor_vision.evaluation import pipeline
+
+    original, calls = pipeline.generate, {"n": 0}
+
+    def dying_generate(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed while sampling")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "generate", dying_generate)
+    with pytest.raises(KeyboardInterrupt):
+        fid_cli.main(cli_args(export, tmp_path / "run", inception_weights))
+    monkeypatch.undo()
+    samples = tmp_path / "run" / "samples"
+    assert sorted(p.name for p in samples.iterdir()) == [f"{i:06d}.png" for i in range(8)]
+    results = fid_cli.main(cli_args(export, tmp_path / "run", inception_weights))
+    assert sorted(p.name for p in samples.iterdir()) == [f"{i:06d}.png" for i in range(12)]
+    assert results["written_this_run"] == 4 and results["num_samples"] == 12
+    assert set(results["metrics"]) == {"fid", "precision", "recall", "inception_score", "inception_score_std"}
+    assert all(np.isfinite(v) for v in results["metrics"].values())
+    with np.load(tmp_path / "run" / "samples.npz") as npz:
+        assert npz["arr_0"].shape == (12, 8, 8, 3) and npz["arr_0"].dtype == np.uint8
+    assert np.array_equal(np.load(tmp_path / "run" / "labels.npy"), np.arange(12) % 3)
+    assert (tmp_path / "run" / "grid.png").is_file()
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["sampling"]["cfg_scale"] == 1.5 and saved["tokenizer"]["kind"] == "palette"
+    assert list((tmp_path / "cache").glob("reference-*-8px-adm-center-crop-inception-v3-compat.npz"))
+
+
+def test_two_rank_eval_covers_every_label_once(tmp_path, export, inception_weights):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "eval/fid.py"]
+    cmd += cli_args(export, tmp_path / "run", inception_weights, "--no-npz")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["world_size"] == 2 and results["per_rank"] == [6, 6] and results["written_this_run"] == 12
+    names = sorted(p.name for p in (tmp_path / "run" / "samples").iterdir())
+    assert names == [f"{i:06d}.png" for i in range(12)]  # every index (so every label) exactly once
