@@ -152,24 +152,27 @@ class RegisterLayout:
 
         return mask_mod
 
-    def dense_mask(self, first_query: int = 0) -> Tensor:
+    def dense_mask(self, first_query: int = 0, size: int | None = None) -> Tensor:
         """The same rule as a dense boolean mask (B, 1, L+R, L+R) for SDPA (True = attend).
 
         ``first_query = L`` gives only the register rows (B, 1, R, L+R): when ``regular_causal``
         holds, the regular rows are plain causal and can run on the fastest causal kernel instead.
+        ``size = L`` gives the regular block alone (B, 1, L, L): the rule without registers.
         """
         horizon, length, prefix_len = self._rule_tensors()
-        device, total = horizon.device, self.total_len
+        device, total = horizon.device, size or self.total_len
         b = torch.arange(horizon.shape[0], device=device).view(-1, 1, 1, 1)
         q = torch.arange(first_query, total, device=device).view(1, 1, -1, 1)
         kv = torch.arange(total, device=device).view(1, 1, 1, -1)
         return register_mask_rule(b, q, kv, horizon, length, prefix_len, self.seq_len)
 
-    def block_mask(self, num_heads: int | None = None, block_size: int = 128, compile: bool = False):
-        """A FlexAttention BlockMask of the rule, on the layout's device."""
+    def block_mask(
+        self, num_heads: int | None = None, block_size: int = 128, compile: bool = False, size: int | None = None
+    ):
+        """A FlexAttention BlockMask of the rule, on the layout's device (``size = L``: regular block)."""
         from torch.nn.attention.flex_attention import create_block_mask
 
-        total = self.total_len
+        total = size or self.total_len
         return create_block_mask(
             self.mask_mod(),
             B=self.anchor.shape[0],

@@ -28,9 +28,10 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.05  # on 2-D parameters only (matrices, embeddings); never norms or the register
     grad_clip: float = 1.0  # max global grad norm; 0 = off
-    schedule: Literal["constant", "warmup_constant", "warmup_cosine"] = "constant"
+    schedule: Literal["constant", "warmup_constant", "warmup_cosine", "warmup_linear"] = "constant"
     warmup_steps: int = 0
-    min_lr: float = 0.0  # cosine floor
+    warmup_ratio: float = 0.0  # warmup as a fraction of all steps, used when warmup_steps is 0
+    min_lr: float = 0.0  # floor of the cosine / linear decay
 
     def __post_init__(self) -> None:
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
@@ -38,6 +39,7 @@ class OptimConfig:
         check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
         check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
         check(0 <= self.min_lr <= self.lr, "min_lr", "must be in [0, lr]")
 
 
@@ -85,12 +87,3 @@ class TrainConfig:
         check(self.keep_last >= 1, "keep_last", "must be >= 1")
         check(self.log_every >= 1, "log_every", "must be >= 1")
         check(bool(self.out_dir), "out_dir", "must be set")
-
-    def accumulation_steps(self, world_size: int) -> int:
-        per_step = self.micro_batch_size * world_size
-        check(
-            self.global_batch_size % per_step == 0,
-            "global_batch_size",
-            f"{self.global_batch_size} is not divisible by micro_batch_size × ranks = {per_step}",
-        )
-        return self.global_batch_size // per_step

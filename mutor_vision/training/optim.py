@@ -24,12 +24,15 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
 
 def lr_factor(step: int, config: OptimConfig, total_steps: int) -> float:
     """Multiplier of ``config.lr`` at optimizer step ``step`` (0-based)."""
-    if config.schedule != "constant" and step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
+    warmup = config.warmup_steps or int(config.warmup_ratio * total_steps)
+    if config.schedule != "constant" and step < warmup:
+        return (step + 1) / warmup
+    floor = config.min_lr / config.lr
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     if config.schedule == "warmup_cosine":
-        progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
-        floor = config.min_lr / config.lr
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    if config.schedule == "warmup_linear":
+        return floor + (1 - floor) * (1 - progress)
     return 1.0
 
 

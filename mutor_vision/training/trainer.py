@@ -10,16 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
-from accelerate import Accelerator, PartialState
-from accelerate.utils import ProjectConfiguration, send_to_device
+from accelerate.utils import send_to_device
 from tqdm.auto import tqdm
 
 from mutor_vision.config import to_dict
@@ -29,65 +25,28 @@ from mutor_vision.models.checkpoint import load_state_dict_strict, read_state_di
 from mutor_vision.training.checkpoints import CheckpointManager
 from mutor_vision.training.config import TrainConfig
 from mutor_vision.training.optim import build_optimizer, build_scheduler
+from mutor_vision.training.runtime import (
+    StopFlag,
+    TrainingDiverged,
+    TrainResult,
+    any_rank,
+    flat_hparams,
+    make_accelerator,
+    resume_point,
+)
 
 log = logging.getLogger(__name__)
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradient norm became NaN/inf; training stopped before the update."""
-
-
-@dataclass
-class TrainResult:
-    step: int
-    reason: str  # "completed" | "terminated"
-    losses: list[float] = field(default_factory=list)  # this rank's mean loss per optimizer step
-    checkpoint: Path | None = None
-
-
-class _StopFlag:
-    """SIGTERM (and SIGINT) ask for a clean stop at the next step boundary: save, then exit."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopFlag:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        log.warning("received signal %d: saving a checkpoint at the end of this step, then exiting", signum)
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
     """Train per ``config``; ``resume`` is None, ``"auto"`` (newest complete checkpoint) or a path."""
     out_dir = Path(config.out_dir)
     manager = CheckpointManager(out_dir / "checkpoints", config.keep_last)
-    on_cuda = torch.cuda.is_available()
-    state = PartialState(cpu=not on_cuda)
-    accumulation = config.accumulation_steps(state.num_processes)
-    mixed_precision = config.mixed_precision
-    if mixed_precision == "bf16" and not on_cuda:
-        log.warning("mixed_precision bf16 requested without CUDA: running fp32 (bf16 on CPU is ~40x slower)")
-        mixed_precision = "no"
     trackers = (["tensorboard"] if config.tensorboard else []) + (["wandb"] if config.wandb else [])
-    accelerator = Accelerator(
-        cpu=not on_cuda,
-        mixed_precision=mixed_precision,
-        gradient_accumulation_steps=accumulation,
-        log_with=trackers or None,
-        project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
-        step_scheduler_with_optimizer=False,
+    accelerator, accumulation = make_accelerator(
+        config.mixed_precision, config.global_batch_size, config.micro_batch_size, out_dir, trackers
     )
-    _reduce_fsdp_gradients_in_fp32(accelerator)
-    checkpoint = _resume_point(manager, resume)
+    checkpoint = resume_point(manager, resume)
     manifest = read_manifest(config.data.root)  # fail before building anything when data are missing
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -120,7 +79,7 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
         step = int(manager.read_state(checkpoint)["step"])
         log.info("resumed from %s at step %d", checkpoint, step)
     if trackers:
-        accelerator.init_trackers("c2i", config=_flat_hparams(to_dict(config)))
+        accelerator.init_trackers("c2i", config=flat_hparams(to_dict(config)))
 
     def export(directory: Path) -> None:
         weights = accelerator.get_state_dict(model)  # every rank: FSDP gathers the full state
@@ -141,7 +100,7 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
     progress = tqdm(total=config.steps, initial=step, disable=not accelerator.is_main_process, unit="step")
     window = {"loss": 0.0, "ntp": 0.0, "reg": 0.0, "steps": 0, "start": time.perf_counter()}
 
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         while step < config.steps:
             # The stream of a segment (save_every steps) is seeded by its first step; resuming inside a
             # segment replays its start and skips what was consumed, so the data match exactly.
@@ -206,7 +165,7 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
                 if step % config.log_every == 0 or step == config.steps:
                     _log_window(accelerator, window, step, scheduler, grad_norm, config, num_tokens, flops_per_image)
                     progress.set_postfix(loss=f"{mean[0]:.4f}")
-                stopping = _any_rank(accelerator, stop.requested)
+                stopping = any_rank(accelerator, stop.requested)
                 if step == segment_end or stopping:
                     state = {
                         "reason": "terminated" if stopping else "periodic",
@@ -224,50 +183,6 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
     result.step = step
     accelerator.end_training()
     return result
-
-
-def _reduce_fsdp_gradients_in_fp32(accelerator: Accelerator) -> None:
-    """FSDP with bf16 reduces gradients in bf16 unless told otherwise (ecosystem.md §3): keep fp32."""
-    plugin = getattr(accelerator.state, "fsdp_plugin", None)
-    if plugin is None or accelerator.mixed_precision != "bf16":
-        return
-    if plugin.fsdp_version == 2:
-        from torch.distributed.fsdp import MixedPrecisionPolicy
-
-        plugin.mixed_precision_policy = MixedPrecisionPolicy(
-            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.bfloat16
-        )
-    else:
-        from torch.distributed.fsdp import MixedPrecision
-
-        plugin.mixed_precision_policy = MixedPrecision(
-            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, buffer_dtype=torch.float32
-        )
-
-
-def _resume_point(manager: CheckpointManager, resume: str | None) -> Path | None:
-    if resume is None:
-        if manager.latest() is not None:
-            raise FileExistsError(
-                f"{manager.root} already holds checkpoints: pass --resume auto to continue, or set another out_dir"
-            )
-        return None
-    if resume == "auto":
-        latest = manager.latest()
-        if latest is None:
-            log.info("--resume auto: no complete checkpoint in %s, starting fresh", manager.root)
-        return latest
-    path = Path(resume)
-    if not (path / "state.json").is_file():
-        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint directory (no state.json)")
-    return path
-
-
-def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
-    if accelerator.num_processes == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
 
 
 def _log_window(
@@ -294,17 +209,3 @@ def _log_window(
     if accelerator.is_main_process:
         log.info("step %d: %s", step, " ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in metrics.items()))
     window.update(loss=0.0, ntp=0.0, reg=0.0, steps=0, start=time.perf_counter())
-
-
-def _flat_hparams(data: dict, prefix: str = "") -> dict[str, int | float | str | bool]:
-    """TensorBoard hparams take only scalars: flatten nested dicts, stringify the rest."""
-    flat: dict[str, int | float | str | bool] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flat_hparams(value, f"{name}."))
-        elif isinstance(value, bool | int | float | str):
-            flat[name] = value
-        else:
-            flat[name] = str(value)
-    return flat

@@ -1,0 +1,164 @@
+"""Sampling throughput: KV cache vs full recompute, CFG on/off, compile on/off; and the whole
+evaluation pipeline (sampling + tokenizer decode + Inception features) in images/s.
+
+    python bench/sample.py --out bench/results/sample_cpu_tiny.json                      # tiny model
+    python bench/sample.py --size GPT-B --batch-size 2 --no-cache-tokens 32 --pipeline \\
+        --out bench/results/sample_cpu_gpt_b.json
+
+Timings are medians of interleaved repeats in one process. The no-cache path recomputes the
+whole prefix for every token; at GPT-B it is timed over the first --no-cache-tokens tokens only
+(and the cached path over the same tokens for the ratio), since the full 256 would take minutes
+on a CPU. Models and tokenizers have random weights: speed only, no quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mutor_vision.evaluation.pipeline import extract_features
+from mutor_vision.models import GPT, GPTConfig, RegisterConfig, generate
+
+
+def build(args: argparse.Namespace, grid: int) -> GPT:
+    torch.manual_seed(0)
+    if args.size:
+        config = GPTConfig(size=args.size, grid_size=grid, registers=RegisterConfig(mode="ntp"))
+    else:
+        config = GPTConfig(
+            size=None, n_layer=2, n_head=2, dim=64, vocab_size=64, num_classes=10, grid_size=grid,
+            registers=RegisterConfig(mode="ntp"),
+        )  # fmt: skip
+    model = GPT(config).eval()
+    torch.nn.init.normal_(model.output.weight, std=0.02)
+    return model
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up (and compile)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default=None)
+    parser.add_argument("--grid-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-cache-tokens", type=int, default=0, help="time the paths on this prefix (0: all)")
+    parser.add_argument("--compile", action="store_true", help="also time a compiled decode step")
+    parser.add_argument("--pipeline", action="store_true", help="also time sampling + VQ-16 decode + Inception")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    grid = args.grid_size
+    tokens = args.no_cache_tokens or grid * grid
+    # The ratio is measured on a prefix: a model whose grid holds exactly `tokens` tokens would
+    # change the table; instead sample on a grid sized to the prefix when it is a square.
+    prefix_grid = math.isqrt(tokens)
+    if prefix_grid * prefix_grid != tokens:
+        raise SystemExit("--no-cache-tokens must be a square number (a grid side squared)")
+    model = build(args, prefix_grid).to(device)
+    labels = torch.arange(args.batch_size, device=device) % model.config.num_classes
+
+    def run(**kwargs):
+        return lambda: generate(model, labels, generator=torch.Generator(device=device).manual_seed(0), **kwargs)
+
+    rows = {}
+    variants = {
+        "cache_cfg": dict(cfg_scale=2.0),
+        "cache_nocfg": dict(cfg_scale=1.0),
+        "nocache_cfg": dict(cfg_scale=2.0, use_cache=False),
+        "nocache_nocfg": dict(cfg_scale=1.0, use_cache=False),
+    }
+    if args.compile:
+        variants["cache_cfg_compiled"] = dict(cfg_scale=2.0, compile=True)
+    for name, kwargs in variants.items():
+        seconds = timed(run(**kwargs), args.repeats)
+        rows[name] = {
+            "seconds": seconds,
+            "tokens_per_s": args.batch_size * tokens / seconds,
+            "images_per_s": args.batch_size / seconds * (tokens / (grid * grid)),
+        }
+    ratios = {
+        "cache_over_nocache_cfg": rows["nocache_cfg"]["seconds"] / rows["cache_cfg"]["seconds"],
+        "cache_over_nocache_nocfg": rows["nocache_nocfg"]["seconds"] / rows["cache_nocfg"]["seconds"],
+        "cfg_cost": rows["cache_cfg"]["seconds"] / rows["cache_nocfg"]["seconds"],
+    }
+    result = {
+        "benchmark": "sample",
+        "machine": platform.node(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
+        "config": vars(args),
+        "timed_tokens": tokens,
+        "rows": rows,
+        "ratios": ratios,
+    }
+    if args.pipeline:
+        result["pipeline"] = pipeline_rate(args, device)
+    for name, row in rows.items():
+        print(f"{name:<20} {row['seconds']:8.3f} s  {row['tokens_per_s']:9.1f} tok/s  {row['images_per_s']:7.3f} img/s")
+    for name, value in ratios.items():
+        print(f"{name:<26} {value:6.2f}x")
+    if "pipeline" in result:
+        print("pipeline", json.dumps(result["pipeline"]))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+def pipeline_rate(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """Full-grid sampling (CFG 2.0, KV cache) + VQ-16 decode + Inception features, random weights."""
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+    from tokenizer import VQ16, to_uint8
+
+    model = build(args, args.grid_size).to(device)
+    vq = VQ16().to(device).eval()
+    saved = (inception.load_state_dict_from_url, inception.FeatureExtractorInceptionV3.load_state_dict)
+    inception.load_state_dict_from_url = lambda *a, **k: {}
+    inception.FeatureExtractorInceptionV3.load_state_dict = lambda self, state: None
+    try:
+        extractor = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
+    finally:
+        inception.load_state_dict_from_url, inception.FeatureExtractorInceptionV3.load_state_dict = saved
+    labels = torch.arange(args.batch_size, device=device) % model.config.num_classes
+    start = time.perf_counter()
+    codes = generate(model, labels, cfg_scale=2.0, generator=torch.Generator(device=device).manual_seed(0))
+    sample_s = time.perf_counter() - start
+    start = time.perf_counter()
+    with torch.no_grad():
+        images = to_uint8(vq.decode(codes)).permute(0, 2, 3, 1).cpu().numpy()
+    decode_s = time.perf_counter() - start
+    start = time.perf_counter()
+    extract_features(extractor, np.ascontiguousarray(images), batch_size=args.batch_size, device=device)
+    feature_s = time.perf_counter() - start
+    total = sample_s + decode_s + feature_s
+    return {
+        "images": args.batch_size,
+        "sample_s": sample_s,
+        "decode_s": decode_s,
+        "features_s": feature_s,
+        "images_per_s": args.batch_size / total,
+    }
+
+
+if __name__ == "__main__":
+    main()

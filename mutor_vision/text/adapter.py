@@ -1,0 +1,160 @@
+"""MuToR-1D for Hugging Face causal LMs with RoPE position ids (Llama, Gemma, Qwen2, ...).
+
+The register core builds the layout and the mask; this module only meets Hugging Face: it splices
+the shared register vector into ``inputs_embeds`` after the regular tokens, passes explicit
+``position_ids`` and the 4D mask in the form the model's attention implementation needs
+(``sdpa``: bool, ``eager``: additive float, ``flex_attention``: BlockMask), and combines the
+losses. Right-padded batches of any size (mutor.md §4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from mutor_vision.registers import (
+    IGNORE_INDEX,
+    LossParts,
+    Offsets,
+    RegisterLayout,
+    combined_loss,
+    num_registers_for_fraction,
+    prompt_answer_layout,
+    sample_offsets_1d,
+)
+
+MASK_FORMS = {"sdpa": "bool", "eager": "float", "flex_attention": "block"}
+
+
+class RegisterEmbedding(nn.Module):
+    """The one shared register vector (hidden,), scaled like the model's token embeddings.
+
+    Gemma-style models multiply embeddings by sqrt(hidden) inside the embedding layer (an
+    ``embed_scale`` buffer in transformers 5): the register gets the same factor.
+    """
+
+    def __init__(self, hidden_size: int, std: float = 0.02) -> None:
+        super().__init__()
+        self.vector = nn.Parameter(torch.randn(hidden_size) * std)
+
+    def forward(self, embedding: nn.Module, batch: int, count: int, dtype: torch.dtype) -> Tensor:
+        vector = self.vector.to(dtype)
+        scale = getattr(embedding, "embed_scale", None)
+        if scale is not None:
+            vector = vector * torch.as_tensor(scale).to(device=vector.device, dtype=dtype)
+        return vector.expand(batch, count, -1)
+
+
+@dataclass
+class TextOutput:
+    logits: Tensor  # (B, L, V): regular positions
+    register_logits: Tensor | None  # (B, R, V)
+    layout: RegisterLayout
+
+
+class MuToRAdapter(nn.Module):
+    """A causal LM plus the register vector; ``forward`` on right-padded prompt + answer rows."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: Literal["ntp", "mutor"] = "mutor",
+        d_max: int = 4,
+        weight: float = 0.3,
+        register_fraction: float | None = None,
+        prompt_attention: Literal["causal", "bidirectional"] = "causal",
+    ) -> None:
+        super().__init__()
+        config = model.config
+        implementation = getattr(config, "_attn_implementation", None) or "eager"
+        if implementation not in MASK_FORMS:
+            raise ValueError(
+                f"attn_implementation {implementation!r} cannot take the register mask: use one of {sorted(MASK_FORMS)}"
+            )
+        self.model = model
+        self.method, self.d_max, self.weight = method, d_max, weight
+        self.register_fraction, self.prompt_attention = register_fraction, prompt_attention
+        self.mask_form = MASK_FORMS[implementation]
+        self.registers = RegisterEmbedding(config.hidden_size, std=getattr(config, "initializer_range", 0.02))
+
+    def layout(
+        self, prompt_len: Tensor, answer_len: Tensor, seq_len: int, generator: torch.Generator | None = None
+    ) -> RegisterLayout:
+        """Registers before answer tokens, d uniform in {1..d_max} per sample (also built for ntp: the mask)."""
+        batch = prompt_len.shape[0]
+        if self.method == "mutor":
+            offsets = sample_offsets_1d(batch, self.d_max, generator=generator, device=prompt_len.device)
+        else:
+            offsets = Offsets(d=torch.ones(batch, dtype=torch.long, device=prompt_len.device))
+        num_registers = None
+        if self.method == "mutor" and self.register_fraction is not None:
+            num_registers = num_registers_for_fraction(self.register_fraction, max(int(answer_len.max()), 1))
+        return prompt_answer_layout(
+            offsets,
+            prompt_len,
+            answer_len,
+            seq_len=seq_len,
+            num_registers=num_registers,
+            prompt_attention=self.prompt_attention,
+            generator=generator,
+        )
+
+    def attention_mask(self, layout: RegisterLayout, size: int | None, dtype: torch.dtype):
+        """The rule in the attention implementation's form (size = L: regular block only)."""
+        if self.mask_form == "block":
+            return layout.block_mask(size=size)
+        allowed = layout.dense_mask(size=size)
+        if self.mask_form == "bool":
+            return allowed
+        # eager adds the mask to the scores: a bool mask would be silently wrong (ecosystem.md §5).
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        prompt_len: Tensor,
+        answer_len: Tensor,
+        generator: torch.Generator | None = None,
+        layout: RegisterLayout | None = None,
+    ) -> TextOutput:
+        batch, seq_len = input_ids.shape
+        layout = layout or self.layout(prompt_len, answer_len, seq_len, generator)
+        embedding = self.model.get_input_embeddings()
+        embeds = embedding(input_ids)
+        positions = torch.arange(seq_len, device=input_ids.device).expand(batch, -1)
+        registers = self.method == "mutor"
+        if registers:
+            embeds = torch.cat([embeds, self.registers(embedding, batch, layout.num_registers, embeds.dtype)], dim=1)
+            positions = torch.cat([positions, layout.position], dim=1)
+        mask = self.attention_mask(layout, None if registers else seq_len, embeds.dtype)
+        logits = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        if not registers:
+            return TextOutput(logits, None, layout)
+        return TextOutput(logits[:, :seq_len], logits[:, seq_len:], layout)
+
+    def loss(self, input_ids: Tensor, prompt_len: Tensor, answer_len: Tensor, output: TextOutput) -> LossParts:
+        """L_ntp over answer tokens (usual shift), L_reg over valid registers (no shift)."""
+        register_labels = None
+        if output.register_logits is not None:
+            register_labels = output.layout.register_labels(input_ids)
+        return combined_loss(
+            output.logits,
+            answer_labels(input_ids, prompt_len, answer_len),
+            output.register_logits,
+            register_labels,
+            self.weight if output.register_logits is not None else 0.0,
+        )
+
+
+def answer_labels(input_ids: Tensor, prompt_len: Tensor, answer_len: Tensor) -> Tensor:
+    """(B, L) next-token labels: position t predicts token t + 1 when that token is in the answer."""
+    batch, seq_len = input_ids.shape
+    nxt = torch.arange(1, seq_len + 1, device=input_ids.device).expand(batch, -1)
+    in_answer = (nxt >= prompt_len[:, None]) & (nxt < (prompt_len + answer_len)[:, None])
+    shifted = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)
+    return torch.where(in_answer, shifted, torch.full_like(shifted, IGNORE_INDEX))

@@ -1,0 +1,105 @@
+"""The text adapter config: model, data, method, LoRA, optimiser, loop (YAML, typed, validated)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from mutor_vision.config import check
+from mutor_vision.training.config import OptimConfig
+
+GSM8K_PROMPT = "Question: {prompt}\nAnswer:"
+GSM8K_ANSWER = " {answer}"
+
+
+@dataclass
+class TextModelConfig:
+    name_or_path: str = ""  # a local directory (offline) or a hub name
+    attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"  # CPU always loads float32
+
+    def __post_init__(self) -> None:
+        check(bool(self.name_or_path), "name_or_path", "must be set (a local model directory or a hub name)")
+
+
+@dataclass
+class TextDataConfig:
+    jsonl: str | None = None  # local JSON lines with the two fields below
+    hf_name: str | None = None  # or a Hugging Face dataset (e.g. gsm8k, config main)
+    hf_config: str | None = None
+    split: str = "train"
+    prompt_field: str = "question"
+    answer_field: str = "answer"
+    prompt_template: str = GSM8K_PROMPT  # {prompt} is the prompt field
+    answer_template: str = GSM8K_ANSWER  # {answer} is the answer field; EOS is appended
+    max_length: int = 512  # longer examples are dropped and counted, never truncated
+
+    def __post_init__(self) -> None:
+        check(bool(self.jsonl) != bool(self.hf_name), "jsonl", "set exactly one of data.jsonl and data.hf_name")
+        check(self.max_length >= 2, "max_length", "must be >= 2")
+        check("{prompt}" in self.prompt_template, "prompt_template", "must contain {prompt}")
+        check("{answer}" in self.answer_template, "answer_template", "must contain {answer}")
+
+
+@dataclass
+class MethodConfig:
+    name: Literal["ntp", "mutor"] = "mutor"
+    d_max: int = 4  # d uniform in {1..d_max} per sample
+    weight: float = 0.3  # a in (1 - a)·L_ntp + a·L_reg
+    register_fraction: float | None = None  # sparse registers: this fraction of answer slots; null = all
+    prompt_attention: Literal["causal", "bidirectional"] = "causal"  # bidirectional = the paper's setting
+
+    def __post_init__(self) -> None:
+        check(self.d_max >= 1, "d_max", "must be >= 1")
+        check(0.0 <= self.weight <= 1.0, "weight", "must be in [0, 1]")
+        frac = self.register_fraction
+        check(frac is None or 0.0 < frac <= 1.0, "register_fraction", "must be in (0, 1] or null")
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = False  # false: full fine-tuning (the paper)
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+    def __post_init__(self) -> None:
+        check(self.r >= 1, "r", "must be >= 1")
+        check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+
+
+@dataclass
+class TextTrainConfig:
+    model: TextModelConfig = field(default_factory=TextModelConfig)
+    data: TextDataConfig = field(default_factory=TextDataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=5e-5, weight_decay=0.0, schedule="warmup_linear", warmup_ratio=0.1)
+    )
+    epochs: int = 5
+    global_batch_size: int = 10  # examples per optimizer step over all ranks (paper: effective batch 10)
+    micro_batch_size: int = 10
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16"] = "bf16"
+    out_dir: str = "runs/text"
+    save_every: int = 500
+    keep_last: int = 2
+    log_every: int = 10
+    tensorboard: bool = True
+    wandb: bool = False
+
+    def __post_init__(self) -> None:
+        check(self.epochs >= 1, "epochs", "must be >= 1")
+        check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+        check(
+            self.global_batch_size % self.micro_batch_size == 0,
+            "global_batch_size",
+            f"{self.global_batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}",
+        )
+        check(self.save_every >= 1, "save_every", "must be >= 1")
+        check(self.keep_last >= 1, "keep_last", "must be >= 1")
+        check(self.log_every >= 1, "log_every", "must be >= 1")

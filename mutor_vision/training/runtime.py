@@ -1,0 +1,140 @@
+"""What every training loop here shares: the accelerator, stop signals, resume points, results.
+
+The image trainer (``trainer.py``) and the text trainer (``mutor_vision/text/train.py``) differ in
+data and loss only; everything below is common to both.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import ProjectConfiguration
+
+from mutor_vision.training.checkpoints import CheckpointManager
+
+log = logging.getLogger(__name__)
+
+
+def make_accelerator(
+    mixed_precision: str, global_batch: int, micro_batch: int, out_dir: Path, trackers: list[str]
+) -> tuple[Accelerator, int]:
+    """An Accelerator for this machine (gloo on CPU), and the gradient-accumulation steps."""
+    on_cuda = torch.cuda.is_available()
+    state = PartialState(cpu=not on_cuda)
+    per_step = micro_batch * state.num_processes
+    if global_batch % per_step:
+        from mutor_vision.config import ConfigError
+
+        raise ConfigError(
+            f"global_batch_size: {global_batch} is not divisible by micro_batch_size × ranks = {per_step}"
+        )
+    if mixed_precision == "bf16" and not on_cuda:
+        log.warning("mixed_precision bf16 requested without CUDA: running fp32 (bf16 on CPU is ~40x slower)")
+        mixed_precision = "no"
+    accelerator = Accelerator(
+        cpu=not on_cuda,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=global_batch // per_step,
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
+        step_scheduler_with_optimizer=False,
+    )
+    reduce_fsdp_gradients_in_fp32(accelerator)
+    return accelerator, global_batch // per_step
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; training stopped before the update."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    reason: str  # "completed" | "terminated"
+    losses: list[float] = field(default_factory=list)  # this rank's mean loss per optimizer step
+    checkpoint: Path | None = None
+
+
+class StopFlag:
+    """SIGTERM (and SIGINT) ask for a clean stop at the next step boundary: save, then exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("received signal %d: saving a checkpoint at the end of this step, then exiting", signum)
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def reduce_fsdp_gradients_in_fp32(accelerator: Accelerator) -> None:
+    """FSDP with bf16 reduces gradients in bf16 unless told otherwise (ecosystem.md §3): keep fp32."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is None or accelerator.mixed_precision != "bf16":
+        return
+    if plugin.fsdp_version == 2:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        plugin.mixed_precision_policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.bfloat16
+        )
+    else:
+        from torch.distributed.fsdp import MixedPrecision
+
+        plugin.mixed_precision_policy = MixedPrecision(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, buffer_dtype=torch.float32
+        )
+
+
+def resume_point(manager: CheckpointManager, resume: str | None) -> Path | None:
+    if resume is None:
+        if manager.latest() is not None:
+            raise FileExistsError(
+                f"{manager.root} already holds checkpoints: pass --resume auto to continue, or set another out_dir"
+            )
+        return None
+    if resume == "auto":
+        latest = manager.latest()
+        if latest is None:
+            log.info("--resume auto: no complete checkpoint in %s, starting fresh", manager.root)
+        return latest
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint directory (no state.json)")
+    return path
+
+
+def any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
+
+
+def flat_hparams(data: dict, prefix: str = "") -> dict[str, int | float | str | bool]:
+    """TensorBoard hparams take only scalars: flatten nested dicts, stringify the rest."""
+    flat: dict[str, int | float | str | bool] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_hparams(value, f"{name}."))
+        elif isinstance(value, bool | int | float | str):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat

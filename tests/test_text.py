@@ -1,0 +1,278 @@
+"""The 1D text adapter on tiny random Llama and Gemma models with a tokenizer trained here."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mutor_vision.config import load_yaml
+from mutor_vision.registers import Offsets, prompt_answer_layout
+from mutor_vision.text.adapter import MuToRAdapter, answer_labels
+from mutor_vision.text.answers import answers_match, extract_answer
+from mutor_vision.text.config import TextTrainConfig
+from mutor_vision.text.data import build_examples, collate
+from mutor_vision.text.generate import greedy_generate
+from mutor_vision.text.train import train_text
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = [
+    "Question: Tom has 3 apples and buys 4 more. How many apples? Answer: 3 + 4 = 7 #### 7",
+    "Question: A box holds 12 eggs. How many eggs in 2 boxes? Answer: 12 * 2 = 24 #### 24",
+    "Question: Sara reads 5 pages a day for 6 days. How many pages? Answer: 5 * 6 = 30 #### 30",
+    "Question: 1,000 minus 250 is? Answer: 1000 - 250 = 750 #### 750",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<bos>", "<eos>"]))
+    bos = core.token_to_id("<bos>")
+    core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def tiny_model(kind: str, vocab: int, attn: str = "sdpa", seed: int = 0):
+    from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, attn_implementation=attn, pad_token_id=0,
+    )  # fmt: skip
+    if kind == "gemma":
+        return GemmaForCausalLM(GemmaConfig(head_dim=8, **common)).eval()
+    return LlamaForCausalLM(LlamaConfig(**common)).eval()
+
+
+def worked_batch():
+    # Q = 3, A = 5 (mutor.md §4): ids 10 11 12 | 20 21 22 23 24, plus a padded second row.
+    input_ids = torch.tensor([[10, 11, 12, 20, 21, 22, 23, 24], [10, 11, 20, 21, 22, 0, 0, 0]])
+    return input_ids, torch.tensor([3, 2]), torch.tensor([5, 3])
+
+
+def test_worked_example_through_the_adapter():
+    model = tiny_model("llama", 32)
+    adapter = MuToRAdapter(model, d_max=2)
+    input_ids, prompt_len, answer_len = worked_batch()
+    layout = prompt_answer_layout(Offsets(torch.tensor([2, 2])), prompt_len, answer_len, seq_len=8)
+    assert layout.anchor[0].tolist() == [2, 3, 4, 5, 6] and layout.position[0, :4].tolist() == [3, 4, 5, 6]
+    assert layout.register_labels(input_ids)[0].tolist() == [21, 22, 23, 24, -100]
+    labels = answer_labels(input_ids, prompt_len, answer_len)
+    assert labels[0].tolist() == [-100, -100, 20, 21, 22, 23, 24, -100]
+    assert labels[1].tolist() == [-100, 20, 21, 22, -100, -100, -100, -100]
+    output = adapter(input_ids, prompt_len, answer_len, layout=layout)
+    assert output.logits.shape == (2, 8, 32) and output.register_logits.shape == (2, 5, 32)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("prompt_attention", ["causal", "bidirectional"])
+def test_regular_logits_unchanged_by_registers(kind, attn, prompt_attention):
+    model = tiny_model(kind, 32, attn)
+    input_ids, prompt_len, answer_len = worked_batch()
+    with_registers = MuToRAdapter(model, "mutor", d_max=3, prompt_attention=prompt_attention)
+    without = MuToRAdapter(model, "ntp", prompt_attention=prompt_attention)
+    a = with_registers(input_ids, prompt_len, answer_len, generator=torch.Generator().manual_seed(0)).logits
+    b = without(input_ids, prompt_len, answer_len).logits
+    for row, n in enumerate((prompt_len + answer_len).tolist()):
+        assert (a[row, :n] - b[row, :n]).abs().max().item() <= 1e-5
+
+
+def test_gemma_register_is_scaled_like_embeddings():
+    model = tiny_model("gemma", 32)
+    adapter = MuToRAdapter(model)
+    embedding = model.get_input_embeddings()
+    out = adapter.registers(embedding, 1, 1, torch.float32)[0, 0]
+    torch.testing.assert_close(out, adapter.registers.vector * 32**0.5)
+    llama = MuToRAdapter(tiny_model("llama", 32))
+    torch.testing.assert_close(
+        llama.registers(llama.model.get_input_embeddings(), 1, 1, torch.float32)[0, 0], llama.registers.vector
+    )
+
+
+def test_padded_batch_equals_samples_alone():
+    # Batch loss = (1-a)·(Σ s_i)/(Σ n_i) + a·(Σ r_i)/(Σ m_i): compare with per-sample sums (a = 0 and 1).
+    model = tiny_model("llama", 32)
+    input_ids, prompt_len, answer_len = worked_batch()
+    d = torch.tensor([2, 1])
+    layout = prompt_answer_layout(Offsets(d), prompt_len, answer_len, seq_len=8)
+    adapter = MuToRAdapter(model, weight=0.4)
+    batch_loss = adapter.loss(
+        input_ids, prompt_len, answer_len, adapter(input_ids, prompt_len, answer_len, layout=layout)
+    )
+    batch_loss.loss.backward()
+    batch_grads = [p.grad.clone() for p in adapter.parameters()]
+    adapter.zero_grad()
+
+    sums = {"ntp": [], "reg": []}
+    grads = {"ntp": None, "reg": None}
+    for row in range(2):
+        n = int(prompt_len[row] + answer_len[row])
+        ids = input_ids[row : row + 1, :n]
+        single = prompt_answer_layout(Offsets(d[row : row + 1]), prompt_len[row : row + 1], answer_len[row : row + 1])
+        for part, weight in (("ntp", 0.0), ("reg", 1.0)):
+            adapter.weight = weight
+            out = adapter(ids, prompt_len[row : row + 1], answer_len[row : row + 1], layout=single)
+            parts = adapter.loss(ids, prompt_len[row : row + 1], answer_len[row : row + 1], out)
+            count = parts.num_ntp_tokens if part == "ntp" else parts.num_reg_tokens
+            (parts.loss * count).backward()
+            sums[part].append((parts.loss.detach() * count, count))
+            current = [p.grad.clone() for p in adapter.parameters()]
+            grads[part] = current if grads[part] is None else [g + c for g, c in zip(grads[part], current, strict=True)]
+            adapter.zero_grad()
+    n_ntp = sum(c for _, c in sums["ntp"])
+    n_reg = sum(c for _, c in sums["reg"])
+    expected = 0.6 * sum(s for s, _ in sums["ntp"]) / n_ntp + 0.4 * sum(s for s, _ in sums["reg"]) / n_reg
+    assert abs(batch_loss.loss.item() - expected.item()) <= 1e-5
+    for got, g_ntp, g_reg in zip(batch_grads, grads["ntp"], grads["reg"], strict=True):
+        assert (got - (0.6 * g_ntp / n_ntp + 0.4 * g_reg / n_reg)).abs().max().item() <= 1e-5
+
+
+def test_answer_shorter_than_d_gives_finite_loss():
+    model = tiny_model("llama", 32)
+    adapter = MuToRAdapter(model, d_max=4)
+    input_ids = torch.tensor([[10, 11, 12, 20]])
+    layout = prompt_answer_layout(Offsets(torch.tensor([4])), torch.tensor([3]), torch.tensor([1]))
+    parts = adapter.loss(
+        input_ids,
+        torch.tensor([3]),
+        torch.tensor([1]),
+        adapter(input_ids, torch.tensor([3]), torch.tensor([1]), layout=layout),
+    )
+    assert torch.isfinite(parts.loss) and parts.reg.item() == 0.0 and parts.num_reg_tokens.item() == 0
+    parts.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in adapter.parameters() if p.grad is not None)
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*")
+def test_flex_attention_block_mask_form():
+    model_sdpa = tiny_model("llama", 32, "sdpa")
+    model_flex = tiny_model("llama", 32, "flex_attention")
+    input_ids, prompt_len, answer_len = worked_batch()
+    layout = prompt_answer_layout(Offsets(torch.tensor([2, 3])), prompt_len, answer_len, seq_len=8)
+    sdpa, flex = MuToRAdapter(model_sdpa), MuToRAdapter(model_flex)
+    assert flex.mask_form == "block"
+    flex.registers.load_state_dict(sdpa.registers.state_dict())
+    with torch.no_grad():
+        a = sdpa(input_ids, prompt_len, answer_len, layout=layout)
+        b = flex(input_ids, prompt_len, answer_len, layout=layout)
+    torch.testing.assert_close(a.register_logits, b.register_logits, atol=1e-5, rtol=1e-5)
+    for row, n in enumerate((prompt_len + answer_len).tolist()):
+        torch.testing.assert_close(a.logits[row, :n], b.logits[row, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_lora_trains_only_adapter_and_register(tokenizer):
+    from mutor_vision.text.train import build_adapter
+
+    config = load_yaml(
+        TextTrainConfig,
+        ROOT / "configs" / "text" / "gsm8k_mutor.yaml",
+        ["lora.enabled=true", "model.name_or_path=x", "data.jsonl=x", "data.hf_name=null"],
+    )
+    adapter = build_adapter(tiny_model("llama", len(tokenizer)), config)
+    trainable = {name for name, p in adapter.named_parameters() if p.requires_grad}
+    assert "registers.vector" in trainable
+    assert trainable - {"registers.vector"} and all("lora_" in name for name in trainable - {"registers.vector"})
+
+
+@pytest.mark.parametrize(
+    ("prediction", "reference", "match"),
+    [
+        ("so the answer is 18.0", "#### 18", True),
+        ("#### 1,000", "#### 1000", True),
+        ("She loses $5. #### -5", "#### -5", True),
+        ("#### 3/4", "#### 0.75", True),
+        ("#### 18", "#### 19", False),
+        ("no number here", "#### 3", False),
+        ("first 7 then 12", "#### 12", True),  # no ####: the last number counts
+    ],
+)
+def test_numeric_answer_extraction(prediction, reference, match):
+    assert answers_match(prediction, reference) is match
+
+
+def test_extract_answer_values():
+    assert extract_answer("#### $1,234.50") == extract_answer("1234.5")
+    assert extract_answer("#### -0.5") < 0
+
+
+def write_jsonl(path: Path, rows: int = 8) -> Path:
+    lines = []
+    for i in range(rows):
+        text = CORPUS[i % len(CORPUS)]
+        question, answer = text.split(" Answer: ")
+        lines.append(json.dumps({"question": question.removeprefix("Question: "), "answer": answer}))
+    path.write_text("\n".join(lines))
+    return path
+
+
+def test_examples_drop_over_long_and_collate(tokenizer, tmp_path):
+    records = [json.loads(line) for line in write_jsonl(tmp_path / "d.jsonl").read_text().splitlines()]
+    examples, dropped = build_examples(
+        records, tokenizer, "question", "answer", "Question: {prompt}\nAnswer:", " {answer}", 24
+    )
+    assert dropped > 0 and len(examples) + dropped == len(records)
+    assert all(
+        e.prompt_ids[0] == tokenizer.bos_token_id and e.answer_ids[-1] == tokenizer.eos_token_id for e in examples
+    )
+    batch = collate(examples[:2], tokenizer.pad_token_id)
+    assert (
+        batch["input_ids"].shape[0] == 2
+        and (batch["prompt_len"] + batch["answer_len"]).max() == batch["input_ids"].shape[1]
+    )
+
+
+def test_short_cpu_training_lowers_loss_and_generates(tokenizer, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", rows=8)
+    config = load_yaml(
+        TextTrainConfig,
+        ROOT / "configs" / "text" / "gsm8k_mutor.yaml",
+        [f"data.jsonl={data}", "data.hf_name=null", "model.name_or_path=tiny", f"out_dir={tmp_path / 'run'}",
+         "epochs=30",
+         "global_batch_size=4", "micro_batch_size=2", "optim.lr=3e-3", "optim.warmup_ratio=0.05",
+         "tensorboard=false", "save_every=1000", "method.prompt_attention=bidirectional", "data.max_length=64"],
+    )  # fmt: skip
+    model = tiny_model("llama", len(tokenizer))
+    result = train_text(config, model=model, tokenizer=tokenizer)
+    assert result.step == 60 and result.reason == "completed"
+    assert sum(result.losses[-5:]) / 5 < 0.5 * sum(result.losses[:5]) / 5
+    export = result.checkpoint / "export"
+    assert load_file(export / "registers.safetensors")["vector"].shape == (32,)
+    assert json.loads((export / "mutor_text.json").read_text())["prompt_attention"] == "bidirectional"
+    prompt = tokenizer("Question: Tom has 3 apples and buys 4 more. How many apples?\nAnswer:")["input_ids"]
+    tokens = greedy_generate(model, prompt, 20, tokenizer.eos_token_id, prompt_attention="bidirectional")
+    assert 0 < len(tokens) <= 20
+
+
+def test_gsm8k_eval_cli_on_a_trained_export(tokenizer, tmp_path):
+    data = write_jsonl(tmp_path / "test.jsonl", rows=4)
+    model = tiny_model("llama", len(tokenizer))
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    sys.path.insert(0, str(ROOT / "eval"))
+    import gsm8k
+
+    results = gsm8k.main(
+        [
+            "--ckpt",
+            str(tmp_path / "base"),
+            "--data",
+            str(data),
+            "--max-new-tokens",
+            "8",
+            "--out",
+            str(tmp_path / "acc.json"),
+        ]
+    )
+    assert results["total"] == 4 and 0.0 <= results["accuracy"] <= 1.0
+    assert json.loads((tmp_path / "acc.json").read_text())["total"] == 4
