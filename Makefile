@@ -1,10 +1,10 @@
-# `make test` and (later) `make demo` work on a fresh clone with only Python and pip.
+# `make demo` and `make test` work on a fresh clone with only Python and pip.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format clean
+.PHONY: install test lint format demo clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q
+
+# The embedded demo: MuToR-2D vs next-token on scikit-learn's digits, CPU only, no downloads.
+demo: $(STAMP)
+	$(PY) demo/run_demo.py --out runs/demo
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .

@@ -212,7 +212,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", choices=["vq16", "palette"], default="vq16")
     parser.add_argument("--tokenizer-path", type=Path, required=True, help="vq_ds16_c2i.pt or a palette JSON")
     parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--crop", choices=["adm-flip", "ten-crop"], default="adm-flip")
+    parser.add_argument("--crop", choices=["adm-flip", "ten-crop", "center"], default="adm-flip")
     parser.add_argument("--maxcount", type=int, default=1000, help="images per output shard (ImageFolder input)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per encoder batch")
     parser.add_argument("--workers", type=int, default=8, help="threads decoding images")

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-CropMode = Literal["adm-flip", "ten-crop"]
+CropMode = Literal["adm-flip", "ten-crop", "center"]
 TEN_CROP_RANGE = 1.1  # LlamaGen: centre-crop to 1.1·size, then torchvision's TenCrop(size)
 
 
@@ -35,15 +35,17 @@ def crops(image: Image.Image, size: int, mode: CropMode = "adm-flip") -> list[Im
     if mode == "adm-flip":
         crop = center_crop_adm(image, size)
         return [crop, crop.transpose(Image.FLIP_LEFT_RIGHT)]
+    if mode == "center":  # one ADM centre crop, no mirror (small demos, mirror-sensitive data)
+        return [center_crop_adm(image, size)]
     if mode == "ten-crop":
         from torchvision.transforms.functional import ten_crop
 
         return list(ten_crop(center_crop_adm(image, int(size * TEN_CROP_RANGE)), size))
-    raise ValueError(f"crop mode must be 'adm-flip' or 'ten-crop', got {mode!r}")
+    raise ValueError(f"crop mode must be 'adm-flip', 'ten-crop' or 'center', got {mode!r}")
 
 
 def num_crops(mode: CropMode) -> int:
-    return {"adm-flip": 2, "ten-crop": 10}[mode]
+    return {"adm-flip": 2, "ten-crop": 10, "center": 1}[mode]
 
 
 def to_model_input(images: list[Image.Image] | np.ndarray) -> Tensor:
