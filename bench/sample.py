@@ -45,8 +45,9 @@ def build(args: argparse.Namespace, grid: int) -> GPT:
     return model
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up (and compile)
+def timed(fn, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):  # warm-up (and compile)
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -61,6 +62,8 @@ def main() -> None:
     parser.add_argument("--grid-size", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--variants", default="cache_cfg,cache_nocfg,nocache_cfg,nocache_nocfg")
     parser.add_argument("--no-cache-tokens", type=int, default=0, help="time the paths on this prefix (0: all)")
     parser.add_argument("--compile", action="store_true", help="also time a compiled decode step")
     parser.add_argument("--pipeline", action="store_true", help="also time sampling + VQ-16 decode + Inception")
@@ -87,20 +90,22 @@ def main() -> None:
         "nocache_cfg": dict(cfg_scale=2.0, use_cache=False),
         "nocache_nocfg": dict(cfg_scale=1.0, use_cache=False),
     }
+    variants = {name: kwargs for name, kwargs in variants.items() if name in args.variants.split(",")}
     if args.compile:
         variants["cache_cfg_compiled"] = dict(cfg_scale=2.0, compile=True)
     for name, kwargs in variants.items():
-        seconds = timed(run(**kwargs), args.repeats)
+        seconds = timed(run(**kwargs), args.repeats, args.warmup if "compiled" not in name else max(1, args.warmup))
         rows[name] = {
             "seconds": seconds,
             "tokens_per_s": args.batch_size * tokens / seconds,
             "images_per_s": args.batch_size / seconds * (tokens / (grid * grid)),
         }
-    ratios = {
-        "cache_over_nocache_cfg": rows["nocache_cfg"]["seconds"] / rows["cache_cfg"]["seconds"],
-        "cache_over_nocache_nocfg": rows["nocache_nocfg"]["seconds"] / rows["cache_nocfg"]["seconds"],
-        "cfg_cost": rows["cache_cfg"]["seconds"] / rows["cache_nocfg"]["seconds"],
+    pairs = {
+        "cache_over_nocache_cfg": ("nocache_cfg", "cache_cfg"),
+        "cache_over_nocache_nocfg": ("nocache_nocfg", "cache_nocfg"),
+        "cfg_cost": ("cache_cfg", "cache_nocfg"),
     }
+    ratios = {k: rows[a]["seconds"] / rows[b]["seconds"] for k, (a, b) in pairs.items() if a in rows and b in rows}
     result = {
         "benchmark": "sample",
         "machine": platform.node(),

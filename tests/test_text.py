@@ -42,7 +42,14 @@ def tokenizer():
 
 
 def tiny_model(kind: str, vocab: int, attn: str = "sdpa", seed: int = 0):
-    from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        GemmaConfig,
+        GemmaForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(seed)
     common = dict(
@@ -51,6 +58,8 @@ def tiny_model(kind: str, vocab: int, attn: str = "sdpa", seed: int = 0):
     )  # fmt: skip
     if kind == "gemma":
         return GemmaForCausalLM(GemmaConfig(head_dim=8, **common)).eval()
+    if kind == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
     return LlamaForCausalLM(LlamaConfig(**common)).eval()
 
 
@@ -74,7 +83,7 @@ def test_worked_example_through_the_adapter():
     assert output.logits.shape == (2, 8, 32) and output.register_logits.shape == (2, 5, 32)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma"])
+@pytest.mark.parametrize("kind", ["llama", "gemma", "qwen2"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("prompt_attention", ["causal", "bidirectional"])
 def test_regular_logits_unchanged_by_registers(kind, attn, prompt_attention):
@@ -276,3 +285,15 @@ def test_gsm8k_eval_cli_on_a_trained_export(tokenizer, tmp_path):
     )
     assert results["total"] == 4 and 0.0 <= results["accuracy"] <= 1.0
     assert json.loads((tmp_path / "acc.json").read_text())["total"] == 4
+
+
+def test_train_sft_config_errors_name_the_key(capsys):
+    import train_sft
+
+    config = str(ROOT / "configs" / "text" / "gsm8k_mutor.yaml")
+    assert train_sft.main(["--config", config, "method.d_maxx=3"]) == 2
+    assert "method.d_maxx" in capsys.readouterr().err
+    assert train_sft.main(["--config", config, "method.weight=1.5"]) == 2
+    assert "weight" in capsys.readouterr().err
+    for path in sorted((ROOT / "configs" / "text").glob("*.yaml")):
+        assert load_yaml(TextTrainConfig, path).method.d_max == 4

@@ -10,9 +10,10 @@ Input: an ImageFolder (class = sorted WordNet-id folder order) or a folder of we
 images (``jpg``/``jpeg``/``png`` + ``cls``). Output: ``train-NNNNNN.tar`` shards of
 ``tokens.npy`` (uint16, (n_crops, h, w)) + ``cls``, a ``train-NNNNNN.json`` sidecar per finished
 shard, and ``manifest.json``. Crops: ``adm-flip`` (ADM centre crop + its mirror; the paper's
-setting, default) or ``ten-crop`` (LlamaGen). Re-running resumes: finished shards (sidecar
-present) are kept, a partial one is rewritten; the output is byte-identical either way. An
-unreadable image is logged, counted in the manifest and skipped.
+setting, default), ``ten-crop`` (LlamaGen) or ``center`` (one crop, no mirror; the demo).
+Re-running resumes: finished shards (sidecar present) are kept, a partial one is rewritten; the
+output is byte-identical either way. An unreadable image is logged, counted in the manifest and
+skipped.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ one for the demo): uint8 (B, 3, H, W) in, one tensor per requested feature out.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -21,6 +20,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mutor_vision.data import hash_seed
 from mutor_vision.models import GPT, generate
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def sample_to_folder(
     written = 0
     for start in tqdm(range(0, len(todo), batch_size), disable=not show_progress, unit="batch", desc="sampling"):
         batch = todo[start : start + batch_size]
-        generator = torch.Generator(device=device).manual_seed(_seed(seed, batch[0]))
+        generator = torch.Generator(device=device).manual_seed(hash_seed(seed, batch[0]))
         codes = generate(
             model,
             torch.as_tensor(labels[batch], device=device),
@@ -90,10 +90,6 @@ def sample_to_folder(
             os.replace(tmp, final)
             written += 1
     return written
-
-
-def _seed(*parts: int) -> int:
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
 def load_folder(folder: Path, num_samples: int) -> np.ndarray:

@@ -138,3 +138,33 @@ def flat_hparams(data: dict, prefix: str = "") -> dict[str, int | float | str | 
         else:
             flat[name] = str(value)
     return flat
+
+
+def cli_main(doc: str, config_cls: type, train_fn, argv: list[str] | None, name: str) -> int:
+    """The shared command line of train_c2i.py and train_sft.py: --config, --resume, key=value overrides.
+
+    Exit codes: 0 done (or stopped cleanly by a signal), 2 bad config, 3 diverged (NaN/inf).
+    """
+    import argparse
+    import sys
+
+    from mutor_vision.config import ConfigError, load_yaml
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="a YAML config file")
+    parser.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in out_dir) or a path")
+    parser.add_argument("overrides", nargs="*", help="key=value, dotted keys into the config")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = load_yaml(config_cls, args.config, args.overrides)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    try:
+        result = train_fn(config, resume=args.resume)
+    except TrainingDiverged as error:
+        logging.getLogger(name).error("%s", error)
+        return 3
+    logging.getLogger(name).info("%s at step %d (checkpoint: %s)", result.reason, result.step, result.checkpoint)
+    return 0
