@@ -297,3 +297,35 @@ def test_train_sft_config_errors_name_the_key(capsys):
     assert "weight" in capsys.readouterr().err
     for path in sorted((ROOT / "configs" / "text").glob("*.yaml")):
         assert load_yaml(TextTrainConfig, path).method.d_max == 4
+
+
+def test_text_resume_is_exact(tokenizer, tmp_path, monkeypatch):
+    import signal
+
+    data = write_jsonl(tmp_path / "train.jsonl", rows=8)
+
+    def cfg(run: str) -> TextTrainConfig:
+        return load_yaml(
+            TextTrainConfig,
+            ROOT / "configs" / "text" / "gsm8k_mutor.yaml",
+            [f"data.jsonl={data}", "data.hf_name=null", "model.name_or_path=tiny", f"out_dir={tmp_path / run}",
+             "epochs=2", "global_batch_size=4", "micro_batch_size=2", "tensorboard=false", "save_every=100",
+             "data.max_length=64", "optim.lr=1e-3"],
+        )  # fmt: skip
+
+    straight = train_text(cfg("a"), model=tiny_model("llama", len(tokenizer)), tokenizer=tokenizer)
+    original, calls = MuToRAdapter.loss, {"n": 0}
+
+    def loss(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # inside step 2 (2 micro-batches per step)
+            signal.raise_signal(signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MuToRAdapter, "loss", loss)
+    first = train_text(cfg("b"), model=tiny_model("llama", len(tokenizer)), tokenizer=tokenizer)
+    monkeypatch.undo()
+    assert first.reason == "terminated" and first.step == 2
+    second = train_text(cfg("b"), resume="auto", model=tiny_model("llama", len(tokenizer)), tokenizer=tokenizer)
+    assert second.step == straight.step == 4
+    assert first.losses + second.losses == straight.losses

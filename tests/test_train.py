@@ -192,3 +192,16 @@ def test_two_rank_cpu_training_run(tmp_path, shards):
     state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000004" / "state.json").read_text())
     assert state["world_size"] == 2 and state["accumulation"] == 1  # 16 = 8 per rank × 2 ranks
     assert GPT.from_pretrained(tmp_path / "run" / "checkpoints" / "step_00000004" / "export") is not None
+
+
+def test_init_from_an_official_layout_checkpoint(tmp_path, shards, caplog):
+    # A LlamaGen-style DDP file (state under "model", "module." prefixes, no register vector).
+    cfg = config(tmp_path, shards)
+    torch.manual_seed(123)
+    source = GPT(cfg.model)
+    official = {f"module.{k}": v for k, v in source.state_dict().items() if k != "register_embedding"}
+    torch.save({"model": official, "steps": 0}, tmp_path / "c2i_tiny.pt")
+    result = train(config(tmp_path, shards, f"init_from={tmp_path / 'c2i_tiny.pt'}", "steps=1", "optim.lr=1e-12"))
+    assert result.step == 1 and "register_embedding" in caplog.text  # freshly initialised, and said so
+    weights = exported(tmp_path / "run", 1)
+    torch.testing.assert_close(weights["tok_embeddings.weight"], source.tok_embeddings.weight, atol=1e-8, rtol=0)
