@@ -18,7 +18,7 @@ import yaml
 from accelerate.utils import send_to_device
 from tqdm.auto import tqdm
 
-from mutor_vision.config import to_dict
+from mutor_vision.config import ConfigError, to_dict
 from mutor_vision.data import hash_seed, read_manifest, token_loader
 from mutor_vision.models import GPT
 from mutor_vision.models.checkpoint import load_state_dict_strict, read_state_dict, save_gpt_weights
@@ -64,6 +64,11 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
     ema = None
     if config.ema.enabled:
         from timm.utils import ModelEmaV3
+
+        if getattr(accelerator.state, "fsdp_plugin", None) is not None:
+            # The EMA copy is a full replica updated from the live weights; under FSDP those are
+            # shards (DTensors), which timm's EMA does not gather. Refuse rather than fail mid-run.
+            raise ConfigError("ema.enabled: not supported with FSDP yet; use DDP or disable EMA")
 
         ema = ModelEmaV3(model, decay=config.ema.decay)
     model, optimizer = accelerator.prepare(model, optimizer)  # one call: FSDP2 needs both together
