@@ -163,6 +163,9 @@ def cli_main(doc: str, config_cls: type, train_fn, argv: list[str] | None, name:
         return 2
     try:
         result = train_fn(config, resume=args.resume)
+    except ConfigError as error:  # checks that need the world size or the launcher (batch split, FSDP)
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
     except TrainingDiverged as error:
         logging.getLogger(name).error("%s", error)
         return 3
