@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: tokenizer/
 
 from mutor_vision.evaluation import evaluate, inception_extractor
-from mutor_vision.evaluation.fid import reference_from_folder, reference_from_npz
+from mutor_vision.evaluation.fid import evaluation_state, reference_from_folder, reference_from_npz
 from mutor_vision.models import GPT
 from tokenizer import load_tokenizer
 from tokenizer.preprocess import center_crop_adm, to_uint8
@@ -79,7 +79,8 @@ def resolve_tokenizer(args: argparse.Namespace) -> tuple[str, str, str | None]:
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    state = evaluation_state()  # first: each rank's device (cuda:<local rank>), gloo on CPU
+    device = state.device
     extractor = inception_extractor(args.inception_weights, allow_download=args.download_inception)
     model = GPT.from_pretrained(args.ckpt, size=args.size, trust=args.trust_checkpoint).to(device).eval()
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
@@ -98,14 +99,15 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     resolution = model.config.grid_size * tokenizer.downsample
     reference = None
-    if args.ref_batch is not None:
-        reference = reference_from_npz(args.ref_batch, extractor, args.feature_batch_size, device, args.ref_cache)
-    elif args.ref_folder is not None:
-        reference = reference_from_folder(
-            args.ref_folder, resolution, center_crop_adm, extractor, args.feature_batch_size, device, args.ref_cache
-        )
-    else:
-        log.warning("no --ref-batch / --ref-folder: only the Inception Score is computed")
+    with state.main_process_first():  # rank 0 computes and caches the reference features, the rest read them
+        if args.ref_batch is not None:
+            reference = reference_from_npz(args.ref_batch, extractor, args.feature_batch_size, device, args.ref_cache)
+        elif args.ref_folder is not None:
+            reference = reference_from_folder(
+                args.ref_folder, resolution, center_crop_adm, extractor, args.feature_batch_size, device, args.ref_cache
+            )
+        else:
+            log.warning("no --ref-batch / --ref-folder: only the Inception Score is computed")
     return evaluate(
         model,
         decode,

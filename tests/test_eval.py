@@ -147,6 +147,9 @@ def test_interrupted_eval_resumes_every_index_once(tmp_path, export, inception_w
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["sampling"]["cfg_scale"] == 1.5 and saved["tokenizer"]["kind"] == "palette"
     assert list((tmp_path / "cache").glob("reference-*-8px-adm-center-crop-inception-v3-compat.npz"))
+    # Other settings into the same folder: refused, never mixed.
+    with pytest.raises(ValueError, match="cfg_scale"):  # argparse keeps the last --cfg-scale
+        fid_cli.main(cli_args(export, tmp_path / "run", inception_weights, "--cfg-scale", "3.0"))
 
 
 def test_two_rank_eval_covers_every_label_once(tmp_path, export, inception_weights):

@@ -182,11 +182,13 @@ def test_every_shipped_config_loads():
     assert paper.mixed_precision == "bf16" and paper.optim.schedule == "constant"
 
 
-def test_two_rank_cpu_training_run(tmp_path, shards):
+@pytest.mark.parametrize("mode", ["mutor2d", "ntp"])
+def test_two_rank_cpu_training_run(tmp_path, shards, mode):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train_c2i.py"]
     cmd += ["--config", str(TINY), f"data.root={shards}", f"out_dir={tmp_path / 'run'}", "steps=4", "save_every=2"]
+    cmd += [f"model.registers.mode={mode}"]  # ntp: the unused register vector must not stall DDP
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
     state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000004" / "state.json").read_text())
@@ -205,3 +207,21 @@ def test_init_from_an_official_layout_checkpoint(tmp_path, shards, caplog):
     assert result.step == 1 and "register_embedding" in caplog.text  # freshly initialised, and said so
     weights = exported(tmp_path / "run", 1)
     torch.testing.assert_close(weights["tok_embeddings.weight"], source.tok_embeddings.weight, atol=1e-8, rtol=0)
+
+
+def test_explicit_resume_of_an_older_checkpoint_sets_newer_ones_aside(tmp_path, shards):
+    args = ["steps=6", "save_every=3"]
+    straight = train(config(tmp_path, shards, *args))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    resumed = train(config(tmp_path, shards, *args), resume=str(checkpoints / "step_00000003"))
+    assert resumed.losses == straight.losses[3:]
+    assert (checkpoints / "abandoned-step_00000006" / "state.json").is_file()  # kept, but out of the way
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("step_")) == [
+        "step_00000003",
+        "step_00000006",
+    ]
+
+
+def test_register_vector_is_frozen_without_registers(tmp_path, shards):
+    assert not GPT(config(tmp_path, shards, "model.registers.mode=ntp").model).register_embedding.requires_grad
+    assert GPT(config(tmp_path, shards).model).register_embedding.requires_grad

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mutor_vision.config import to_dict
 from mutor_vision.evaluation.metrics import frechet_distance, inception_score, precision_recall, statistics
 from mutor_vision.evaluation.pipeline import (
     Decode,
@@ -35,6 +36,19 @@ from mutor_vision.evaluation.pipeline import (
 from mutor_vision.models import GPT
 
 log = logging.getLogger(__name__)
+
+
+def evaluation_state():
+    """The process state for evaluation: gloo on CPU, and a long collective timeout.
+
+    Ranks can reach the gather at very different times (a resumed run leaves each rank a
+    different number of missing samples): the NCCL default of 10 minutes would abort them.
+    """
+    from datetime import timedelta
+
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=12))
 
 
 @dataclass
@@ -112,10 +126,36 @@ def _cached_features(cache: Path, compute) -> np.ndarray:
             return data["features"]
     features = compute()
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.tmp.npz")
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npz")  # per process: concurrent writers never mix
     np.savez(tmp, features=features)
     os.replace(tmp, cache)
     return features
+
+
+def _weights_checksum(model: torch.nn.Module) -> str:
+    """A cheap fingerprint of the weights (sum and first elements of every tensor)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().float().flatten()
+        digest.update(f"{name}:{flat.sum().item():.6e}:{flat[:4].tolist()}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _check_settings(out_dir: Path, settings: dict[str, Any], state) -> None:
+    """Samples already in ``out_dir/samples`` must come from the same model and settings: never mix runs."""
+    stamp = out_dir / "sampling_settings.json"
+    samples_dir = out_dir / "samples"
+    with state.main_process_first():
+        if state.is_main_process and not stamp.is_file():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            stamp.write_text(json.dumps(settings, indent=2, sort_keys=True))
+    recorded = json.loads(stamp.read_text())
+    if recorded != json.loads(json.dumps(settings)):
+        changed = sorted(k for k in settings if recorded.get(k) != json.loads(json.dumps(settings))[k])
+        raise ValueError(
+            f"{samples_dir} holds samples made with other settings ({', '.join(changed)}); "
+            "use another --out, or delete it to start over"
+        )
 
 
 def write_npz(folder: Path, num_samples: int, path: Path) -> None:
@@ -159,12 +199,25 @@ def evaluate(
     Returns the results (also written to ``out_dir/results.json``) on rank 0, None elsewhere.
     ``extra_metrics(labels, features)`` may add entries (the demo's class-consistency accuracy).
     """
-    from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = evaluation_state()
+    if num_samples < state.num_processes:
+        raise ValueError(f"num_samples ({num_samples}) must be at least the number of ranks ({state.num_processes})")
+    model = model.to(state.device)
     out_dir = Path(out_dir)
     samples_dir = out_dir / "samples"
+    settings = {
+        "num_samples": num_samples,
+        "per_class": per_class,
+        "cfg_scale": cfg_scale,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "seed": seed,
+        "model": {"config": to_dict(model.config), "checksum": _weights_checksum(model)},
+    }
+    _check_settings(out_dir, settings, state)
     labels = label_list(num_samples, model.config.num_classes, per_class=per_class, seed=seed)
     mine = np.arange(num_samples)[state.process_index :: state.num_processes]
     start = time.perf_counter()

@@ -171,7 +171,9 @@ class GPT(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
-        self.register_embedding = nn.Parameter(torch.empty(config.dim))  # MuToR's one shared register
+        # MuToR's one shared register. Frozen when registers are off: an unused trainable parameter
+        # makes DDP (find_unused_parameters=False) fail at the second step.
+        self.register_embedding = nn.Parameter(torch.empty(config.dim), requires_grad=config.registers.enabled)
         cos, sin = rope_2d_table(config.grid_size, config.head_dim, config.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)  # (1 + N, head_dim / 2)
         self.register_buffer("rope_sin", sin, persistent=False)

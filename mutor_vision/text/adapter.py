@@ -79,6 +79,8 @@ class MuToRAdapter(nn.Module):
         self.register_fraction, self.prompt_attention = register_fraction, prompt_attention
         self.mask_form = MASK_FORMS[implementation]
         self.registers = RegisterEmbedding(config.hidden_size, std=getattr(config, "initializer_range", 0.02))
+        # Unused without registers: frozen, so DDP does not wait for its gradient.
+        self.registers.requires_grad_(method == "mutor")
 
     def layout(
         self, prompt_len: Tensor, answer_len: Tensor, seq_len: int, generator: torch.Generator | None = None

@@ -76,6 +76,24 @@ class CheckpointManager:
         for stale in self.root.glob(".step_*.tmp"):  # leftovers of interrupted saves
             shutil.rmtree(stale, ignore_errors=True)
 
+    def set_aside_after(self, step: int) -> list[Path]:
+        """Rename complete checkpoints newer than ``step`` to ``abandoned-step_…`` (main process).
+
+        Resuming an older checkpoint starts a new timeline; the newer ones must neither be picked
+        by a later ``--resume auto`` nor count toward ``keep_last`` — but they are kept, not deleted.
+        """
+        moved = []
+        for path in self.complete():
+            if int(_NAME.match(path.name).group(1)) > step:
+                target = path.with_name(f"abandoned-{path.name}")
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(path, target)
+                moved.append(target)
+        if moved:
+            log.warning("resumed at step %d: set aside newer checkpoints %s", step, [p.name for p in moved])
+        return moved
+
     @staticmethod
     def read_state(path: Path) -> dict[str, Any]:
         try:

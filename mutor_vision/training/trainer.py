@@ -61,21 +61,20 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
         log.info("initialised from %s", config.init_from)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, config.steps)
+    if config.ema.enabled and getattr(accelerator.state, "fsdp_plugin", None) is not None:
+        # The EMA copy is a full replica updated from the live weights; under FSDP those are
+        # shards (DTensors), which timm's EMA does not gather. Refuse rather than fail mid-run.
+        raise ConfigError("ema.enabled: not supported with FSDP yet; use DDP or disable EMA")
+    model, optimizer = accelerator.prepare(model, optimizer)  # one call: FSDP2 needs both together
+    core: GPT = accelerator.unwrap_model(model)
     ema = None
     if config.ema.enabled:
         from timm.utils import ModelEmaV3
 
-        if getattr(accelerator.state, "fsdp_plugin", None) is not None:
-            # The EMA copy is a full replica updated from the live weights; under FSDP those are
-            # shards (DTensors), which timm's EMA does not gather. Refuse rather than fail mid-run.
-            raise ConfigError("ema.enabled: not supported with FSDP yet; use DDP or disable EMA")
-
-        ema = ModelEmaV3(model, decay=config.ema.decay)
-    model, optimizer = accelerator.prepare(model, optimizer)  # one call: FSDP2 needs both together
+        ema = ModelEmaV3(core, decay=config.ema.decay)  # after prepare: a copy on the training device
     accelerator.register_for_checkpointing(scheduler)  # stepped by us, never prepared (ecosystem.md §3)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
-    core: GPT = accelerator.unwrap_model(model)
     forward = torch.compile(model) if config.compile else model
 
     step = 0
@@ -83,6 +82,9 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
         accelerator.load_state(str(checkpoint / "accelerate"))
         step = int(manager.read_state(checkpoint)["step"])
         log.info("resumed from %s at step %d", checkpoint, step)
+        if accelerator.is_main_process:
+            manager.set_aside_after(step)
+        accelerator.wait_for_everyone()
     if trackers:
         accelerator.init_trackers("c2i", config=flat_hparams(to_dict(config)))
 
