@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +26,9 @@ from mutor_vision.training.checkpoints import CheckpointManager
 from mutor_vision.training.optim import build_scheduler
 from mutor_vision.training.runtime import (
     StopFlag,
-    TrainingDiverged,
     TrainResult,
     any_rank,
+    backward_and_step,
     flat_hparams,
     make_accelerator,
     resume_point,
@@ -146,6 +145,7 @@ def train_text(config: TextTrainConfig, resume: str | None = None, model=None, t
     result = TrainResult(step=step, reason="completed")
     progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, unit="step")
     adapter.train()
+    grad_norm = float("nan")
     with StopFlag() as stop:
         while step < total_steps:
             torch.manual_seed(hash_seed(config.seed, rank, step))  # dropout (LoRA, model)
@@ -159,18 +159,11 @@ def train_text(config: TextTrainConfig, resume: str | None = None, model=None, t
                 with accelerator.accumulate(adapter), accelerator.autocast():
                     output = adapter(**batch, generator=layouts)
                     parts = core.loss(batch["input_ids"], batch["prompt_len"], batch["answer_len"], output)
-                    accelerator.backward(parts.loss)
-                    if accelerator.sync_gradients:
-                        max_norm = config.optim.grad_clip or math.inf
-                        grad_norm = float(accelerator.clip_grad_norm_(trainable, max_norm))
-                        if not math.isfinite(grad_norm) or not math.isfinite(parts.loss.item()):
-                            raise TrainingDiverged(
-                                f"non-finite loss or gradient at step {step} (loss {parts.loss.item()}, "
-                                f"grad norm {grad_norm}); last good checkpoint: {manager.latest()}"
-                            )
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                losses.append((parts.loss.item(), parts.ntp.item(), parts.reg.item()))
+                    values, norm = backward_and_step(
+                        accelerator, optimizer, parts, trainable, config.optim.grad_clip, step, manager.latest
+                    )
+                grad_norm = norm if norm is not None else grad_norm
+                losses.append(values)
             scheduler.step()
             step += 1
             mean = [sum(x) / len(losses) for x in zip(*losses, strict=True)]

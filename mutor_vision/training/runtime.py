@@ -7,7 +7,9 @@ data and loss only; everything below is common to both.
 from __future__ import annotations
 
 import logging
+import math
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,3 +173,35 @@ def cli_main(doc: str, config_cls: type, train_fn, argv: list[str] | None, name:
         return 3
     logging.getLogger(name).info("%s at step %d (checkpoint: %s)", result.reason, result.step, result.checkpoint)
     return 0
+
+
+def backward_and_step(
+    accelerator: Accelerator,
+    optimizer: torch.optim.Optimizer,
+    parts,
+    params: list[torch.nn.Parameter],
+    grad_clip: float,
+    step: int,
+    last_checkpoint: Callable[[], Path | None],
+) -> tuple[list[float], float | None]:
+    """Backward one micro-batch inside ``accelerator.accumulate``; on the accumulation boundary clip,
+    refuse a non-finite loss or gradient (before any update), then step.
+
+    Returns the (loss, L_ntp, L_reg) floats of this micro-batch (one host sync) and the global grad
+    norm on boundaries (None between them). The norm is the same on every rank, so all ranks stop
+    together.
+    """
+    accelerator.backward(parts.loss)
+    values = torch.stack([parts.loss.detach(), parts.ntp, parts.reg]).tolist()
+    grad_norm = None
+    if accelerator.sync_gradients:
+        grad_norm = float(accelerator.clip_grad_norm_(params, grad_clip or math.inf))
+        if not math.isfinite(grad_norm) or not math.isfinite(values[0]):
+            raise TrainingDiverged(
+                f"non-finite loss or gradient at step {step} (loss {values[0]}, L_ntp {values[1]}, "
+                f"L_reg {values[2]}, grad norm {grad_norm}); no update applied, "
+                f"last good checkpoint: {last_checkpoint()}"
+            )
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return values, grad_norm

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -27,9 +26,9 @@ from mutor_vision.training.config import TrainConfig
 from mutor_vision.training.optim import build_optimizer, build_scheduler
 from mutor_vision.training.runtime import (
     StopFlag,
-    TrainingDiverged,
     TrainResult,
     any_rank,
+    backward_and_step,
     flat_hparams,
     make_accelerator,
     resume_point,
@@ -76,6 +75,7 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     forward = torch.compile(model) if config.compile else model
+    params = list(model.parameters())  # the prepared ones
 
     step = 0
     if checkpoint is not None:
@@ -106,6 +106,7 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
     result = TrainResult(step=step, reason="completed")
     progress = tqdm(total=config.steps, initial=step, disable=not accelerator.is_main_process, unit="step")
     window = {"loss": 0.0, "ntp": 0.0, "reg": 0.0, "steps": 0, "start": time.perf_counter()}
+    grad_norm = float("nan")
 
     with StopFlag() as stop:
         while step < config.steps:
@@ -144,20 +145,11 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
                         with accelerator.autocast():
                             output = forward(tokens, labels, layout)
                         parts = core.loss(tokens, output, layout)
-                        accelerator.backward(parts.loss)
-                        if accelerator.sync_gradients:
-                            max_norm = config.optim.grad_clip or math.inf
-                            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
-                            if not math.isfinite(grad_norm) or not math.isfinite(parts.loss.item()):
-                                last = manager.latest()
-                                raise TrainingDiverged(
-                                    f"non-finite loss or gradient at step {step} (loss {parts.loss.item()}, "
-                                    f"L_ntp {parts.ntp.item()}, L_reg {parts.reg.item()}, grad norm {grad_norm}); "
-                                    f"no update applied, last good checkpoint: {last}"
-                                )
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    losses.append((parts.loss.item(), parts.ntp.item(), parts.reg.item()))
+                        values, norm = backward_and_step(
+                            accelerator, optimizer, parts, params, config.optim.grad_clip, step, manager.latest
+                        )
+                    grad_norm = norm if norm is not None else grad_norm
+                    losses.append(values)
                 scheduler.step()
                 step += 1
                 if ema is not None:
