@@ -106,15 +106,7 @@ class MuToRAdapter(nn.Module):
 
     def attention_mask(self, layout: RegisterLayout, size: int | None, dtype: torch.dtype):
         """The rule in the attention implementation's form (size = L: regular block only)."""
-        if self.mask_form == "block":
-            return layout.block_mask(size=size)
-        allowed = layout.dense_mask(size=size)
-        if self.mask_form == "bool":
-            return allowed
-        # eager adds the mask to the scores: a bool mask would be silently wrong (ecosystem.md §5).
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min
-        )
+        return mask_in_form(layout, self.mask_form, size, dtype)
 
     def forward(
         self,
@@ -151,6 +143,17 @@ class MuToRAdapter(nn.Module):
             register_labels,
             self.weight if output.register_logits is not None else 0.0,
         )
+
+
+def mask_in_form(layout: RegisterLayout, form: str, size: int | None, dtype: torch.dtype):
+    """The core's mask as Hugging Face wants it: ``bool`` (sdpa), additive ``float`` (eager) or ``block``."""
+    if form == "block":
+        return layout.block_mask(size=size)
+    allowed = layout.dense_mask(size=size)
+    if form == "bool":
+        return allowed
+    # eager adds the mask to the scores: a bool mask would be silently wrong (ecosystem.md §5).
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def answer_labels(input_ids: Tensor, prompt_len: Tensor, answer_len: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mutor_vision.registers import Offsets, prompt_answer_layout
+from mutor_vision.text.adapter import mask_in_form
 
 
 @torch.no_grad()
@@ -35,15 +36,7 @@ def greedy_generate(
         prompt_attention=prompt_attention,
     )
     embeds = model.get_input_embeddings()(ids)
-    allowed = layout.dense_mask(size=q)
-    if mask_form == "float":
-        mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=device).masked_fill(
-            ~allowed, torch.finfo(embeds.dtype).min
-        )
-    elif mask_form == "block":
-        mask = layout.block_mask(size=q)
-    else:
-        mask = allowed
+    mask = mask_in_form(layout, mask_form, q, embeds.dtype)
     cache = DynamicCache()
     out = model(
         inputs_embeds=embeds,
