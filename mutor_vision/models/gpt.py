@@ -277,14 +277,16 @@ class GPT(nn.Module):
 
     def prefill(self, labels: Tensor) -> Tensor:
         """Class tokens at position 0 -> logits (B, V) for x_1. Needs :meth:`setup_caches`."""
-        return self._cached_forward(self.cls_embedding(labels)[:, None], torch.zeros(1, dtype=torch.long))
+        return self._cached_forward(
+            self.cls_embedding(labels)[:, None], torch.zeros(1, dtype=torch.long, device=labels.device)
+        )
 
     def decode(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
         """tokens (B, 1) at sequence position ``input_pos`` (1,) -> logits (B, V) for the next token."""
         return self._cached_forward(self.tok_embeddings(tokens), input_pos)
 
     def _cached_forward(self, x: Tensor, input_pos: Tensor) -> Tensor:
-        input_pos = input_pos.to(x.device)
+        input_pos = input_pos.to(x.device)  # a no-op in generate(), which keeps positions on the device
         max_len = self.config.num_tokens
         mask = (torch.arange(max_len, device=x.device)[None, :] <= input_pos[:, None])[None, None]
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]

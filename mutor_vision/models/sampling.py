@@ -82,12 +82,13 @@ def generate(
             decode: Callable[[Tensor, Tensor], Tensor] = model.decode
             if compile:
                 decode = torch.compile(model.decode, fullgraph=True, dynamic=False)
+            positions = torch.arange(num_tokens, device=labels.device)  # no host-to-device copy per step
             logits = model.prefill(rows)
             for t in range(num_tokens):
                 codes[:, t] = pick(logits)
                 if t + 1 < num_tokens:
                     step = torch.cat([codes[:, t], codes[:, t]]) if guided else codes[:, t]
-                    logits = decode(step[:, None], torch.tensor([t + 1], device=labels.device))
+                    logits = decode(step[:, None], positions[t + 1 : t + 2])
         else:
             prefix = torch.zeros(rows.shape[0], 1, dtype=torch.long, device=labels.device)
             for t in range(num_tokens):
