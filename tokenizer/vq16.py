@@ -8,13 +8,14 @@ Module names mirror the official file so it loads strictly: ``encoder.conv_block
 from __future__ import annotations
 
 import hashlib
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from mutor_vision.models.checkpoint import check_state_dict, read_state_dict
 
 
 @dataclass(frozen=True)
@@ -227,28 +228,9 @@ class VQ16(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such VQ checkpoint")
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=not trust)
-        except pickle.UnpicklingError as error:
-            raise RuntimeError(
-                f"{path}: cannot be read safely ({str(error).splitlines()[0]}); pass trust=True"
-            ) from None
-        except (RuntimeError, EOFError, OSError) as error:
-            raise RuntimeError(f"{path}: not a readable PyTorch checkpoint ({error})") from None
-        state = raw.get("model", raw) if isinstance(raw, dict) else raw
-        if not isinstance(state, dict):
-            raise RuntimeError(f"{path}: expected a state dict, got {type(state).__name__}")
-        state = {k.removeprefix("module."): v for k, v in state.items()}
+        state = read_state_dict(path, trust=trust)  # the GPT loader's reader: containers, prefixes, trust
         model = cls(config)
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        mismatched = [k for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
-        if missing or unexpected or mismatched:
-            raise RuntimeError(
-                f"{path} does not match VQ16({model.config}): missing {missing[:10]} ({len(missing)}), "
-                f"unexpected {unexpected[:10]} ({len(unexpected)}), shape mismatch {mismatched[:10]}"
-            )
+        check_state_dict(model.state_dict(), state, f"{path} does not match VQ16({model.config})")
         model.load_state_dict(state)
         model.checksum = file_checksum(path)
         return model.eval()

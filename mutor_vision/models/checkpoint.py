@@ -162,8 +162,18 @@ def load_state_dict_strict(model: GPT, state: dict[str, torch.Tensor], source: s
 
     Only the register vector may be missing (official LlamaGen files): it keeps its fresh init.
     """
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state) - {REGISTER_KEY})
+    title = f"{source} does not match the model (config: {_describe(model)})"
+    check_state_dict(model.state_dict(), state, title, optional={REGISTER_KEY})
+    model.load_state_dict(state, strict=False)
+    if REGISTER_KEY not in state:
+        log.warning("%s has no %s (an official LlamaGen file): initialised N(0, 0.02)", source, REGISTER_KEY)
+
+
+def check_state_dict(
+    expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], title: str, optional: set[str] = frozenset()
+) -> None:
+    """Raise one :class:`CheckpointError` listing every missing, unexpected and mis-shaped key."""
+    missing = sorted(set(expected) - set(state) - set(optional))
     unexpected = sorted(set(state) - set(expected))
     mismatched = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
@@ -171,15 +181,12 @@ def load_state_dict_strict(model: GPT, state: dict[str, torch.Tensor], source: s
         if state[k].shape != expected[k].shape
     ]
     if missing or unexpected or mismatched:
-        lines = [f"{source} does not match the model (config: {_describe(model)}):"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        lines = [f"{title}:"]
+        for heading, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
             if items:
                 shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(shown))
+                lines.append(f"  {heading} ({len(items)}): " + ", ".join(shown))
         raise CheckpointError("\n".join(lines))
-    model.load_state_dict(state, strict=False)
-    if REGISTER_KEY not in state:
-        log.warning("%s has no %s (an official LlamaGen file): initialised N(0, 0.02)", source, REGISTER_KEY)
 
 
 def _describe(model: GPT) -> str:
