@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mutor_vision.config import check
-from mutor_vision.training.config import OptimConfig
+from mutor_vision.training.config import OptimConfig, check_loop
 
 GSM8K_PROMPT = "Question: {prompt}\nAnswer:"
 GSM8K_ANSWER = " {answer}"
@@ -94,12 +94,4 @@ class TextTrainConfig:
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "epochs", "must be >= 1")
-        check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
-        check(
-            self.global_batch_size % self.micro_batch_size == 0,
-            "global_batch_size",
-            f"{self.global_batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}",
-        )
-        check(self.save_every >= 1, "save_every", "must be >= 1")
-        check(self.keep_last >= 1, "keep_last", "must be >= 1")
-        check(self.log_every >= 1, "log_every", "must be >= 1")
+        check_loop(self)

@@ -76,14 +76,19 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check(self.steps >= 1, "steps", "must be >= 1")
-        check(self.global_batch_size >= 1, "global_batch_size", "must be >= 1")
-        check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
-        check(
-            self.global_batch_size % self.micro_batch_size == 0,
-            "global_batch_size",
-            f"{self.global_batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}",
-        )
-        check(self.save_every >= 1, "save_every", "must be >= 1")
-        check(self.keep_last >= 1, "keep_last", "must be >= 1")
-        check(self.log_every >= 1, "log_every", "must be >= 1")
-        check(bool(self.out_dir), "out_dir", "must be set")
+        check_loop(self)
+
+
+def check_loop(config) -> None:
+    """The checks every training loop's config shares (batch split, checkpoint and log cadence)."""
+    check(config.global_batch_size >= 1, "global_batch_size", "must be >= 1")
+    check(config.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+    check(
+        config.global_batch_size % config.micro_batch_size == 0,
+        "global_batch_size",
+        f"{config.global_batch_size} is not a multiple of micro_batch_size {config.micro_batch_size}",
+    )
+    check(config.save_every >= 1, "save_every", "must be >= 1")
+    check(config.keep_last >= 1, "keep_last", "must be >= 1")
+    check(config.log_every >= 1, "log_every", "must be >= 1")
+    check(bool(config.out_dir), "out_dir", "must be set")
