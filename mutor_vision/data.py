@@ -130,7 +130,8 @@ class _TokenStream(torch.utils.data.IterableDataset):
                 for sample in tarfile_samples([{"url": url}]):
                     tokens, label = self._decode(sample)
                     errors = 0
-                    yield tokens[rng.randrange(tokens.shape[0])].flatten(), label  # one random crop
+                    crop = tokens[rng.randrange(tokens.shape[0])]  # one random crop, converted alone
+                    yield torch.from_numpy(crop.astype(np.int64)).flatten(), label
             except GridMismatch as error:
                 raise ShardError(f"{url}: {error}") from None
             except Exception as error:
@@ -142,11 +143,11 @@ class _TokenStream(torch.utils.data.IterableDataset):
                 if errors >= self.max_consecutive_errors:  # every shard bad: fail, never spin forever
                     raise ShardError(f"{errors} shard errors in a row, the last: {message}") from None
 
-    def _decode(self, sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
+    def _decode(self, sample: dict[str, Any]) -> tuple[np.ndarray, int]:
         tokens = np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False)
         if tokens.ndim != 3 or tuple(tokens.shape[1:]) != self.grid:
             raise GridMismatch(f"sample {sample.get('__key__')} has tokens {tokens.shape}, manifest grid {self.grid}")
-        return torch.from_numpy(tokens.astype(np.int64)), int(sample["cls"])
+        return tokens, int(sample["cls"])
 
     def _shuffled(self, samples: Iterator, rng: random.Random) -> Iterator:
         buffer: list = []

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Literal
 
 from mutor_vision.config import check
 
@@ -102,6 +102,3 @@ class GPTConfig:
     @property
     def num_tokens(self) -> int:
         return self.grid_size**2
-
-    def replace(self, **changes: Any) -> GPTConfig:
-        return replace(self, **changes)
