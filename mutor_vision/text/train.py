@@ -31,6 +31,7 @@ from mutor_vision.training.runtime import (
     backward_and_step,
     flat_hparams,
     make_accelerator,
+    restore,
     resume_point,
 )
 
@@ -114,13 +115,7 @@ def train_text(config: TextTrainConfig, resume: str | None = None, model=None, t
     trainable = [p for p in adapter.parameters() if p.requires_grad]  # the prepared ones (FSDP replaces them)
     accelerator.register_for_checkpointing(scheduler)
     core: MuToRAdapter = accelerator.unwrap_model(adapter)
-    step = 0
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint / "accelerate"))
-        step = int(manager.read_state(checkpoint)["step"])
-        if accelerator.is_main_process:
-            manager.set_aside_after(step)
-        accelerator.wait_for_everyone()
+    step = restore(accelerator, manager, checkpoint)
     if trackers:
         accelerator.init_trackers("text", config=flat_hparams(to_dict(config)))
 

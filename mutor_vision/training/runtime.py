@@ -205,3 +205,19 @@ def backward_and_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return values, grad_norm
+
+
+def restore(accelerator: Accelerator, manager: CheckpointManager, checkpoint: Path | None) -> int:
+    """Load ``checkpoint`` (all ranks, after prepare) and return its step; 0 without one.
+
+    An older checkpoint starts a new timeline: newer ones are set aside (see ``set_aside_after``).
+    """
+    if checkpoint is None:
+        return 0
+    accelerator.load_state(str(checkpoint / "accelerate"))
+    step = int(manager.read_state(checkpoint)["step"])
+    log.info("resumed from %s at step %d", checkpoint, step)
+    if accelerator.is_main_process:
+        manager.set_aside_after(step)
+    accelerator.wait_for_everyone()
+    return step

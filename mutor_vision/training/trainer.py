@@ -31,6 +31,7 @@ from mutor_vision.training.runtime import (
     backward_and_step,
     flat_hparams,
     make_accelerator,
+    restore,
     resume_point,
 )
 
@@ -77,14 +78,7 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
     forward = torch.compile(model) if config.compile else model
     params = list(model.parameters())  # the prepared ones
 
-    step = 0
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint / "accelerate"))
-        step = int(manager.read_state(checkpoint)["step"])
-        log.info("resumed from %s at step %d", checkpoint, step)
-        if accelerator.is_main_process:
-            manager.set_aside_after(step)
-        accelerator.wait_for_everyone()
+    step = restore(accelerator, manager, checkpoint)
     if trackers:
         accelerator.init_trackers("c2i", config=flat_hparams(to_dict(config)))
 
