@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import sys
 
+from mutor_vision.cli import train_main
 from mutor_vision.training import TrainConfig, train
-from mutor_vision.training.runtime import cli_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli_main(__doc__, TrainConfig, train, argv, "train_c2i")
+    return train_main(__doc__, TrainConfig, train, argv, "train_c2i")
 
 
 if __name__ == "__main__":

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import sys
 
+from mutor_vision.cli import train_main
 from mutor_vision.text.config import TextTrainConfig
 from mutor_vision.text.train import train_text
-from mutor_vision.training.runtime import cli_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli_main(__doc__, TextTrainConfig, train_text, argv, "train_sft")
+    return train_main(__doc__, TextTrainConfig, train_text, argv, "train_sft")
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tokenizer/ lives at the repo root
 
-from mutor_vision.data import token_loader, write_synthetic_shards
+from mutor_vision.data import token_loader
 from mutor_vision.models import GPT, GPTConfig, RegisterConfig
+from mutor_vision.shards import write_synthetic_shards
 
 PAPER_H100_SAMPLES_PER_RANK = 1024 / 8 / 0.16
 

@@ -81,7 +81,7 @@ def main() -> None:
     labels = torch.arange(args.batch_size, device=device) % model.config.num_classes
 
     def run(**kwargs):
-        return lambda: generate(model, labels, generator=torch.Generator(device=device).manual_seed(0), **kwargs)
+        return lambda: generate(model, labels, seed=0, **kwargs)
 
     rows = {}
     variants = {
@@ -146,7 +146,7 @@ def pipeline_rate(args: argparse.Namespace, device: torch.device) -> dict[str, f
         inception.load_state_dict_from_url, inception.FeatureExtractorInceptionV3.load_state_dict = saved
     labels = torch.arange(args.batch_size, device=device) % model.config.num_classes
     start = time.perf_counter()
-    codes = generate(model, labels, cfg_scale=2.0, generator=torch.Generator(device=device).manual_seed(0))
+    codes = generate(model, labels, cfg_scale=2.0, seed=0)
     sample_s = time.perf_counter() - start
     start = time.perf_counter()
     with torch.no_grad():

@@ -29,12 +29,12 @@ sys.path.insert(0, str(ROOT))
 
 import train_c2i  # noqa: E402
 from demo.digits import digits_extractor, load_digits_rgb, train_classifier, write_image_folder  # noqa: E402
-from mutor_vision.data import read_manifest  # noqa: E402
 from mutor_vision.evaluation import evaluate, reference_from_images  # noqa: E402
-from mutor_vision.models import GPT  # noqa: E402
+from mutor_vision.models import GPT, SamplingConfig  # noqa: E402
+from mutor_vision.shards import read_manifest  # noqa: E402
 from mutor_vision.training.checkpoints import CheckpointManager  # noqa: E402
 from tokenizer import PaletteTokenizer, to_uint8  # noqa: E402
-from tokenizer.encode_imagenet import main as encode  # noqa: E402
+from tokenizer.encode_imagenet import run as encode  # noqa: E402
 
 log = logging.getLogger("demo")
 MODELS = {"ntp": "Next-token", "mutor2d": "MuToR-2D"}
@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(out / name / "eval", ignore_errors=True)  # fresh samples every run
         results = evaluate(
             model, decode, extractor, reference, out / name / "eval", num_samples=samples,
-            cfg_scale=args.cfg_scale, seed=0, batch_size=100, feature_batch_size=256, save_npz=False,
+            sampling=SamplingConfig(cfg_scale=args.cfg_scale, seed=0), batch_size=100, feature_batch_size=256,
+            save_npz=False,
             extra_metrics=class_consistency,
         )  # fmt: skip
         rows[name] = {

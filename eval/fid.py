@@ -25,9 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: tokenizer/
 
+from mutor_vision.cli import run_command, setup_logging
+from mutor_vision.errors import ConfigError, InputError
 from mutor_vision.evaluation import evaluate, inception_extractor
 from mutor_vision.evaluation.fid import evaluation_state, reference_from_folder, reference_from_npz
-from mutor_vision.models import GPT
+from mutor_vision.models import GPT, SamplingConfig
 from tokenizer import load_tokenizer
 from tokenizer.preprocess import center_crop_adm, to_uint8
 
@@ -73,24 +75,30 @@ def resolve_tokenizer(args: argparse.Namespace) -> tuple[str, str, str | None]:
         return args.tokenizer, args.vq_ckpt, info.get("checksum")
     if info.get("kind") in ("vq16", "palette") and info.get("path"):
         return info["kind"], info["path"], info.get("checksum")
-    raise SystemExit("eval/fid.py: pass --vq-ckpt (no tokenizer is recorded with this checkpoint)")
+    raise ConfigError("--vq-ckpt: required (no tokenizer is recorded with this checkpoint)")
 
 
-def main(argv: list[str] | None = None) -> dict | None:
+def run(argv: list[str] | None = None) -> dict | None:
+    """Evaluate per the command line; the results on rank 0 (None on other ranks)."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    sampling = SamplingConfig(
+        cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+    )
     state = evaluation_state()  # first: each rank's device (cuda:<local rank>), gloo on CPU
     device = state.device
-    extractor = inception_extractor(args.inception_weights, allow_download=args.download_inception)
+    # Inputs in the order a user would fix them: the checkpoint, its tokenizer, then the metric's weights.
     model = GPT.from_pretrained(args.ckpt, size=args.size, trust=args.trust_checkpoint).to(device).eval()
+    kind, path, checksum = resolve_tokenizer(args)
+    if not Path(path).is_file():
+        raise InputError(f"tokenizer {kind}: {path}: no such file (pass --vq-ckpt)")
+    tokenizer = load_tokenizer(kind, path)
+    if checksum and tokenizer.checksum != checksum:
+        raise InputError(f"{path} is not the tokenizer the training shards were made with (checksum differs)")
+    extractor = inception_extractor(args.inception_weights, allow_download=args.download_inception)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     if precision == "bf16":
         model = model.to(torch.bfloat16)
         model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()  # RoPE stays fp32
-    kind, path, checksum = resolve_tokenizer(args)
-    tokenizer = load_tokenizer(kind, path)
-    if checksum and tokenizer.checksum != checksum:
-        raise SystemExit(f"eval/fid.py: {path} is not the tokenizer the training shards were made with (checksum)")
     if isinstance(tokenizer, torch.nn.Module):
         tokenizer = tokenizer.to(device)
 
@@ -115,12 +123,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         reference,
         args.out,
         num_samples=args.num_samples,
+        sampling=sampling,
         per_class=args.per_class,
-        cfg_scale=args.cfg_scale,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
         batch_size=args.batch_size,
         feature_batch_size=args.feature_batch_size,
         save_npz=args.save_npz,
@@ -134,5 +138,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     )
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The command line; exit codes as in ``mutor_vision/cli.py``."""
+    setup_logging()
+    return run_command("eval/fid.py", lambda: run(argv))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

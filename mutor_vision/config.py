@@ -8,7 +8,9 @@ Range checks live in each dataclass's ``__post_init__`` and raise :class:`Config
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import types
 import typing
 from pathlib import Path
@@ -16,11 +18,10 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from mutor_vision.errors import ConfigError
+
+__all__ = ["ConfigError", "check", "config_changes", "from_dict", "load_yaml", "to_dict"]
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config value is unknown, of the wrong type, or out of range. The message names the key."""
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, path: str = "") -> T:
@@ -50,20 +51,55 @@ def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config {path}: a directory, not a YAML file") from None
+    except OSError as error:
+        raise ConfigError(f"--config {path}: cannot read it ({error.strerror or error})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    merged = copy.deepcopy(data)
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        _set_path(data, key.split("."), yaml.safe_load(raw))
+            raise ConfigError(f"command-line override {item!r} is not of the form key=value")
+        _set_path(merged, key.split("."), yaml.safe_load(raw))
     try:
-        return from_dict(cls, data)
+        return from_dict(cls, merged)
     except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from None
+        raise ConfigError(f"{_blame(cls, data, path, overrides)}: {error}") from None
+
+
+def _blame(cls: type, file_data: dict[str, Any], path: Path, overrides: list[str] | None) -> str:
+    """Where a config error comes from: the file, or the command line when the file alone is valid."""
+    if not overrides:
+        return str(path)
+    try:
+        from_dict(cls, file_data)
+    except ConfigError:
+        return f"{path} with command-line overrides"
+    return f"command line ({' '.join(overrides)})"
 
 
 def to_dict(config: Any) -> dict[str, Any]:
     """Plain data (for YAML/JSON) from a config dataclass."""
     return dataclasses.asdict(config)
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ between two plain-data configs (a missing key shows as None)."""
+    flat_old, flat_new = _flatten(json.loads(json.dumps(old))), _flatten(json.loads(json.dumps(new)))
+    keys = sorted(set(flat_old) | set(flat_new))
+    return {k: (flat_old.get(k), flat_new.get(k)) for k in keys if flat_old.get(k) != flat_new.get(k)}
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _join(path: str, key: str) -> str:

@@ -1,97 +1,47 @@
-"""Token-grid shards in, training batches out (webdataset; ecosystem.md §2).
+"""Token shards in, training batches out.
 
-Each rank streams from its own disjoint subset of shards (an explicit node split of the shard
-list), resampled forever with seeds derived from ``seed`` (the trainer derives it from (seed,
-rank, step) so a resumed run sees the data an uninterrupted one would). Samples pass a shuffle
-buffer, one random crop of the stored ``(n_crops, h, w)`` grids is picked per sample, and batches
-come out as ``tokens (B, h·w) long, labels (B,) long``. ``WebLoader(...).with_epoch(N)`` gives
-every rank the same number of batches; never pass the loader through ``accelerator.prepare``.
+Each rank streams from its own disjoint subset of shards (an explicit split of the shard list),
+resampled forever with seeds derived from ``seed`` (the trainer derives it from (seed, rank,
+step) so a resumed run sees the data an uninterrupted one would). Samples pass a shuffle buffer,
+one random crop of the stored ``(n_crops, h, w)`` grids is picked per sample, and batches come out
+as ``tokens (B, h·w) long, labels (B,) long``. Every rank yields exactly ``num_batches`` batches.
+
+Why not webdataset's ``WebDataset(resampled=True).shuffle().batched()`` + ``WebLoader``: exact
+resume needs every draw (shard, shuffle slot, crop) from one seeded ``random.Random`` per worker,
+and each shard's sample count is compared with the manifest after it is read (a tar cut at a member
+boundary reads as a valid, shorter tar). The tar parsing itself is webdataset's. Loader workers
+ignore SIGTERM/SIGINT: a scheduler signals the whole process group, and the main process must
+outlive its workers long enough to save a checkpoint (see ``mutor_vision/training/runtime.py``).
 """
 
 from __future__ import annotations
 
-import io
-import json
+import contextlib
+import itertools
 import logging
 import random
+import signal
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from mutor_vision.seeds import hash_seed
+from mutor_vision.shards import DataMismatch, SampleSpec, ShardError, check_manifest, decode_sample, read_manifest
+
 log = logging.getLogger(__name__)
-MANIFEST = "manifest.json"
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
-class ShardError(RuntimeError):
-    """A shard or its manifest is missing, corrupt, or does not match what training expects."""
+class _ShortShard(ValueError):
+    """A shard read back with fewer samples than the manifest lists (or none at all)."""
 
 
-@dataclass(frozen=True)
-class Manifest:
-    root: Path
-    shards: list[str]
-    num_samples: int
-    grid: tuple[int, int]
-    num_crops: int
-    codebook_size: int
-    num_classes: int | None
-    raw: dict[str, Any]
-
-    @property
-    def urls(self) -> list[str]:
-        return [str(self.root / name) for name in self.shards]
-
-
-def read_manifest(root: str | Path) -> Manifest:
-    """The manifest written by ``tokenizer/encode_imagenet.py`` (a clear error when absent/broken)."""
-    root = Path(root)
-    path = root / MANIFEST
-    try:
-        raw = json.loads(path.read_text())
-        manifest = Manifest(
-            root=root,
-            shards=list(raw["shards"]),
-            num_samples=int(raw["num_samples"]),
-            grid=tuple(raw["grid"]),
-            num_crops=int(raw["num_crops"]),
-            codebook_size=int(raw["codebook_size"]),
-            num_classes=raw.get("num_classes"),
-            raw=raw,
-        )
-    except FileNotFoundError:
-        raise ShardError(f"{path}: no manifest (shards are written by tokenizer/encode_imagenet.py)") from None
-    except (ValueError, KeyError, TypeError) as error:
-        raise ShardError(f"{path}: malformed manifest ({type(error).__name__}: {error})") from None
-    missing = [name for name in manifest.shards if not (root / name).is_file()]
-    if missing:
-        raise ShardError(f"{root}: {len(missing)} shard(s) listed in the manifest are missing: {missing[:5]}")
-    return manifest
-
-
-def check_manifest(manifest: Manifest, grid_size: int, vocab_size: int, num_classes: int) -> None:
-    """Shards must match the model: grid, codebook size, class count."""
-    problems = []
-    if tuple(manifest.grid) != (grid_size, grid_size):
-        problems.append(f"grid {manifest.grid} but the model expects {grid_size}x{grid_size}")
-    if manifest.codebook_size != vocab_size:
-        problems.append(f"codebook size {manifest.codebook_size} but the model's vocab_size is {vocab_size}")
-    if manifest.num_classes is not None and manifest.num_classes > num_classes:
-        problems.append(f"{manifest.num_classes} classes but the model has {num_classes}")
-    if problems:
-        raise ShardError(f"{manifest.root / MANIFEST}: " + "; ".join(problems))
-
-
-class GridMismatch(ValueError):
-    """A sample's token grid disagrees with the manifest (a wrong dataset, not a broken file)."""
-
-
-def _worker() -> tuple[int, int]:
+def _worker() -> int:
     info = torch.utils.data.get_worker_info()
-    return (0, 1) if info is None else (info.id, info.num_workers)
+    return 0 if info is None else info.id
 
 
 class _TokenStream(torch.utils.data.IterableDataset):
@@ -100,21 +50,21 @@ class _TokenStream(torch.utils.data.IterableDataset):
     def __init__(
         self,
         urls: list[str],
+        counts: list[int | None],
         batch_size: int,
-        grid: tuple[int, int],
+        spec: SampleSpec,
         seed: int,
         shuffle_buffer: int,
         on_error: Literal["raise", "skip"],
         max_consecutive_errors: int,
     ) -> None:
         super().__init__()
-        self.urls, self.batch_size, self.grid, self.seed = urls, batch_size, grid, seed
+        self.urls, self.counts, self.batch_size, self.spec, self.seed = urls, counts, batch_size, spec, seed
         self.shuffle_buffer, self.on_error = shuffle_buffer, on_error
         self.max_consecutive_errors = max_consecutive_errors
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        worker, _ = _worker()
-        rng = random.Random(f"{self.seed}-{worker}")  # string seeds hash stably across processes
+        rng = random.Random(f"{self.seed}-{_worker()}")  # string seeds hash stably across processes
         samples = self._shuffled(self._samples(rng), rng)
         while True:
             batch = [next(samples) for _ in range(self.batch_size)]
@@ -125,15 +75,20 @@ class _TokenStream(torch.utils.data.IterableDataset):
 
         errors = 0
         while True:
-            url = rng.choice(self.urls)  # resampled: shards drawn with replacement, forever
+            index = rng.randrange(len(self.urls))  # resampled: shards drawn with replacement, forever
+            url, expected = self.urls[index], self.counts[index]
+            read = 0
             try:
                 for sample in tarfile_samples([{"url": url}]):
-                    tokens, label = self._decode(sample)
+                    tokens, label = decode_sample(sample, self.spec, url)
+                    read += 1
                     errors = 0
                     crop = tokens[rng.randrange(tokens.shape[0])]  # one random crop, converted alone
                     yield torch.from_numpy(crop.astype(np.int64)).flatten(), label
-            except GridMismatch as error:
-                raise ShardError(f"{url}: {error}") from None
+                if read == 0 or (expected is not None and read != expected):
+                    raise _ShortShard(f"read {read} samples, the manifest lists {expected}")
+            except DataMismatch:
+                raise  # the dataset does not fit: skipping cannot help
             except Exception as error:
                 message = f"{url}: corrupt or truncated shard ({type(error).__name__}: {error})"
                 if self.on_error == "raise":
@@ -142,12 +97,6 @@ class _TokenStream(torch.utils.data.IterableDataset):
                 log.warning("skipping: %s (%d in a row)", message, errors)
                 if errors >= self.max_consecutive_errors:  # every shard bad: fail, never spin forever
                     raise ShardError(f"{errors} shard errors in a row, the last: {message}") from None
-
-    def _decode(self, sample: dict[str, Any]) -> tuple[np.ndarray, int]:
-        tokens = np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False)
-        if tokens.ndim != 3 or tuple(tokens.shape[1:]) != self.grid:
-            raise GridMismatch(f"sample {sample.get('__key__')} has tokens {tokens.shape}, manifest grid {self.grid}")
-        return tokens, int(sample["cls"])
 
     def _shuffled(self, samples: Iterator, rng: random.Random) -> Iterator:
         buffer: list = []
@@ -161,6 +110,42 @@ class _TokenStream(torch.utils.data.IterableDataset):
         yield from buffer
 
 
+class TokenLoader:
+    """``num_batches`` batches from a worker pool; iterate once per segment (workers start at ``iter``)."""
+
+    def __init__(self, stream: _TokenStream, num_batches: int, num_workers: int) -> None:
+        self.num_batches = num_batches
+        self.loader = torch.utils.data.DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=num_workers,
+            worker_init_fn=_ignore_stop_signals if num_workers else None,
+        )
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        with _stop_signals_blocked():  # workers fork with the signals pending, then ignore them
+            batches = iter(self.loader)
+        return itertools.islice(batches, self.num_batches)
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked():
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a signal that arrived meanwhile is delivered now
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
 def token_loader(
     root: str | Path,
     batch_size: int,
@@ -172,78 +157,35 @@ def token_loader(
     shuffle_buffer: int = 1000,
     on_error: Literal["raise", "skip"] = "raise",
     max_consecutive_errors: int = 100,
-    expect: dict[str, int] | None = None,
-):
-    """A ``WebLoader`` of ``num_batches`` batches (tokens (B, h·w), labels (B,)) for this rank.
+    expect: dict[str, Any] | None = None,
+) -> TokenLoader:
+    """A loader of ``num_batches`` batches (tokens (B, h·w), labels (B,)) for this rank.
 
     ``expect`` (``grid_size``, ``vocab_size``, ``num_classes``) checks the manifest against the
     model. Ranks get disjoint shard subsets, so there must be at least ``world_size`` shards
-    (aim for many more than world_size × num_workers).
+    (aim for many more than world_size × num_workers). Every rank checks every rank's share from
+    the manifest, so a share without samples stops all ranks before any of them waits on another.
     """
-    import webdataset as wds
-
     manifest = read_manifest(root)
     if expect is not None:
         check_manifest(manifest, **expect)
-    urls = manifest.urls
+    urls, counts = manifest.urls, manifest.shard_counts or [None] * len(manifest.shards)
     if len(urls) < world_size:
         raise ShardError(f"{root}: {len(urls)} shard(s) for {world_size} ranks; write more, smaller shards")
-    rank_urls = urls[rank::world_size]  # explicit node split: disjoint shards per rank
+    for r in range(world_size):
+        if all(c == 0 for c in counts[r::world_size]):
+            raise ShardError(
+                f"{manifest.path}: rank {r} of {world_size} would read only empty shards "
+                f"{manifest.shards[r::world_size][:5]}; re-encode with more samples per shard or fewer shards"
+            )
     stream = _TokenStream(
-        rank_urls,
+        [u for u, c in zip(urls[rank::world_size], counts[rank::world_size], strict=True) if c != 0],
+        [c for c in counts[rank::world_size] if c != 0],
         batch_size,
-        manifest.grid,
+        SampleSpec.of(manifest, (expect or {}).get("num_classes")),
         seed=hash_seed(seed, rank),
         shuffle_buffer=shuffle_buffer,
         on_error=on_error,
         max_consecutive_errors=max_consecutive_errors,
     )
-    loader = wds.WebLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False)
-    return loader.with_epoch(num_batches)
-
-
-def hash_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (e.g. (seed, rank, step)), stable across processes and runs."""
-    import hashlib
-
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def write_synthetic_shards(
-    root: str | Path,
-    num_shards: int,
-    per_shard: int,
-    grid: int,
-    vocab_size: int,
-    num_classes: int,
-    num_crops: int = 2,
-    seed: int = 0,
-) -> Manifest:
-    """Random-token shards + manifest in the encoder's format (tests and benchmarks; no images)."""
-    import webdataset as wds
-
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    names = []
-    for s in range(num_shards):
-        names.append(f"train-{s:06d}.tar")
-        with wds.TarWriter(str(root / names[-1]), mtime=0.0) as writer:
-            for i in range(per_shard):
-                tokens = rng.integers(0, vocab_size, (num_crops, grid, grid)).astype(np.uint16)
-                writer.write(
-                    {"__key__": f"{s:06d}_{i:06d}", "tokens.npy": tokens, "cls": int(rng.integers(num_classes))}
-                )
-    manifest = {
-        "num_samples": num_shards * per_shard,
-        "num_shards": num_shards,
-        "shards": names,
-        "grid": [grid, grid],
-        "num_crops": num_crops,
-        "codebook_size": vocab_size,
-        "num_classes": num_classes,
-        "tokenizer": {"kind": "synthetic"},
-    }
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return read_manifest(root)
+    return TokenLoader(stream, num_batches, num_workers)

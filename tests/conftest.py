@@ -1,5 +1,8 @@
 """Shared fixtures: tiny synthetic datasets built in temp dirs (no downloads, no real weights)."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +10,32 @@ import pytest
 from PIL import Image
 
 from tokenizer import PaletteTokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+TWO_CPU_RANKS = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+TWO_CPU_RANKS += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def child_env() -> dict[str, str]:
+    """The caller's environment for a CPU child process: PYTHONPATH extended (never replaced) with the
+    checkout, so packages reachable only through the caller's PYTHONPATH stay reachable; CUDA
+    hidden, so two-rank CPU runs use gloo on a GPU machine too."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {
+        **os.environ,
+        "PYTHONPATH": path,
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "ACCELERATE_USE_CPU": "1",
+    }
+
+
+def run_two_cpu_ranks(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of ``args`` on two CPU ranks (gloo), from the repository root."""
+    return subprocess.run(
+        [*TWO_CPU_RANKS, *args], capture_output=True, text=True, timeout=timeout, env=child_env(), cwd=ROOT
+    )
+
 
 # Six colours; test images are painted from them so the palette tokenizer is exact.
 COLORS = np.array([[0, 0, 0], [255, 255, 255], [200, 30, 30], [30, 200, 30], [30, 30, 200], [240, 200, 20]], np.uint8)

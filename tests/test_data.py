@@ -1,20 +1,18 @@
 """Images -> token shards -> streaming batches, with resume, corrupt input and two ranks."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import COLORS
+from conftest import COLORS, run_two_cpu_ranks
 from PIL import Image
 
-from mutor_vision.data import ShardError, read_manifest, token_loader
+from mutor_vision.data import token_loader
+from mutor_vision.shards import ShardError, read_manifest
 from tokenizer import PaletteTokenizer, to_model_input
-from tokenizer.encode_imagenet import main as encode_main
+from tokenizer.encode_imagenet import run as encode_main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -137,20 +135,7 @@ def test_two_rank_cpu_loader_equal_batches_no_hang(tmp_path, image_folder, palet
     encode(image_folder, tmp_path / "shards", palette_file)
     script = tmp_path / "ranks.py"
     script.write_text(RANK_SCRIPT)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    cmd += [
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        str(script),
-        str(tmp_path / "shards"),
-        str(tmp_path),
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+    result = run_two_cpu_ranks([str(script), str(tmp_path / "shards"), str(tmp_path)], timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     assert sorted(r["rank"] for r in rows) == [0, 1], result.stdout and all(r["world"] == 2 for r in rows)
@@ -159,12 +144,9 @@ def test_two_rank_cpu_loader_equal_batches_no_hang(tmp_path, image_folder, palet
 
 def test_two_rank_encode_equals_one_rank(tmp_path, image_folder, palette_file):
     single = encode(image_folder, tmp_path / "single", palette_file)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "tokenizer/encode_imagenet.py"]
-    cmd += ["--input", str(image_folder), "--out", str(tmp_path / "two"), "--tokenizer", "palette"]
-    cmd += ["--tokenizer-path", str(palette_file), "--image-size", "8", "--maxcount", "4"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+    cmd = ["tokenizer/encode_imagenet.py", "--input", str(image_folder), "--out", str(tmp_path / "two")]
+    cmd += ["--tokenizer", "palette", "--tokenizer-path", str(palette_file), "--image-size", "8", "--maxcount", "4"]
+    result = run_two_cpu_ranks(cmd, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 1: 2 of 2 shards" in result.stderr  # disjoint slices: each rank did its half
     two = json.loads((tmp_path / "two" / "manifest.json").read_text())

@@ -1,8 +1,6 @@
 """Evaluation: metric maths against independent computations, and the eval/fid.py pipeline."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from conftest import COLORS, make_image_folder
+from conftest import COLORS, make_image_folder, run_two_cpu_ranks
 
 from mutor_vision.evaluation import frechet_distance, inception_extractor, inception_score, precision_recall, statistics
 from mutor_vision.evaluation.pipeline import INCEPTION_FILE
@@ -131,11 +129,11 @@ def test_interrupted_eval_resumes_every_index_once(tmp_path, export, inception_w
 
     monkeypatch.setattr(pipeline, "generate", dying_generate)
     with pytest.raises(KeyboardInterrupt):
-        fid_cli.main(cli_args(export, tmp_path / "run", inception_weights))
+        fid_cli.run(cli_args(export, tmp_path / "run", inception_weights))
     monkeypatch.undo()
     samples = tmp_path / "run" / "samples"
     assert sorted(p.name for p in samples.iterdir()) == [f"{i:06d}.png" for i in range(8)]
-    results = fid_cli.main(cli_args(export, tmp_path / "run", inception_weights))
+    results = fid_cli.run(cli_args(export, tmp_path / "run", inception_weights))
     assert sorted(p.name for p in samples.iterdir()) == [f"{i:06d}.png" for i in range(12)]
     assert results["written_this_run"] == 4 and results["num_samples"] == 12
     assert set(results["metrics"]) == {"fid", "precision", "recall", "inception_score", "inception_score_std"}
@@ -149,17 +147,74 @@ def test_interrupted_eval_resumes_every_index_once(tmp_path, export, inception_w
     assert list((tmp_path / "cache").glob("reference-*-8px-adm-center-crop-inception-v3-compat.npz"))
     # Other settings into the same folder: refused, never mixed.
     with pytest.raises(ValueError, match="cfg_scale"):  # argparse keeps the last --cfg-scale
-        fid_cli.main(cli_args(export, tmp_path / "run", inception_weights, "--cfg-scale", "3.0"))
+        fid_cli.run(cli_args(export, tmp_path / "run", inception_weights, "--cfg-scale", "3.0"))
 
 
 def test_two_rank_eval_covers_every_label_once(tmp_path, export, inception_weights):
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "eval/fid.py"]
-    cmd += cli_args(export, tmp_path / "run", inception_weights, "--no-npz")
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    result = run_two_cpu_ranks(["eval/fid.py", *cli_args(export, tmp_path / "run", inception_weights, "--no-npz")])
     assert result.returncode == 0, result.stderr[-4000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["world_size"] == 2 and results["per_rank"] == [6, 6] and results["written_this_run"] == 12
     names = sorted(p.name for p in (tmp_path / "run" / "samples").iterdir())
     assert names == [f"{i:06d}.png" for i in range(12)]  # every index (so every label) exactly once
+
+
+def test_refilled_samples_equal_an_uninterrupted_run(tmp_path, export, inception_weights, monkeypatch):
+    # Killed while writing image 5 (mid-batch): the rerun samples 5..11 in other batches, yet every
+    # PNG equals the uninterrupted run's, because image i's random numbers come from (seed, i).
+    from mutor_vision.evaluation import pipeline
+
+    straight = fid_cli.run(cli_args(export, tmp_path / "a", inception_weights, "--no-npz"))
+    original, calls = pipeline.atomic_write, {"n": 0}
+
+    def dying_write(path, *args, **kwargs):
+        if str(path).endswith(".png") and "samples" in str(path):
+            calls["n"] += 1
+            if calls["n"] == 6:
+                raise KeyboardInterrupt("killed mid-batch")
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "atomic_write", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        fid_cli.run(cli_args(export, tmp_path / "b", inception_weights, "--no-npz"))
+    monkeypatch.undo()
+    assert len(list((tmp_path / "b" / "samples").glob("*.png"))) == 5
+    resumed = fid_cli.run(cli_args(export, tmp_path / "b", inception_weights, "--no-npz"))
+    assert resumed["written_this_run"] == 7
+    for i in range(12):
+        name = f"{i:06d}.png"
+        assert (tmp_path / "a" / "samples" / name).read_bytes() == (tmp_path / "b" / "samples" / name).read_bytes()
+    assert resumed["metrics"] == straight["metrics"]
+
+
+def test_a_corrupt_png_is_sampled_again(tmp_path, export, inception_weights):
+    args = cli_args(export, tmp_path / "run", inception_weights, "--no-npz")
+    first = fid_cli.run(args)
+    target = tmp_path / "run" / "samples" / "000007.png"
+    good = target.read_bytes()
+    target.write_bytes(good[: len(good) // 2])  # truncated: present, but it does not decode
+    again = fid_cli.run(args)
+    assert again["written_this_run"] == 1 and target.read_bytes() == good
+    assert again["metrics"] == first["metrics"]
+
+
+def test_a_failed_run_without_samples_does_not_block_other_settings(tmp_path, export, inception_weights, monkeypatch):
+    from mutor_vision.evaluation import pipeline
+
+    def failing_generate(*args, **kwargs):
+        raise RuntimeError("NaN weights")
+
+    monkeypatch.setattr(pipeline, "generate", failing_generate)
+    with pytest.raises(RuntimeError, match="NaN"):
+        fid_cli.run(cli_args(export, tmp_path / "run", inception_weights, "--no-npz"))
+    monkeypatch.undo()
+    assert (tmp_path / "run" / "sampling_settings.json").is_file()
+    results = fid_cli.run(cli_args(export, tmp_path / "run", inception_weights, "--no-npz", "--cfg-scale", "3.0"))
+    assert results["sampling"]["cfg_scale"] == 3.0 and results["written_this_run"] == 12
+
+
+def test_eval_cli_checks_the_checkpoint_first(tmp_path, capsys):
+    argv = ["--ckpt", str(tmp_path / "nonexistent"), "--out", str(tmp_path / "out")]
+    assert fid_cli.main(argv) == 4
+    err = capsys.readouterr().err
+    assert "nonexistent: no such checkpoint" in err and "Inception" not in err and "Traceback" not in err

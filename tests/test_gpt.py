@@ -10,9 +10,19 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from mutor_vision.config import ConfigError, from_dict
-from mutor_vision.models import GPT, CheckpointError, GPTConfig, RegisterConfig, generate, sample_logits
+from mutor_vision.models import (
+    GPT,
+    CheckpointError,
+    GPTConfig,
+    RegisterConfig,
+    SamplingConfig,
+    generate,
+    sample_logits,
+    sample_uniforms,
+)
 from mutor_vision.models.config import ffn_hidden_dim
 from mutor_vision.models.rope import apply_rope, rope_2d_table
+from mutor_vision.models.sampling import draw
 from mutor_vision.registers import Offsets, grid_layout
 
 
@@ -259,8 +269,8 @@ def test_kv_cache_logits_equal_full_forward():
 def test_generate_with_and_without_cache_agree():
     model = tiny_model()
     labels = torch.tensor([1, 2])
-    fast = generate(model, labels, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
-    slow = generate(model, labels, cfg_scale=2.0, generator=torch.Generator().manual_seed(0), use_cache=False)
+    fast = generate(model, labels, cfg_scale=2.0, seed=0)
+    slow = generate(model, labels, cfg_scale=2.0, seed=0, use_cache=False)
     assert fast.shape == (2, 4, 4) and fast.dtype == torch.long
     assert torch.equal(fast, slow)
     assert int(fast.max()) < 48
@@ -269,11 +279,23 @@ def test_generate_with_and_without_cache_agree():
 def test_cfg_scale_one_equals_conditional_sampling():
     model = tiny_model()
     labels = torch.tensor([3, 4, 5])
-    plain = generate(model, labels, generator=torch.Generator().manual_seed(7))
-    guided = generate(model, labels, cfg_scale=1.0, always_guide=True, generator=torch.Generator().manual_seed(7))
+    plain = generate(model, labels, seed=7)
+    guided = generate(model, labels, SamplingConfig(cfg_scale=1.0, seed=7), always_guide=True)
     assert torch.equal(plain, guided)
-    other = generate(model, labels, cfg_scale=4.0, generator=torch.Generator().manual_seed(7))
+    other = generate(model, labels, cfg_scale=4.0, seed=7)
     assert not torch.equal(plain, other)
+
+
+def test_an_image_depends_on_its_own_numbers_only():
+    # Per-image uniforms: the same image comes out whatever batch it is sampled in (eval reruns).
+    model = tiny_model()
+    labels = torch.tensor([0, 1, 2, 3, 4])
+    settings = SamplingConfig(cfg_scale=2.0, temperature=1.0, top_k=20, seed=3)
+    together = generate(model, labels, settings, uniform=sample_uniforms(3, range(5), 16))
+    alone = generate(model, labels[3:4], settings, uniform=sample_uniforms(3, [3], 16))
+    pair = generate(model, labels[[4, 1]], settings, uniform=sample_uniforms(3, [4, 1], 16))
+    assert torch.equal(together[3], alone[0]) and torch.equal(together[[4, 1]], pair)
+    assert not torch.equal(together[0], together[1])
 
 
 def test_sampling_seeded_and_filters():
@@ -286,6 +308,24 @@ def test_sampling_seeded_and_filters():
     assert probs[0] < 0.8 < probs[:2].sum()
     assert set(sample_logits(logits, top_p=0.8).tolist()) == {0, 1}
     assert set(sample_logits(logits, temperature=0).tolist()) == {0}
+    with pytest.raises(ConfigError, match="top_p"):
+        SamplingConfig(top_p=0.0)
+
+
+def test_inverse_cdf_draws_follow_the_distribution():
+    # 40,000 draws against the softmax: a chi-square test (p > 1e-4 unless the draw is biased).
+    from scipy.stats import chisquare
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+    draws = sample_logits(logits.repeat(40_000, 1), generator=torch.Generator().manual_seed(1))
+    observed = torch.bincount(draws, minlength=6).double()
+    expected = logits[0].softmax(-1).double() * 40_000
+    assert chisquare(observed.numpy(), expected.numpy()).pvalue > 1e-4
+    # Edges: numbers at 0 and just below 1 pick the first and the last token with mass, never past it.
+    probs = torch.tensor([[0.0, 0.5, 0.5, 0.0]])
+    assert draw(probs, torch.tensor([0.0])).item() == 1
+    assert draw(probs, torch.tensor([1.0 - 2**-24])).item() == 2
+    assert draw(probs, torch.tensor([1.0])).item() == 2  # rounding at the total
 
 
 # ---------------------------------------------------------------- checkpoints

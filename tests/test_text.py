@@ -249,7 +249,8 @@ def test_short_cpu_training_lowers_loss_and_generates(tokenizer, tmp_path):
         [f"data.jsonl={data}", "data.hf_name=null", "model.name_or_path=tiny", f"out_dir={tmp_path / 'run'}",
          "epochs=30",
          "global_batch_size=4", "micro_batch_size=2", "optim.lr=3e-3", "optim.warmup_ratio=0.05",
-         "tensorboard=false", "save_every=1000", "method.prompt_attention=bidirectional", "data.max_length=64"],
+         "tensorboard=false", "save_every=1000", "method.prompt_attention=bidirectional", "data.max_length=64",
+         "device=cpu"],
     )  # fmt: skip
     model = tiny_model("llama", len(tokenizer))
     result = train_text(config, model=model, tokenizer=tokenizer)
@@ -310,7 +311,7 @@ def test_text_resume_is_exact(tokenizer, tmp_path, monkeypatch):
             ROOT / "configs" / "text" / "gsm8k_mutor.yaml",
             [f"data.jsonl={data}", "data.hf_name=null", "model.name_or_path=tiny", f"out_dir={tmp_path / run}",
              "epochs=2", "global_batch_size=4", "micro_batch_size=2", "tensorboard=false", "save_every=100",
-             "data.max_length=64", "optim.lr=1e-3"],
+             "data.max_length=64", "optim.lr=1e-3", "device=cpu"],
         )  # fmt: skip
 
     straight = train_text(cfg("a"), model=tiny_model("llama", len(tokenizer)), tokenizer=tokenizer)

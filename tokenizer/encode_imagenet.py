@@ -12,36 +12,44 @@ images (``jpg``/``jpeg``/``png`` + ``cls``). Output: ``train-NNNNNN.tar`` shards
 shard, and ``manifest.json``. Crops: ``adm-flip`` (ADM centre crop + its mirror; the paper's
 setting, default), ``ten-crop`` (LlamaGen) or ``center`` (one crop, no mirror; the demo).
 Re-running resumes: finished shards (sidecar present) are kept, a partial one is rewritten; the
-output is byte-identical either way. An unreadable image is logged, counted in the manifest and
-skipped.
+output is byte-identical either way. ``encode_settings.json`` records what decides the output
+(input listing, crop, size, tokenizer checksum, ``--maxcount``): a rerun with other settings into a
+folder that holds finished shards is refused instead of mixing two datasets. An unreadable image
+is logged, counted in the manifest and skipped; a run in which no image could be read fails
+(exit 4) and writes no manifest.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import logging
-import os
+import re
 import sys
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mutor_vision.cli import run_command, setup_logging
+from mutor_vision.errors import InputError
+from mutor_vision.files import atomic_write_json, check_stamp
+from mutor_vision.shards import write_manifest, write_shard
 from tokenizer import load_tokenizer
 from tokenizer.preprocess import CropMode, crops, num_crops, to_model_input
 
 log = logging.getLogger("encode_imagenet")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
-MANIFEST = "manifest.json"
+SETTINGS = "encode_settings.json"  # the settings stamp of an output folder
+FORMAT_VERSION = 2  # 2: sample keys are unique by construction (index + name)
 
 
 @dataclass(frozen=True)
@@ -61,43 +69,62 @@ class Source:
     kind: str
 
 
+def sample_key(index: int, stem: str) -> str:
+    """A unique webdataset key: the item's index (unique by construction) + its name for humans.
+
+    File names alone collide (``x.jpg``/``x.png``, or ``a.b`` and ``a_b`` once dots are replaced)
+    and a duplicate key makes an invalid tar.
+    """
+    return f"{index:08d}_{re.sub(r'[^A-Za-z0-9_-]', '_', stem)[:64]}"
+
+
 def image_folder(root: Path, maxcount: int) -> Source:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
-        raise ValueError(f"{root}: no class folders (expected an ImageFolder: root/<wnid>/<image>)")
-    items = [
-        Item(key=f"{label:04d}_{f.stem}".replace(".", "_"), label=label, path=str(f))
+        raise InputError(f"--input {root}: no class folders (expected an ImageFolder: root/<wnid>/<image>)")
+    files = [
+        (label, f)
         for label, name in enumerate(classes)
         for f in sorted((root / name).iterdir())
         if f.suffix.lower() in IMAGE_EXTENSIONS
     ]
-    if not items:
-        raise ValueError(f"{root}: no images with extensions {sorted(IMAGE_EXTENSIONS)}")
+    if not files:
+        raise InputError(f"--input {root}: no images with extensions {sorted(IMAGE_EXTENSIONS)}")
+    items = [Item(key=sample_key(i, f.stem), label=label, path=str(f)) for i, (label, f) in enumerate(files)]
     return Source([items[i : i + maxcount] for i in range(0, len(items), maxcount)], classes, "imagefolder")
 
 
 def tar_folder(root: Path) -> Source:
-    """One output shard per input tar; labels from each sample's ``cls``."""
-    shards = []
+    """One output shard per input tar; labels from each sample's ``cls`` (webdataset naming: key.ext)."""
+    from webdataset.tariterators import base_plus_ext
+
+    shards, index = [], 0
     for tar_path in sorted(root.glob("*.tar")):
         images: dict[str, str] = {}
         labels: dict[str, int] = {}
         with tarfile.open(tar_path) as archive:
             for member in archive:
-                stem, _, ext = member.name.partition(".")
+                stem, ext = base_plus_ext(member.name)
+                if stem is None or not member.isfile():
+                    continue
                 if ext.lower() in ("jpg", "jpeg", "png", "webp"):
                     images.setdefault(stem, member.name)
                 elif ext.lower() == "cls":
-                    labels[stem] = int(archive.extractfile(member).read().decode().strip())
-        shards.append(
-            [
-                Item(key=stem.replace(".", "_").replace("/", "_"), label=labels[stem], path=str(tar_path), member=name)
-                for stem, name in images.items()
-                if stem in labels
-            ]
-        )
+                    text = archive.extractfile(member).read().decode().strip()
+                    try:
+                        labels[stem] = int(text)
+                    except ValueError:
+                        raise InputError(f"{tar_path}::{member.name}: class {text!r} is not an integer") from None
+        items = []
+        for stem, name in images.items():
+            if stem in labels:
+                items.append(
+                    Item(key=sample_key(index, Path(stem).name), label=labels[stem], path=str(tar_path), member=name)
+                )
+                index += 1
+        shards.append(items)
     if not shards:
-        raise ValueError(f"{root}: no .tar files")
+        raise InputError(f"--input {root}: no .tar files")
     classes_file = root / "classes.txt"
     classes = classes_file.read_text().split() if classes_file.is_file() else None
     return Source(shards, classes, "webdataset")
@@ -105,7 +132,7 @@ def tar_folder(root: Path) -> Source:
 
 def open_source(root: Path, maxcount: int) -> Source:
     if not root.is_dir():
-        raise ValueError(f"--input {root}: not a directory")
+        raise InputError(f"--input {root}: not a directory")
     return tar_folder(root) if any(root.glob("*.tar")) else image_folder(root, maxcount)
 
 
@@ -141,16 +168,12 @@ def encode_shard(
     pool: ThreadPoolExecutor,
     progress,
 ) -> dict:
-    """Write one shard atomically (temp file, rename), then its sidecar; return the sidecar."""
-    import webdataset as wds
-
-    tar_path = out_dir / f"{shard_name(index)}.tar"
-    tmp_path = out_dir / f".{shard_name(index)}.tar.tmp"
-    count, skipped = 0, []
+    """Write one shard atomically, then its sidecar (which marks it finished); return the sidecar."""
+    skipped: list[dict] = []
     per_image = num_crops(args.crop)
     blobs = read_members(items)
-    with open(tmp_path, "wb") as stream:
-        writer = wds.TarWriter(stream, mtime=0.0)  # fixed mtime: reproducible bytes on resume
+
+    def samples():
         for start in range(0, len(items), args.batch_size):
             chunk = items[start : start + args.batch_size]
             loaded = list(pool.map(lambda it: load_crops(it, args.image_size, args.crop, blobs.get(it.member)), chunk))
@@ -162,25 +185,49 @@ def encode_shard(
             if good:
                 images = to_model_input([im for _, cs in good for im in cs]).to(device)
                 with torch.no_grad():
-                    codes = tokenizer.encode(images).cpu().numpy().astype(np.uint16)
+                    codes = tokenizer.encode(images).cpu().numpy()
                 codes = codes.reshape(len(good), per_image, *codes.shape[1:])
                 for (item, _), grid in zip(good, codes, strict=True):
-                    writer.write({"__key__": item.key, "tokens.npy": grid, "cls": item.label})
-                    count += 1
+                    yield item.key, grid, item.label
             progress.update(len(chunk))
-        writer.close()
-    os.replace(tmp_path, tar_path)
-    sidecar = {"shard": tar_path.name, "count": count, "skipped": skipped}
-    sidecar_tmp = out_dir / f".{shard_name(index)}.json.tmp"
-    sidecar_tmp.write_text(json.dumps(sidecar))
-    os.replace(sidecar_tmp, out_dir / f"{shard_name(index)}.json")
+
+    count = write_shard(out_dir / f"{shard_name(index)}.tar", samples())
+    sidecar = {"shard": f"{shard_name(index)}.tar", "count": count, "skipped": skipped}
+    atomic_write_json(out_dir / f"{shard_name(index)}.json", sidecar)
     return sidecar
 
 
-def write_manifest(out_dir: Path, source: Source, tokenizer, grid: tuple[int, int], args: argparse.Namespace) -> dict:
+def settings_of(source: Source, tokenizer, args: argparse.Namespace) -> dict:
+    """What decides the bytes of the output: a rerun into the same --out must match it."""
+    listing = hashlib.sha256()
+    for shard in source.shards:
+        for item in shard:
+            listing.update(f"{item.key}\t{item.label}\t{item.path}\t{item.member}\n".encode())
+        listing.update(b"--\n")
+    return {
+        "format": FORMAT_VERSION,
+        "input": str(args.input.resolve()),
+        "input_kind": source.kind,
+        "input_listing": listing.hexdigest()[:16],
+        "num_shards": len(source.shards),
+        "maxcount": args.maxcount,
+        "image_size": args.image_size,
+        "crop": args.crop,
+        "tokenizer": {"kind": args.tokenizer, "checksum": tokenizer.checksum},
+    }
+
+
+def write_dataset_manifest(
+    out_dir: Path, source: Source, tokenizer, grid: tuple[int, int], args: argparse.Namespace
+) -> dict:
     sidecars = [json.loads((out_dir / f"{shard_name(i)}.json").read_text()) for i in range(len(source.shards))]
+    skipped = [x for s in sidecars for x in s["skipped"]]
+    num_samples = sum(s["count"] for s in sidecars)
+    if num_samples == 0:
+        example = f", e.g. {skipped[0]['path']}: {skipped[0]['error']}" if skipped else ""
+        raise InputError(f"--input {args.input}: no image could be read ({len(skipped)} failed{example})")
     manifest = {
-        "num_samples": sum(s["count"] for s in sidecars),
+        "num_samples": num_samples,
         "num_shards": len(sidecars),
         "shards": [s["shard"] for s in sidecars],
         "shard_counts": [s["count"] for s in sidecars],
@@ -197,12 +244,10 @@ def write_manifest(out_dir: Path, source: Source, tokenizer, grid: tuple[int, in
         "classes": source.classes,
         "num_classes": len(source.classes) if source.classes else None,
         "input": {"path": str(args.input), "kind": source.kind},
-        "skipped": [x for s in sidecars for x in s["skipped"]],
-        "num_skipped": sum(len(s["skipped"]) for s in sidecars),
+        "skipped": skipped,
+        "num_skipped": len(skipped),
     }
-    tmp = out_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out_dir / MANIFEST)
+    write_manifest(out_dir, manifest)
     return manifest
 
 
@@ -221,21 +266,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict | None:
+def run(argv: list[str] | None = None) -> dict | None:
+    """Encode per the command line; return the manifest on the main process (None elsewhere)."""
     from accelerate import PartialState
     from tqdm import tqdm
 
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU ranks need gloo, not NCCL
     source = open_source(args.input, args.maxcount)
-    args.out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(args.tokenizer, str(args.tokenizer_path))
+    finished = {i for i in range(len(source.shards)) if (args.out / f"{shard_name(i)}.json").is_file()}
+    # Every rank compares; the main process records. Kept shards made with other settings refuse.
+    stamp_args = (args.out / SETTINGS, settings_of(source, tokenizer, args), bool(finished))
+    remedy = "use another --out, or delete it to start over"
+    check_stamp(*stamp_args, remedy=remedy, write=False)
+    if state.is_main_process:
+        args.out.mkdir(parents=True, exist_ok=True)
+        check_stamp(*stamp_args, remedy=remedy, write=True)
+    state.wait_for_everyone()
     if isinstance(tokenizer, torch.nn.Module):
         tokenizer = tokenizer.to(state.device)
     side = args.image_size // tokenizer.downsample
     mine = [i for i in range(len(source.shards)) if i % state.num_processes == state.process_index]
-    todo = [i for i in mine if not (args.out / f"{shard_name(i)}.json").is_file()]
+    todo = [i for i in mine if i not in finished]
     if args.limit_shards is not None:
         todo = todo[: args.limit_shards]
     total = sum(len(source.shards[i]) for i in todo)
@@ -250,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.limit_shards is not None:
         return None
     if state.is_main_process:
-        manifest = write_manifest(args.out, source, tokenizer, (side, side), args)
+        manifest = write_dataset_manifest(args.out, source, tokenizer, (side, side), args)
         log.info(
             "wrote %d samples in %d shards (%d skipped)",
             manifest["num_samples"],
@@ -261,5 +314,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     return None
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The command line; exit codes as in ``mutor_vision/cli.py`` (4: unreadable input, no images)."""
+    setup_logging()
+    return run_command("encode_imagenet", lambda: run(argv))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

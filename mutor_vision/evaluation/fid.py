@@ -7,10 +7,10 @@ of their own images, and rank 0 gathers them and computes the metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 import zipfile
 from collections.abc import Callable
@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from mutor_vision.config import to_dict
+from mutor_vision.errors import ConfigError
 from mutor_vision.evaluation.metrics import frechet_distance, inception_score, precision_recall, statistics
 from mutor_vision.evaluation.pipeline import (
     Decode,
@@ -33,7 +34,8 @@ from mutor_vision.evaluation.pipeline import (
     sample_to_folder,
     save_grid,
 )
-from mutor_vision.models import GPT
+from mutor_vision.files import atomic_write, atomic_write_json, check_stamp
+from mutor_vision.models import GPT, SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +128,19 @@ def _cached_features(cache: Path, compute) -> np.ndarray:
             return data["features"]
     features = compute()
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npz")  # per process: concurrent writers never mix
-    np.savez(tmp, features=features)
-    os.replace(tmp, cache)
+    # unique: two evaluations sharing a cache folder may write the same file at once.
+    atomic_write(cache, lambda tmp: _save_npz(tmp, features=features), unique=True)
     return features
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    with open(path, "wb") as stream:  # a file object: numpy would append .npz to the temp name
+        np.savez(stream, **arrays)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as stream:
+        np.save(stream, array)
 
 
 def _weights_checksum(model: torch.nn.Module) -> str:
@@ -141,23 +152,6 @@ def _weights_checksum(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def _check_settings(out_dir: Path, settings: dict[str, Any], state) -> None:
-    """Samples already in ``out_dir/samples`` must come from the same model and settings: never mix runs."""
-    stamp = out_dir / "sampling_settings.json"
-    samples_dir = out_dir / "samples"
-    with state.main_process_first():
-        if state.is_main_process and not stamp.is_file():
-            out_dir.mkdir(parents=True, exist_ok=True)
-            stamp.write_text(json.dumps(settings, indent=2, sort_keys=True))
-    recorded = json.loads(stamp.read_text())
-    if recorded != json.loads(json.dumps(settings)):
-        changed = sorted(k for k in settings if recorded.get(k) != json.loads(json.dumps(settings))[k])
-        raise ValueError(
-            f"{samples_dir} holds samples made with other settings ({', '.join(changed)}); "
-            "use another --out, or delete it to start over"
-        )
-
-
 def write_npz(folder: Path, num_samples: int, path: Path) -> None:
     """ADM sample batch: ``arr_0`` uint8 (N, H, W, 3), written through a memmap (no N-image RAM peak)."""
     first = np.asarray(Image.open(png_path(folder, 0)).convert("RGB"))
@@ -167,11 +161,13 @@ def write_npz(folder: Path, num_samples: int, path: Path) -> None:
         array[i] = np.asarray(Image.open(png_path(folder, i)).convert("RGB"))
     array.flush()
     del array
-    tmp = path.with_name(f".{path.name}.tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-        archive.write(npy, "arr_0.npy")
+
+    def archive(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zipped:
+            zipped.write(npy, "arr_0.npy")
+
+    atomic_write(path, archive)
     npy.unlink()
-    os.replace(tmp, path)
 
 
 def evaluate(
@@ -181,12 +177,8 @@ def evaluate(
     reference: Reference | None,
     out_dir: Path,
     num_samples: int,
+    sampling: SamplingConfig,
     per_class: bool = True,
-    cfg_scale: float = 2.0,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int = 0,
     batch_size: int = 64,
     feature_batch_size: int = 64,
     save_npz: bool = True,
@@ -198,27 +190,30 @@ def evaluate(
 
     Returns the results (also written to ``out_dir/results.json``) on rank 0, None elsewhere.
     ``extra_metrics(labels, features)`` may add entries (the demo's class-consistency accuracy).
+    Samples already in ``out_dir/samples`` must come from the same model and settings
+    (``sampling_settings.json``); a rerun samples only the missing or broken ones.
     """
     from accelerate.utils import gather_object
 
     state = evaluation_state()
     if num_samples < state.num_processes:
-        raise ValueError(f"num_samples ({num_samples}) must be at least the number of ranks ({state.num_processes})")
+        raise ConfigError(f"num_samples ({num_samples}) must be at least the number of ranks ({state.num_processes})")
     model = model.to(state.device)
     out_dir = Path(out_dir)
     samples_dir = out_dir / "samples"
     settings = {
         "num_samples": num_samples,
         "per_class": per_class,
-        "cfg_scale": cfg_scale,
-        "temperature": temperature,
-        "top_k": top_k,
-        "top_p": top_p,
-        "seed": seed,
+        **dataclasses.asdict(sampling),
         "model": {"config": to_dict(model.config), "checksum": _weights_checksum(model)},
     }
-    _check_settings(out_dir, settings, state)
-    labels = label_list(num_samples, model.config.num_classes, per_class=per_class, seed=seed)
+    stamp = (out_dir / "sampling_settings.json", settings, any(samples_dir.glob("*.png")))
+    remedy = "use another --out, or delete it to start over"
+    check_stamp(*stamp, remedy=remedy, write=False)  # every rank checks, the main process records
+    if state.is_main_process:
+        check_stamp(*stamp, remedy=remedy, write=True)
+    state.wait_for_everyone()
+    labels = label_list(num_samples, model.config.num_classes, per_class=per_class, seed=sampling.seed)
     mine = np.arange(num_samples)[state.process_index :: state.num_processes]
     start = time.perf_counter()
     written = sample_to_folder(
@@ -228,11 +223,7 @@ def evaluate(
         mine,
         samples_dir,
         batch_size,
-        seed,
-        cfg_scale=cfg_scale,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
+        sampling,
         compile=compile,
         show_progress=state.is_local_main_process,
     )
@@ -255,11 +246,7 @@ def evaluate(
         "per_rank": [len(g[0]) for g in gathered],
         "world_size": state.num_processes,
         "sampling": {
-            "cfg_scale": cfg_scale,
-            "temperature": temperature,
-            "top_k": top_k,
-            "top_p": top_p,
-            "seed": seed,
+            **dataclasses.asdict(sampling),
             "labels": "per-class" if per_class else "random",
             "batch_size": batch_size,
         },
@@ -278,10 +265,10 @@ def evaluate(
     if extra_metrics is not None:
         metrics.update(extra_metrics(labels, (pool, logits)))
     results["metrics"] = metrics
-    np.save(out_dir / "labels.npy", labels)
+    atomic_write(out_dir / "labels.npy", lambda tmp: _save_npy(tmp, labels))
     if save_npz:
         write_npz(samples_dir, num_samples, out_dir / "samples.npz")
     save_grid(load_folder(samples_dir, min(num_samples, 64)), out_dir / "grid.png")
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_json(out_dir / "results.json", results)
     log.info("metrics: %s", json.dumps(metrics))
     return results

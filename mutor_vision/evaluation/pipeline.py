@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +20,8 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mutor_vision.data import hash_seed
-from mutor_vision.models import GPT, generate
+from mutor_vision.files import atomic_write
+from mutor_vision.models import GPT, SamplingConfig, generate, sample_uniforms
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,28 @@ def png_path(folder: Path, index: int) -> Path:
     return folder / f"{index:06d}.png"
 
 
-def missing_indices(folder: Path, indices: np.ndarray) -> list[int]:
-    return [int(i) for i in indices if not png_path(folder, int(i)).is_file()]
+def missing_indices(folder: Path, indices: np.ndarray, verify: bool = False) -> list[int]:
+    """Indices whose PNG is absent; with ``verify``, also those whose PNG does not decode (deleted)."""
+    missing = [int(i) for i in indices if not png_path(folder, int(i)).is_file()]
+    if not verify:
+        return missing
+    present = sorted(set(int(i) for i in indices) - set(missing))
+    with ThreadPoolExecutor(8) as pool:
+        decodes = list(pool.map(lambda i: _decodes(png_path(folder, i)), present))
+    broken = [i for i, ok in zip(present, decodes, strict=True) if not ok]
+    for index in broken:
+        log.warning("%s does not decode: deleted, it will be sampled again", png_path(folder, index))
+        png_path(folder, index).unlink(missing_ok=True)
+    return sorted(missing + broken)
+
+
+def _decodes(path: Path) -> bool:
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except Exception:  # any decoder error: truncated, garbage, wrong format
+        return False
 
 
 def sample_to_folder(
@@ -51,43 +71,40 @@ def sample_to_folder(
     indices: np.ndarray,
     folder: Path,
     batch_size: int,
-    seed: int,
-    cfg_scale: float = 2.0,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    sampling: SamplingConfig,
     compile: bool = False,
     show_progress: bool = True,
 ) -> int:
-    """Sample every index of ``indices`` whose PNG is missing; return how many were written.
+    """Sample every index of ``indices`` whose PNG is missing or broken; return how many were written.
 
     Each PNG is written to a temp name and renamed, so a kill never leaves a half-written image
-    that a rerun would count. A batch's generator is seeded from (seed, its first index).
+    that a rerun would count; PNGs already there are decoded once before they are trusted. Image
+    i's random numbers derive from (seed, i) alone, so a rerun reproduces exactly the images an
+    uninterrupted run would have written, whatever batches they fall into.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    todo = missing_indices(folder, indices)
+    todo = missing_indices(folder, indices, verify=True)
     device = next(model.parameters()).device
     written = 0
     for start in tqdm(range(0, len(todo), batch_size), disable=not show_progress, unit="batch", desc="sampling"):
         batch = todo[start : start + batch_size]
-        generator = torch.Generator(device=device).manual_seed(hash_seed(seed, batch[0]))
         codes = generate(
             model,
             torch.as_tensor(labels[batch], device=device),
-            cfg_scale=cfg_scale,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            generator=generator,
+            sampling,
+            uniform=sample_uniforms(sampling.seed, batch, model.config.num_tokens),
             compile=compile,
         )
         with torch.no_grad():
             images = decode(codes).permute(0, 2, 3, 1).cpu().numpy()
         for index, image in zip(batch, images, strict=True):
-            final = png_path(folder, index)
-            tmp = final.with_name(f".{final.name}.tmp")
-            Image.fromarray(image).save(tmp, format="PNG")
-            os.replace(tmp, final)
+            # Not flushed to disk one by one (50,000 fsyncs): a PNG lost to a power cut fails to
+            # decode, and the next run samples it again.
+            atomic_write(
+                png_path(folder, index),
+                lambda tmp, im=image: Image.fromarray(im).save(tmp, format="PNG"),
+                durable=False,
+            )
             written += 1
     return written
 
@@ -175,4 +192,4 @@ def save_grid(images: np.ndarray, path: Path, columns: int = 8) -> None:
 
     tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     grid = make_grid(tensor, nrow=columns, padding=2, pad_value=255)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    atomic_write(path, lambda tmp: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG"))

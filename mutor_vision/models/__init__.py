@@ -3,7 +3,7 @@
 from mutor_vision.models.checkpoint import CheckpointError, load_gpt, save_gpt
 from mutor_vision.models.config import SIZES, GPTConfig, RegisterConfig
 from mutor_vision.models.gpt import GPT, GPTOutput
-from mutor_vision.models.sampling import generate, sample_logits
+from mutor_vision.models.sampling import SamplingConfig, generate, sample_logits, sample_uniforms
 
 __all__ = [
     "GPT",
@@ -12,8 +12,10 @@ __all__ = [
     "GPTConfig",
     "GPTOutput",
     "RegisterConfig",
+    "SamplingConfig",
     "generate",
     "load_gpt",
     "sample_logits",
+    "sample_uniforms",
     "save_gpt",
 ]

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mutor_vision.config import ConfigError, from_dict, to_dict
+from mutor_vision.config import from_dict, to_dict
+from mutor_vision.errors import ConfigError, InputError
+from mutor_vision.files import atomic_write, atomic_write_json
 from mutor_vision.models.config import GPTConfig
 from mutor_vision.models.gpt import GPT
 
@@ -40,7 +40,7 @@ _CONTAINER_KEYS = ("model", "module", "state_dict")
 _PREFIXES = ("module.", "_orig_mod.")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError):
     """A checkpoint cannot be read or does not match the model; the message says what and where."""
 
 
@@ -76,24 +76,7 @@ def save_gpt_weights(state: dict[str, torch.Tensor], config: GPTConfig, director
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in normalise_state_dict(state).items()}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    text = json.dumps(to_dict(config), indent=2)
-    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temp file beside ``path``, then rename it over ``path``.
-
-    A crash mid-write leaves the previous file intact (rename is atomic on one filesystem).
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_json(directory / CONFIG_NAME, to_dict(config))
 
 
 def read_state_dict(path: str | Path, trust: bool = False) -> dict[str, torch.Tensor]:
@@ -126,8 +109,10 @@ def _torch_load(path: Path, trust: bool) -> Any:
             ) from None
         warnings.warn(f"{path}: unpickling with weights_only=False because trust=True", stacklevel=3)
         return torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({error})") from None
+    except Exception as error:  # the legacy unpickler raises anything (KeyError for a text file)
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {str(error)[:200]})"
+        ) from None
 
 
 def _unwrap_container(raw: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -200,8 +185,14 @@ def _resolve(path: Path) -> tuple[Path, Path | None]:
     """(weights file, config.json or None) for a directory or a file."""
     if path.is_dir():
         weights, config = path / WEIGHTS_NAME, path / CONFIG_NAME
-        if not weights.is_file():
-            raise CheckpointError(f"{path}: directory has no {WEIGHTS_NAME}")
-        return weights, config if config.is_file() else None
+        missing = [name for name in (WEIGHTS_NAME, CONFIG_NAME) if not (path / name).is_file()]
+        if missing:  # an export directory always holds both; never guess an architecture for it
+            raise CheckpointError(
+                f"{path}: not an export directory ({' and '.join(missing)} missing; an export holds "
+                f"{WEIGHTS_NAME} and {CONFIG_NAME}). For a bare weights file, pass the file itself."
+            )
+        return weights, config
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file or directory")
     config = path.parent / CONFIG_NAME
     return path, config if path.suffix == ".safetensors" and config.is_file() else None

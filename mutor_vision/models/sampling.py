@@ -1,30 +1,53 @@
-"""KV-cache sampling with classifier-free guidance (llamagen.md §1, "Sampling").
+"""KV-cache sampling with classifier-free guidance (LlamaGen's protocol).
 
 Registers are never inserted at inference: this is plain LlamaGen sampling. CFG runs the
 conditional rows first and the null-class rows second in one batch and guides on logits with a
-constant scale: ``uncond + s·(cond − uncond)``; then temperature, top-k, top-p, multinomial.
+constant scale: ``uncond + s·(cond − uncond)``; then temperature, top-k, top-p, and one draw.
+
+Randomness is one uniform number per (image, token), fixed before decoding starts, and each draw
+is the inverse CDF of the filtered distribution at that number: an exact draw from it, like
+``torch.multinomial``, but a pure function of the numbers. So an image depends on its own numbers
+only — never on which other images share its batch — and evaluation derives them from (seed,
+image index): a rerun that refills half a batch reproduces the images of an uninterrupted run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from mutor_vision.config import check
 from mutor_vision.models.gpt import GPT
+from mutor_vision.seeds import hash_seed
 
 
-def sample_logits(
-    logits: Tensor,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """One token per row from logits (B, V). temperature 0 is greedy; top_k 0 / top_p 1.0 are off."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How codes are drawn. The defaults are plain conditional sampling; the paper's FID protocol is
+    ``cfg_scale=2.0`` with the rest at defaults."""
+
+    cfg_scale: float = 1.0  # classifier-free guidance on logits; 1.0 = no null-class rows
+    temperature: float = 1.0  # 0 = greedy (argmax)
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    seed: int = 0  # the uniform numbers of every draw derive from it
+
+    def __post_init__(self) -> None:
+        check(self.cfg_scale >= 0, "cfg_scale", f"must be >= 0, got {self.cfg_scale}")
+        check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
+        check(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}")
+        check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+
+    def replace(self, **changes) -> SamplingConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def filtered_probs(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """The distribution a draw comes from: softmax(logits / temperature) after top-k and top-p (B, V)."""
     logits = logits.float() / temperature
     if top_k > 0:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
@@ -36,8 +59,36 @@ def sample_logits(
         drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits.softmax(dim=-1)
+
+
+def draw(probs: Tensor, uniform: Tensor) -> Tensor:
+    """One token per row of ``probs`` (B, V) by the inverse CDF at ``uniform`` (B,) in [0, 1)."""
+    cdf = probs.cumsum(dim=-1)
+    target = (uniform.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
+    index = torch.searchsorted(cdf, target, right=True).squeeze(-1)  # first token whose cdf passes the target
+    # Rounding can put the target at the total: fall back to the last token with mass, never past it.
+    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).to(torch.uint8).argmax(dim=-1)
+    return torch.minimum(index, last)
+
+
+def sample_logits(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    uniform: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One token per row from logits (B, V). temperature 0 is greedy; top_k 0 / top_p 1.0 are off.
+
+    ``uniform`` (B,) fixes the draw; without it the numbers come from ``generator``.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    if uniform is None:
+        uniform = torch.rand(logits.shape[0], generator=generator, device=_device(generator)).to(logits.device)
+    return draw(filtered_probs(logits, temperature, top_k, top_p), uniform)
 
 
 def guide(logits: Tensor, cfg_scale: float) -> Tensor:
@@ -46,35 +97,59 @@ def guide(logits: Tensor, cfg_scale: float) -> Tensor:
     return uncond + cfg_scale * (cond - uncond)
 
 
+def sample_uniforms(seed: int, sample_ids: Sequence[int], num_tokens: int) -> Tensor:
+    """The (B, N) uniform numbers of samples ``sample_ids``: each row from its own seed (seed, id), on CPU."""
+    rows = [
+        torch.rand(num_tokens, generator=torch.Generator().manual_seed(hash_seed(seed, int(i)))) for i in sample_ids
+    ]
+    return torch.stack(rows)
+
+
+def _device(generator: torch.Generator | None) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def generate(
     model: GPT,
     labels: Tensor,
-    cfg_scale: float = 1.0,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
+    sampling: SamplingConfig | None = None,
+    *,
+    uniform: Tensor | None = None,
     always_guide: bool = False,
     compile: bool = False,
     use_cache: bool = True,
+    **settings,
 ) -> Tensor:
     """Sample codes (B, h, w) for class ``labels`` (B,).
 
-    The null-class rows run when ``cfg_scale != 1`` (or ``always_guide``, which measures/tests the
-    guided path at scale 1). ``use_cache=False`` recomputes the full prefix every step (the slow
-    reference path). ``compile`` compiles the one-token decode step.
+    ``sampling`` holds the settings; keyword ``settings`` (``cfg_scale=2.0``, ...) build one instead.
+    ``uniform`` (B, N) fixes every draw (see the module docstring); without it the numbers come
+    from ``sampling.seed`` (one stream for the batch). The null-class rows run when ``cfg_scale !=
+    1`` (or ``always_guide``, which measures/tests the guided path at scale 1). ``use_cache=False``
+    recomputes the full prefix every step (the slow reference path). ``compile`` compiles the
+    one-token decode step.
     """
+    if sampling is None:
+        sampling = SamplingConfig(**settings)
+    elif settings:
+        raise TypeError(f"pass either sampling or keyword settings, not both ({sorted(settings)})")
     was_training = model.training
     model.eval()
     config = model.config
     batch, num_tokens = labels.shape[0], config.num_tokens
-    guided = always_guide or cfg_scale != 1.0
+    if uniform is None:
+        uniform = torch.rand(batch, num_tokens, generator=torch.Generator().manual_seed(sampling.seed))
+    if uniform.shape != (batch, num_tokens):
+        raise ValueError(f"uniform must have shape {(batch, num_tokens)}, got {tuple(uniform.shape)}")
+    uniform = uniform.to(labels.device)
+    guided = always_guide or sampling.cfg_scale != 1.0
     rows = torch.cat([labels, torch.full_like(labels, config.num_classes)]) if guided else labels
     codes = torch.zeros(batch, num_tokens, dtype=torch.long, device=labels.device)
 
-    def pick(logits: Tensor) -> Tensor:
-        return sample_logits(guide(logits, cfg_scale) if guided else logits, temperature, top_k, top_p, generator)
+    def pick(logits: Tensor, t: int) -> Tensor:
+        logits = guide(logits, sampling.cfg_scale) if guided else logits
+        return sample_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p, uniform=uniform[:, t])
 
     try:
         if use_cache:
@@ -85,7 +160,7 @@ def generate(
             positions = torch.arange(num_tokens, device=labels.device)  # no host-to-device copy per step
             logits = model.prefill(rows)
             for t in range(num_tokens):
-                codes[:, t] = pick(logits)
+                codes[:, t] = pick(logits, t)
                 if t + 1 < num_tokens:
                     step = torch.cat([codes[:, t], codes[:, t]]) if guided else codes[:, t]
                     logits = decode(step[:, None], positions[t + 1 : t + 2])
@@ -93,7 +168,7 @@ def generate(
             prefix = torch.zeros(rows.shape[0], 1, dtype=torch.long, device=labels.device)
             for t in range(num_tokens):
                 # Full forward over [class, x_1..x_t]: its last logits predict x_{t+1}.
-                codes[:, t] = pick(model(prefix, rows).logits[:, -1])
+                codes[:, t] = pick(model(prefix, rows).logits[:, -1], t)
                 step = torch.cat([codes[:, t], codes[:, t]]) if guided else codes[:, t]
                 prefix = torch.cat([prefix[:, :t], step[:, None], prefix[:, t:]], dim=1)
     finally:

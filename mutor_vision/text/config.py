@@ -85,6 +85,7 @@ class TextTrainConfig:
     micro_batch_size: int = 10
     seed: int = 0
     mixed_precision: Literal["no", "bf16"] = "bf16"
+    device: Literal["auto", "cpu"] = "auto"  # auto: CUDA when available; cpu pins the CPU
     out_dir: str = "runs/text"
     save_every: int = 500
     keep_last: int = 2

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mutor_vision.errors import InputError
+
 log = logging.getLogger(__name__)
 
 
@@ -25,13 +27,15 @@ def read_records(jsonl: str | None, hf_name: str | None, hf_config: str | None, 
     """Rows from a local JSONL file or a Hugging Face dataset (needs the optional ``datasets``)."""
     if jsonl:
         path = Path(jsonl)
+        if not path.is_file():
+            raise InputError(f"data.jsonl: {path}: no such file")
         rows = []
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number}: not a JSON line ({error})") from None
+                    raise InputError(f"{path}:{number}: not a JSON line ({error})") from None
         return rows
     if hf_name:
         try:
@@ -60,7 +64,7 @@ def build_examples(
             prompt_text = prompt_template.format(prompt=record[prompt_field])
             answer_text = answer_template.format(answer=record[answer_field])
         except KeyError as error:
-            raise ValueError(f"record {index}: missing field {error} (have {sorted(record)})") from None
+            raise InputError(f"data record {index}: missing field {error} (have {sorted(record)})") from None
         prompt_ids = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
         answer_ids = tokenizer(answer_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         if len(prompt_ids) + len(answer_ids) > max_length:

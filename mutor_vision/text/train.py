@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,9 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from mutor_vision.config import to_dict
-from mutor_vision.data import hash_seed
+from mutor_vision.errors import InputError
+from mutor_vision.files import atomic_write_text
+from mutor_vision.seeds import hash_seed
 from mutor_vision.text.adapter import MuToRAdapter
 from mutor_vision.text.config import TextModelConfig, TextTrainConfig
 from mutor_vision.text.data import Example, build_examples, collate, read_records
@@ -32,23 +35,27 @@ from mutor_vision.training.runtime import (
     flat_hparams,
     make_accelerator,
     restore,
-    resume_point,
+    resume_candidates,
 )
 
 log = logging.getLogger(__name__)
 ADAPTER_FILE = "mutor_text.json"
 
 
-def load_model_and_tokenizer(config: TextModelConfig):
-    """The causal LM (attention implementation as configured) and its tokenizer, from a path or the hub."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(config: TextModelConfig):
+    from transformers import AutoTokenizer
 
-    dtype = torch.bfloat16 if torch.cuda.is_available() and config.dtype == "bfloat16" else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(config.name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(
+    return AutoTokenizer.from_pretrained(config.name_or_path)
+
+
+def load_model(config: TextModelConfig, device: torch.device):
+    """The causal LM with the configured attention implementation, from a path or the hub."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device.type == "cuda" and config.dtype == "bfloat16" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(
         config.name_or_path, dtype=dtype, attn_implementation=config.attn_implementation
     )
-    return model, tokenizer
 
 
 def build_adapter(model, config: TextTrainConfig) -> MuToRAdapter:
@@ -78,31 +85,39 @@ def step_examples(examples: list[Example], step: int, global_batch: int, seed: i
     return [examples[i] for i in order[within * global_batch : (within + 1) * global_batch]]
 
 
-def train_text(config: TextTrainConfig, resume: str | None = None, model=None, tokenizer=None) -> TrainResult:
-    """Train per ``config`` (``model``/``tokenizer`` may be given directly, e.g. in tests)."""
+def train_text(
+    config: TextTrainConfig, resume: str | None = None, allow_change: Sequence[str] = (), model=None, tokenizer=None
+) -> TrainResult:
+    """Train per ``config`` (``model``/``tokenizer`` may be given directly, e.g. in tests).
+
+    The data file is read and the resume checked before the model is loaded or anything is written.
+    """
     out_dir = Path(config.out_dir)
     manager = CheckpointManager(out_dir / "checkpoints", config.keep_last)
-    trackers = (["tensorboard"] if config.tensorboard else []) + (["wandb"] if config.wandb else [])
-    accelerator, accumulation = make_accelerator(
-        config.mixed_precision, config.global_batch_size, config.micro_batch_size, out_dir, trackers
-    )
-    checkpoint = resume_point(manager, resume)
-    if model is None:
-        model, tokenizer = load_model_and_tokenizer(config.model)
     d = config.data
     records = read_records(d.jsonl, d.hf_name, d.hf_config, d.split)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(config.model)
     examples, dropped = build_examples(
         records, tokenizer, d.prompt_field, d.answer_field, d.prompt_template, d.answer_template, d.max_length
     )
     if len(examples) < config.global_batch_size:
-        raise ValueError(f"{len(examples)} usable examples, fewer than one global batch ({config.global_batch_size})")
+        raise InputError(
+            f"{d.jsonl or d.hf_name}: {len(examples)} usable examples, fewer than one global batch "
+            f"({config.global_batch_size})"
+        )
     steps_per_epoch = len(examples) // config.global_batch_size
     total_steps = config.epochs * steps_per_epoch
+    recorded_config = to_dict(config)
+    candidates = resume_candidates(manager, resume, recorded_config, allow_change, total_steps)
+    trackers = (["tensorboard"] if config.tensorboard else []) + (["wandb"] if config.wandb else [])
+    accelerator, accumulation = make_accelerator(
+        config.mixed_precision, config.global_batch_size, config.micro_batch_size, out_dir, trackers, config.device
+    )
+    if model is None:
+        model = load_model(config.model, accelerator.device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-        log.info("%d examples (%d dropped as too long), %d steps", len(examples), dropped, total_steps)
+    log.info("%d examples (%d dropped as too long), %d steps", len(examples), dropped, total_steps)
 
     torch.manual_seed(config.seed)
     adapter = build_adapter(model, config)
@@ -115,9 +130,12 @@ def train_text(config: TextTrainConfig, resume: str | None = None, model=None, t
     trainable = [p for p in adapter.parameters() if p.requires_grad]  # the prepared ones (FSDP replaces them)
     accelerator.register_for_checkpointing(scheduler)
     core: MuToRAdapter = accelerator.unwrap_model(adapter)
-    step = restore(accelerator, manager, checkpoint)
+    step = restore(accelerator, manager, candidates, recorded_config, allow_change, total_steps)
+    if accelerator.is_main_process:  # only now: nothing is written before every check passed
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(recorded_config, sort_keys=False))
     if trackers:
-        accelerator.init_trackers("text", config=flat_hparams(to_dict(config)))
+        accelerator.init_trackers("text", config=flat_hparams(recorded_config))
 
     def export(directory: Path) -> None:
         if accelerator.is_main_process:

@@ -7,8 +7,12 @@ Layout under ``<out_dir>/checkpoints/``::
         export/         # model.safetensors + config.json, loadable by GPT.from_pretrained
         state.json      # step and config; written last: a directory with it is complete
 
-Everything is first written to ``.step_00005000.tmp/`` and renamed when complete, so a kill during
-a save leaves the previous checkpoint untouched and the partial one ignored (and cleaned up).
+Everything is first written to ``.step_00005000.tmp/``, flushed to disk, and renamed when complete,
+so a kill during a save leaves the previous checkpoint untouched and the partial one ignored (and
+cleaned up). Directories are deleted by renaming them to ``.<name>.trash`` first, so a kill during
+a deletion never leaves a half-deleted checkpoint that looks complete, or one that is never
+cleaned up. Checkpoints that must not be resumed but are kept (an abandoned timeline, an
+unreadable file) are renamed ``<reason>-step_…``.
 """
 
 from __future__ import annotations
@@ -22,9 +26,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mutor_vision.errors import InputError
+from mutor_vision.files import atomic_write_json, fsync_dir, fsync_tree
+
 log = logging.getLogger(__name__)
 STATE = "state.json"
 _NAME = re.compile(r"^step_(\d{8})$")
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step encoded in a ``step_XXXXXXXX`` directory name."""
+    match = _NAME.match(path.name)
+    if match is None:
+        raise ValueError(f"{path}: not a checkpoint directory name (step_XXXXXXXX)")
+    return int(match.group(1))
 
 
 class CheckpointManager:
@@ -37,7 +52,7 @@ class CheckpointManager:
         if not self.root.is_dir():
             return []
         found = [p for p in self.root.iterdir() if _NAME.match(p.name) and (p / STATE).is_file()]
-        return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+        return sorted(found, key=checkpoint_step)
 
     def latest(self) -> Path | None:
         complete = self.complete()
@@ -55,41 +70,57 @@ class CheckpointManager:
         tmp = self.root / f".step_{step:08d}.tmp"
         if accelerator.is_main_process:
             self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
+            self._discard(tmp)
             tmp.mkdir()
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp / "accelerate"))
         export(tmp / "export")  # every rank calls it (FSDP gathers); the main process writes
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            (tmp / STATE).write_text(json.dumps({"step": step, **state}, indent=2))
+            atomic_write_json(tmp / STATE, {"step": step, **state})
+            fsync_tree(tmp)  # every byte on disk before the rename that marks the checkpoint complete
             if final.exists():
-                shutil.rmtree(final)
+                self._discard(final)
             os.replace(tmp, final)
+            fsync_dir(self.root)
             self._prune()
         accelerator.wait_for_everyone()
         return final
 
+    def _discard(self, path: Path) -> None:
+        """Delete a directory so that a kill at any moment leaves it either whole or out of sight."""
+        if not path.exists():
+            return
+        trash = path.with_name(f".{path.name.lstrip('.')}.trash")
+        if trash.exists():
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
     def _prune(self) -> None:
         for old in self.complete()[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in self.root.glob(".step_*.tmp"):  # leftovers of interrupted saves
+            self._discard(old)
+        for stale in [*self.root.glob(".step_*.tmp"), *self.root.glob(".*.trash")]:  # interrupted saves/deletes
             shutil.rmtree(stale, ignore_errors=True)
+        for orphan in self.root.iterdir():  # step_* without state.json: the remains of an older, non-atomic delete
+            if _NAME.match(orphan.name) and orphan.is_dir() and not (orphan / STATE).exists():
+                log.warning("removing incomplete checkpoint directory %s (no %s)", orphan, STATE)
+                self._discard(orphan)
+
+    def set_aside(self, path: Path, reason: str) -> Path:
+        """Rename a complete checkpoint to ``<reason>-step_…``: kept, but never resumed or pruned."""
+        target = path.with_name(f"{reason}-{path.name}")
+        self._discard(target)
+        os.replace(path, target)
+        return target
 
     def set_aside_after(self, step: int) -> list[Path]:
-        """Rename complete checkpoints newer than ``step`` to ``abandoned-step_…`` (main process).
+        """Set aside (``abandoned-step_…``) complete checkpoints newer than ``step`` (main process).
 
-        Resuming an older checkpoint starts a new timeline; the newer ones must neither be picked
-        by a later ``--resume auto`` nor count toward ``keep_last`` — but they are kept, not deleted.
+        Resuming an older checkpoint starts a new timeline: the newer ones must neither be picked by
+        a later ``--resume auto`` nor count toward ``keep_last`` — but they are kept, not deleted.
         """
-        moved = []
-        for path in self.complete():
-            if int(_NAME.match(path.name).group(1)) > step:
-                target = path.with_name(f"abandoned-{path.name}")
-                if target.exists():
-                    shutil.rmtree(target)
-                os.replace(path, target)
-                moved.append(target)
+        moved = [self.set_aside(path, "abandoned") for path in self.complete() if checkpoint_step(path) > step]
         if moved:
             log.warning("resumed at step %d: set aside newer checkpoints %s", step, [p.name for p in moved])
         return moved
@@ -97,6 +128,12 @@ class CheckpointManager:
     @staticmethod
     def read_state(path: Path) -> dict[str, Any]:
         try:
-            return json.loads((path / STATE).read_text())
-        except (OSError, ValueError) as error:
-            raise RuntimeError(f"{path}: unreadable checkpoint state ({error})") from None
+            state = json.loads((path / STATE).read_text())
+            int(state["step"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise CheckpointUnreadable(f"{path / STATE}: unreadable checkpoint state ({error})") from None
+        return state
+
+
+class CheckpointUnreadable(InputError):
+    """A checkpoint's files cannot be read back (truncated, corrupt, or missing)."""

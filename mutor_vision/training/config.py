@@ -63,6 +63,7 @@ class TrainConfig:
     micro_batch_size: int = 128  # images per rank per forward; accumulation = global / (micro · ranks)
     seed: int = 0
     mixed_precision: Literal["no", "bf16"] = "bf16"  # CPU always runs fp32
+    device: Literal["auto", "cpu"] = "auto"  # auto: CUDA when available; cpu pins the CPU (bit-exact tests)
     compile: bool = False
     init_from: str | None = None  # an official LlamaGen checkpoint (or an export) to start from
     trust_checkpoint: bool = False  # allow unpickling init_from (LlamaGen DDP files pickle argparse)

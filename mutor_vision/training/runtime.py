@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,21 +18,21 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration
 
-from mutor_vision.training.checkpoints import CheckpointManager
+from mutor_vision.config import config_changes
+from mutor_vision.errors import ConfigError, TrainingDiverged
+from mutor_vision.training.checkpoints import STATE, CheckpointManager, CheckpointUnreadable
 
 log = logging.getLogger(__name__)
 
 
 def make_accelerator(
-    mixed_precision: str, global_batch: int, micro_batch: int, out_dir: Path, trackers: list[str]
+    mixed_precision: str, global_batch: int, micro_batch: int, out_dir: Path, trackers: list[str], device: str = "auto"
 ) -> tuple[Accelerator, int]:
     """An Accelerator for this machine (gloo on CPU), and the gradient-accumulation steps."""
-    on_cuda = torch.cuda.is_available()
+    on_cuda = device == "auto" and torch.cuda.is_available()
     state = PartialState(cpu=not on_cuda)
     per_step = micro_batch * state.num_processes
     if global_batch % per_step:
-        from mutor_vision.config import ConfigError
-
         raise ConfigError(
             f"global_batch_size: {global_batch} is not divisible by micro_batch_size × ranks = {per_step}"
         )
@@ -49,10 +49,6 @@ def make_accelerator(
     )
     reduce_fsdp_gradients_in_fp32(accelerator)
     return accelerator, global_batch // per_step
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradient norm became NaN/inf; training stopped before the update."""
 
 
 @dataclass
@@ -103,22 +99,88 @@ def reduce_fsdp_gradients_in_fp32(accelerator: Accelerator) -> None:
         )
 
 
-def resume_point(manager: CheckpointManager, resume: str | None) -> Path | None:
+# Config keys that may differ on resume without --allow-change: where the run writes and how
+# often it reports. Everything else changes what the resumed steps compute.
+RUN_KEYS = frozenset({"out_dir", "log_every", "tensorboard", "wandb", "keep_last", "peak_tflops"})
+# Read only when a run starts fresh; a resumed run never uses them.
+START_KEYS = frozenset({"init_from", "trust_checkpoint"})
+
+
+def resume_candidates(
+    manager: CheckpointManager,
+    resume: str | None,
+    config: dict[str, Any],
+    allow_change: Sequence[str] = (),
+    total_steps: int | None = None,
+) -> list[Path]:
+    """The checkpoints to try, newest first, after checking the first against ``config``.
+
+    Called before anything is built or written: a wrong ``--resume`` or a changed config fails
+    here, with the differing keys named. ``auto`` lists every complete checkpoint so that an
+    unreadable newest one can fall back to the previous (see :func:`restore`).
+    """
     if resume is None:
         if manager.latest() is not None:
-            raise FileExistsError(
+            raise ConfigError(
                 f"{manager.root} already holds checkpoints: pass --resume auto to continue, or set another out_dir"
             )
-        return None
+        return []
     if resume == "auto":
-        latest = manager.latest()
-        if latest is None:
+        candidates = manager.complete()[::-1]
+        if not candidates:
             log.info("--resume auto: no complete checkpoint in %s, starting fresh", manager.root)
-        return latest
-    path = Path(resume)
-    if not (path / "state.json").is_file():
-        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint directory (no state.json)")
-    return path
+    else:
+        path = Path(resume)
+        if not (path / STATE).is_file():
+            raise ConfigError(f"--resume {resume}: not a complete checkpoint directory (no {STATE})")
+        candidates = [path]
+    readable = []
+    for path in candidates:
+        try:
+            state = manager.read_state(path)
+        except CheckpointUnreadable as error:
+            if resume != "auto":
+                raise
+            log.warning("%s; trying the previous checkpoint", error)
+            continue
+        if not readable:
+            check_resume_config(path, state, config, allow_change, total_steps)
+        readable.append(path)
+    if candidates and not readable:
+        raise CheckpointUnreadable(f"{manager.root}: no checkpoint with a readable {STATE}")
+    return readable
+
+
+def check_resume_config(
+    checkpoint: Path,
+    state: dict[str, Any],
+    config: dict[str, Any],
+    allow_change: Sequence[str] = (),
+    total_steps: int | None = None,
+) -> None:
+    """Refuse a resume whose config differs from the checkpoint's, except in allowed keys."""
+    step = int(state["step"])
+    if total_steps is not None and step > total_steps:
+        raise ConfigError(
+            f"--resume: {checkpoint} is at step {step}, beyond this config's {total_steps} steps; "
+            "raise steps (with --allow-change steps) to train further"
+        )
+    recorded = state.get("config")
+    if recorded is None:
+        raise ConfigError(f"--resume: {checkpoint}/{STATE} records no config to compare with")
+    changes = config_changes(recorded, config)
+    ignored = RUN_KEYS | START_KEYS
+    changes = {key: values for key, values in changes.items() if key not in ignored}
+    refused = [key for key in changes if not any(key == a or key.startswith(f"{a}.") for a in allow_change)]
+    if refused:
+        listed = "; ".join(f"{key}: {changes[key][0]!r} -> {changes[key][1]!r}" for key in refused)
+        raise ConfigError(
+            f"--resume: {checkpoint} was trained with another config ({listed}). Resume with the recorded "
+            f"config (its {STATE}, or out_dir/config.yaml), or accept the change knowingly with "
+            f"--allow-change {','.join(refused)}"
+        )
+    for key, (old, new) in changes.items():
+        log.warning("resuming with a changed config (allowed): %s: %r -> %r", key, old, new)
 
 
 def any_rank(accelerator: Accelerator, flag: bool) -> bool:
@@ -140,39 +202,6 @@ def flat_hparams(data: dict, prefix: str = "") -> dict[str, int | float | str | 
         else:
             flat[name] = str(value)
     return flat
-
-
-def cli_main(doc: str, config_cls: type, train_fn, argv: list[str] | None, name: str) -> int:
-    """The shared command line of train_c2i.py and train_sft.py: --config, --resume, key=value overrides.
-
-    Exit codes: 0 done (or stopped cleanly by a signal), 2 bad config, 3 diverged (NaN/inf).
-    """
-    import argparse
-    import sys
-
-    from mutor_vision.config import ConfigError, load_yaml
-
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a YAML config file")
-    parser.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in out_dir) or a path")
-    parser.add_argument("overrides", nargs="*", help="key=value, dotted keys into the config")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        config = load_yaml(config_cls, args.config, args.overrides)
-    except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        return 2
-    try:
-        result = train_fn(config, resume=args.resume)
-    except ConfigError as error:  # checks that need the world size or the launcher (batch split, FSDP)
-        print(f"config error: {error}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as error:
-        logging.getLogger(name).error("%s", error)
-        return 3
-    logging.getLogger(name).info("%s at step %d (checkpoint: %s)", result.reason, result.step, result.checkpoint)
-    return 0
 
 
 def backward_and_step(
@@ -207,17 +236,44 @@ def backward_and_step(
     return values, grad_norm
 
 
-def restore(accelerator: Accelerator, manager: CheckpointManager, checkpoint: Path | None) -> int:
-    """Load ``checkpoint`` (all ranks, after prepare) and return its step; 0 without one.
+def restore(
+    accelerator: Accelerator,
+    manager: CheckpointManager,
+    candidates: list[Path],
+    config: dict[str, Any],
+    allow_change: Sequence[str] = (),
+    total_steps: int | None = None,
+) -> int:
+    """Load the first loadable of ``candidates`` (all ranks, after prepare); return its step, 0 without one.
 
-    An older checkpoint starts a new timeline: newer ones are set aside (see ``set_aside_after``).
+    A checkpoint whose files cannot be read (a truncated optimizer file, say) is set aside as
+    ``unreadable-step_…`` with a warning and the previous one is tried: the ranks agree on every
+    outcome, so all of them load the same checkpoint. Resuming an older checkpoint than the newest
+    starts a new timeline: newer ones are set aside (see ``set_aside_after``).
     """
-    if checkpoint is None:
-        return 0
-    accelerator.load_state(str(checkpoint / "accelerate"))
-    step = int(manager.read_state(checkpoint)["step"])
-    log.info("resumed from %s at step %d", checkpoint, step)
-    if accelerator.is_main_process:
-        manager.set_aside_after(step)
-    accelerator.wait_for_everyone()
-    return step
+    for index, path in enumerate(candidates):
+        state = manager.read_state(path)
+        if index:  # the first was checked before anything was built
+            check_resume_config(path, state, config, allow_change, total_steps)
+        failure = None
+        try:
+            accelerator.load_state(str(path / "accelerate"))
+        except Exception as error:  # torch, safetensors and pickle each raise their own types
+            failure = f"{type(error).__name__}: {str(error)[:300]}"
+        if any_rank(accelerator, failure is not None):
+            message = f"{path}: checkpoint files unreadable ({failure or 'on another rank'})"
+            if index + 1 == len(candidates):
+                raise CheckpointUnreadable(message + "; no older checkpoint to fall back to")
+            log.warning("%s; falling back to %s", message, candidates[index + 1])
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                manager.set_aside(path, "unreadable")
+            continue
+        step = int(state["step"])
+        log.info("resumed from %s at step %d", path, step)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            manager.set_aside_after(step)
+        accelerator.wait_for_everyone()
+        return step
+    return 0

@@ -7,9 +7,9 @@ step, so N steps + resume + N steps equals 2N uninterrupted steps.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -17,10 +17,14 @@ import yaml
 from accelerate.utils import send_to_device
 from tqdm.auto import tqdm
 
-from mutor_vision.config import ConfigError, to_dict
-from mutor_vision.data import hash_seed, read_manifest, token_loader
-from mutor_vision.models import GPT
+from mutor_vision.config import to_dict
+from mutor_vision.data import token_loader
+from mutor_vision.errors import ConfigError
+from mutor_vision.files import atomic_write_json, atomic_write_text
+from mutor_vision.models import GPT, GPTConfig
 from mutor_vision.models.checkpoint import load_state_dict_strict, read_state_dict, save_gpt_weights
+from mutor_vision.seeds import hash_seed
+from mutor_vision.shards import check_manifest, read_manifest
 from mutor_vision.training.checkpoints import CheckpointManager
 from mutor_vision.training.config import TrainConfig
 from mutor_vision.training.optim import build_optimizer, build_scheduler
@@ -32,29 +36,34 @@ from mutor_vision.training.runtime import (
     flat_hparams,
     make_accelerator,
     restore,
-    resume_point,
+    resume_candidates,
 )
 
 log = logging.getLogger(__name__)
 
 
-def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
-    """Train per ``config``; ``resume`` is None, ``"auto"`` (newest complete checkpoint) or a path."""
+def train(config: TrainConfig, resume: str | None = None, allow_change: Sequence[str] = ()) -> TrainResult:
+    """Train per ``config``; ``resume`` is None, ``"auto"`` (newest complete checkpoint) or a path.
+
+    ``allow_change`` names config keys that may differ from the resumed checkpoint's. Every input is
+    checked before anything is built or written: a wrong resume, config or dataset changes nothing.
+    """
     out_dir = Path(config.out_dir)
     manager = CheckpointManager(out_dir / "checkpoints", config.keep_last)
+    recorded_config = to_dict(config)
+    candidates = resume_candidates(manager, resume, recorded_config, allow_change, config.steps)
+    if not config.data.root:
+        raise ConfigError("data.root: must be set (a folder of token shards with manifest.json)")
+    manifest = read_manifest(config.data.root)
+    check_manifest(manifest, **_data_expectations(config.model))
     trackers = (["tensorboard"] if config.tensorboard else []) + (["wandb"] if config.wandb else [])
     accelerator, accumulation = make_accelerator(
-        config.mixed_precision, config.global_batch_size, config.micro_batch_size, out_dir, trackers
+        config.mixed_precision, config.global_batch_size, config.micro_batch_size, out_dir, trackers, config.device
     )
-    checkpoint = resume_point(manager, resume)
-    manifest = read_manifest(config.data.root)  # fail before building anything when data are missing
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = GPT(config.model)
-    if config.init_from and checkpoint is None:
+    if config.init_from and not candidates:
         load_state_dict_strict(
             model, read_state_dict(config.init_from, trust=config.trust_checkpoint), config.init_from
         )
@@ -78,16 +87,19 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
     forward = torch.compile(model) if config.compile else model
     params = list(model.parameters())  # the prepared ones
 
-    step = restore(accelerator, manager, checkpoint)
+    step = restore(accelerator, manager, candidates, recorded_config, allow_change, config.steps)
+    if accelerator.is_main_process:  # only now: nothing is written before every check passed
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(recorded_config, sort_keys=False))
     if trackers:
-        accelerator.init_trackers("c2i", config=flat_hparams(to_dict(config)))
+        accelerator.init_trackers("c2i", config=flat_hparams(recorded_config))
 
     def export(directory: Path) -> None:
         weights = accelerator.get_state_dict(model)  # every rank: FSDP gathers the full state
         if accelerator.is_main_process:
             save_gpt_weights(weights, core.config, directory)
             # The tokenizer the shards were made with, so eval/fid.py can decode without flags.
-            (directory / "tokenizer.json").write_text(json.dumps(manifest.raw.get("tokenizer", {}), indent=2))
+            atomic_write_json(directory / "tokenizer.json", manifest.raw.get("tokenizer", {}))
             if ema is not None:
                 save_gpt_weights(ema.module.state_dict(), core.config, directory.parent / "export_ema")
 
@@ -119,11 +131,7 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
                     num_workers=config.data.num_workers,
                     shuffle_buffer=config.data.shuffle_buffer,
                     on_error=config.data.on_error,
-                    expect=dict(
-                        grid_size=core.config.grid_size,
-                        vocab_size=core.config.vocab_size,
-                        num_classes=core.config.num_classes,
-                    ),
+                    expect=_data_expectations(core.config),
                 )
             )
             for _ in range((step - segment_start) * accumulation):
@@ -178,6 +186,10 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
     return result
 
 
+def _data_expectations(model: GPTConfig) -> dict[str, int]:
+    return dict(grid_size=model.grid_size, vocab_size=model.vocab_size, num_classes=model.num_classes)
+
+
 def _log_window(
     accelerator, window: dict, step: int, scheduler, grad_norm: float, config, num_tokens: int, flops_per_image: float
 ) -> None:
@@ -196,7 +208,7 @@ def _log_window(
         "perf/tokens_per_s": images_per_s * num_tokens,
         "perf/step_s": elapsed / steps,
     }
-    if torch.cuda.is_available():
+    if accelerator.device.type == "cuda":
         metrics["perf/mfu"] = images_per_s * flops_per_image / (config.peak_tflops * 1e12 * accelerator.num_processes)
     accelerator.log(metrics, step=step)
     if accelerator.is_main_process:
