@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo clean
+.PHONY: install test test-gpu lint format demo clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q
+
+# The GPU tier only (tests marked gpu: FlexAttention, bf16, compile, FSDP2, CUDA sampling, eval on CUDA).
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu -rs
 
 # The embedded demo: MuToR-2D vs next-token on scikit-learn's digits, CPU only, no downloads.
 demo: $(STAMP)

@@ -19,6 +19,7 @@ import math
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mutor_vision.evaluation.pipeline import extract_features
+from mutor_vision.evaluation.pipeline import (
+    INCEPTION_FILE,
+    extract_features,
+    inception_extractor,
+    save_random_inception_weights,
+)
 from mutor_vision.models import GPT, GPTConfig, RegisterConfig, generate
 
 
@@ -131,19 +137,13 @@ def main() -> None:
 
 def pipeline_rate(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     """Full-grid sampling (CFG 2.0, KV cache) + VQ-16 decode + Inception features, random weights."""
-    import torch_fidelity.feature_extractor_inceptionv3 as inception
-
     from tokenizer import VQ16, to_uint8
 
     model = build(args, args.grid_size).to(device)
     vq = VQ16().to(device).eval()
-    saved = (inception.load_state_dict_from_url, inception.FeatureExtractorInceptionV3.load_state_dict)
-    inception.load_state_dict_from_url = lambda *a, **k: {}
-    inception.FeatureExtractorInceptionV3.load_state_dict = lambda self, state: None
-    try:
-        extractor = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
-    finally:
-        inception.load_state_dict_from_url, inception.FeatureExtractorInceptionV3.load_state_dict = saved
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = save_random_inception_weights(Path(tmp) / INCEPTION_FILE)
+        extractor = inception_extractor(weights)
     labels = torch.arange(args.batch_size, device=device) % model.config.num_classes
     start = time.perf_counter()
     codes = generate(model, labels, cfg_scale=2.0, seed=0)

@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--feature-batch-size", type=int, default=64)
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--device", choices=["auto", "cpu"], default="auto", help="auto: CUDA when available")
     p.add_argument("--vq-ckpt", default=None, help="vq_ds16_c2i.pt (default: the tokenizer recorded in the export)")
     p.add_argument("--tokenizer", choices=["vq16", "palette"], default="vq16")
     ref = p.add_mutually_exclusive_group()
@@ -84,7 +85,7 @@ def run(argv: list[str] | None = None) -> dict | None:
     sampling = SamplingConfig(
         cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
     )
-    state = evaluation_state()  # first: each rank's device (cuda:<local rank>), gloo on CPU
+    state = evaluation_state(args.device)  # first: each rank's device (cuda:<local rank>), gloo on CPU
     device = state.device
     # Inputs in the order a user would fix them: the checkpoint, its tokenizer, then the metric's weights.
     model = GPT.from_pretrained(args.ckpt, size=args.size, trust=args.trust_checkpoint).to(device).eval()
@@ -129,6 +130,7 @@ def run(argv: list[str] | None = None) -> dict | None:
         feature_batch_size=args.feature_batch_size,
         save_npz=args.save_npz,
         compile=args.compile,
+        device=args.device,
         extra={
             "checkpoint": str(args.ckpt),
             "tokenizer": {"kind": kind, "path": str(path)},

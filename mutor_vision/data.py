@@ -56,12 +56,10 @@ class _TokenStream(torch.utils.data.IterableDataset):
         seed: int,
         shuffle_buffer: int,
         on_error: Literal["raise", "skip"],
-        max_consecutive_errors: int,
     ) -> None:
         super().__init__()
         self.urls, self.counts, self.batch_size, self.spec, self.seed = urls, counts, batch_size, spec, seed
         self.shuffle_buffer, self.on_error = shuffle_buffer, on_error
-        self.max_consecutive_errors = max_consecutive_errors
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         rng = random.Random(f"{self.seed}-{_worker()}")  # string seeds hash stably across processes
@@ -73,16 +71,15 @@ class _TokenStream(torch.utils.data.IterableDataset):
     def _samples(self, rng: random.Random) -> Iterator[tuple[torch.Tensor, int]]:
         from webdataset.tariterators import tarfile_samples
 
-        errors = 0
+        usable = list(range(len(self.urls)))
         while True:
-            index = rng.randrange(len(self.urls))  # resampled: shards drawn with replacement, forever
+            index = usable[rng.randrange(len(usable))]  # resampled: shards drawn with replacement, forever
             url, expected = self.urls[index], self.counts[index]
             read = 0
             try:
                 for sample in tarfile_samples([{"url": url}]):
                     tokens, label = decode_sample(sample, self.spec, url)
                     read += 1
-                    errors = 0
                     crop = tokens[rng.randrange(tokens.shape[0])]  # one random crop, converted alone
                     yield torch.from_numpy(crop.astype(np.int64)).flatten(), label
                 if read == 0 or (expected is not None and read != expected):
@@ -93,10 +90,11 @@ class _TokenStream(torch.utils.data.IterableDataset):
                 message = f"{url}: corrupt or truncated shard ({type(error).__name__}: {error})"
                 if self.on_error == "raise":
                     raise ShardError(message + "; set data.on_error: skip to skip bad shards") from None
-                errors += 1
-                log.warning("skipping: %s (%d in a row)", message, errors)
-                if errors >= self.max_consecutive_errors:  # every shard bad: fail, never spin forever
-                    raise ShardError(f"{errors} shard errors in a row, the last: {message}") from None
+                usable.remove(index)  # never drawn again in this stream (the loader of one checkpoint segment)
+                log.warning("skipping %s; %d of %d shards left", message, len(usable), len(self.urls))
+                if not usable:  # every shard bad: fail, never spin forever
+                    last = f"the last: {message}"
+                    raise ShardError(f"all {len(self.urls)} shards of this rank are unreadable, {last}") from None
 
     def _shuffled(self, samples: Iterator, rng: random.Random) -> Iterator:
         buffer: list = []
@@ -156,7 +154,6 @@ def token_loader(
     num_workers: int = 2,
     shuffle_buffer: int = 1000,
     on_error: Literal["raise", "skip"] = "raise",
-    max_consecutive_errors: int = 100,
     expect: dict[str, Any] | None = None,
 ) -> TokenLoader:
     """A loader of ``num_batches`` batches (tokens (B, h·w), labels (B,)) for this rank.
@@ -186,6 +183,5 @@ def token_loader(
         seed=hash_seed(seed, rank),
         shuffle_buffer=shuffle_buffer,
         on_error=on_error,
-        max_consecutive_errors=max_consecutive_errors,
     )
     return TokenLoader(stream, num_batches, num_workers)

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny synthetic datasets built in temp dirs (no downloads, no real weights)."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,16 @@ from PIL import Image
 from tokenizer import PaletteTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-TWO_CPU_RANKS = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-TWO_CPU_RANKS += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def two_cpu_ranks() -> list[str]:
+    """``accelerate launch`` on two CPU ranks, on a free port (parallel test workers never collide)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    return [*launch, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(port)]  # fmt: skip
 
 
 def child_env() -> dict[str, str]:
@@ -33,7 +42,7 @@ def child_env() -> dict[str, str]:
 def run_two_cpu_ranks(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     """``accelerate launch`` of ``args`` on two CPU ranks (gloo), from the repository root."""
     return subprocess.run(
-        [*TWO_CPU_RANKS, *args], capture_output=True, text=True, timeout=timeout, env=child_env(), cwd=ROOT
+        [*two_cpu_ranks(), *args], capture_output=True, text=True, timeout=timeout, env=child_env(), cwd=ROOT
     )
 
 

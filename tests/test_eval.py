@@ -11,7 +11,7 @@ import torch
 from conftest import COLORS, make_image_folder, run_two_cpu_ranks
 
 from mutor_vision.evaluation import frechet_distance, inception_extractor, inception_score, precision_recall, statistics
-from mutor_vision.evaluation.pipeline import INCEPTION_FILE
+from mutor_vision.evaluation.pipeline import INCEPTION_FILE, save_random_inception_weights
 from mutor_vision.models import GPT, GPTConfig, RegisterConfig
 from tokenizer import PaletteTokenizer
 
@@ -71,21 +71,7 @@ def test_offline_inception_error_names_both_ways(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def inception_weights(tmp_path_factory) -> Path:
     """torch-fidelity's Inception with random weights, saved as a weights file (numbers not reportable)."""
-    import torch_fidelity.feature_extractor_inceptionv3 as inception
-
-    path = tmp_path_factory.mktemp("inception") / INCEPTION_FILE
-    cls = inception.FeatureExtractorInceptionV3
-    saved = (inception.load_state_dict_from_url, cls.load_state_dict)
-    # Build the network without its download: no weights are fetched, the init stays random.
-    inception.load_state_dict_from_url = lambda *args, **kwargs: {}
-    cls.load_state_dict = lambda self, state: None
-    try:
-        torch.manual_seed(0)
-        model = cls("inception-v3-compat", ["2048"])
-    finally:
-        inception.load_state_dict_from_url, cls.load_state_dict = saved
-    torch.save(model.state_dict(), path)
-    return path
+    return save_random_inception_weights(tmp_path_factory.mktemp("inception") / INCEPTION_FILE)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +98,7 @@ def cli_args(export: Path, out: Path, weights: Path, *extra: str) -> list[str]:
     return [
         "--ckpt", str(export / "export"), "--num-samples", "12", "--batch-size", "4", "--cfg-scale", "1.5",
         "--ref-folder", str(export / "reference"), "--ref-cache", str(out.parent / "cache"),
-        "--inception-weights", str(weights), "--out", str(out), *extra,
+        "--inception-weights", str(weights), "--out", str(out), "--device", "cpu", *extra,
     ]  # fmt: skip
 
 

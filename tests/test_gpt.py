@@ -445,3 +445,38 @@ def test_config_from_dict_validates():
         from_dict(GPTConfig, {"registers": {"weight": 2.0}})
     with pytest.raises(ConfigError, match="size"):
         from_dict(GPTConfig, {"size": "GPT-M"})
+
+
+# ---------------------------------------------------------------- compiled training forward
+
+
+def count_compiles(model: torch.nn.Module):
+    """``torch.compile(model, fullgraph=True)`` with a backend that records every graph it is given."""
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward  # run the captured graph eagerly: guards and breaks are what we test
+
+    return torch.compile(model, backend=backend, fullgraph=True), graphs
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_compiled_mutor_forward_has_no_graph_break_or_recompile_across_layouts(attention):
+    # fullgraph=True turns any graph break into an error; fresh random layouts (new offsets, slots,
+    # BlockMask closures) must reuse the one graph. Flex runs forward only here (no CPU backward).
+    model = tiny_model(attention=attention, registers=RegisterConfig(mode="mutor2d", d_max_2d=3, num_registers=6))
+    model.train(attention == "sdpa")
+    compiled, graphs = count_compiles(model)
+    tokens, labels = batch(model.config)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(4):
+        layout = model.register_layout(3, generator=generator)
+        mask = model.attention_mask(layout, requires_grad=attention == "sdpa")  # outside the compiled region
+        with torch.set_grad_enabled(attention == "sdpa"):
+            out = compiled(tokens, labels, layout, mask)
+            if attention == "sdpa":
+                model.loss(tokens, out, layout).loss.backward()
+            reference = model(tokens, labels, layout, mask)
+        torch.testing.assert_close(out.register_logits, reference.register_logits)
+        assert len(graphs) == 1, f"recompiled at step {step}"

@@ -15,6 +15,7 @@ import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,21 +37,18 @@ from mutor_vision.evaluation.pipeline import (
 )
 from mutor_vision.files import atomic_write, atomic_write_json, check_stamp
 from mutor_vision.models import GPT, SamplingConfig
+from mutor_vision.processes import process_state
 
 log = logging.getLogger(__name__)
 
 
-def evaluation_state():
+def evaluation_state(device: str = "auto"):
     """The process state for evaluation: gloo on CPU, and a long collective timeout.
 
     Ranks can reach the gather at very different times (a resumed run leaves each rank a
     different number of missing samples): the NCCL default of 10 minutes would abort them.
     """
-    from datetime import timedelta
-
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=12))
+    return process_state(device, timeout=timedelta(hours=12))
 
 
 @dataclass
@@ -185,6 +183,7 @@ def evaluate(
     compile: bool = False,
     extra: dict[str, Any] | None = None,
     extra_metrics=None,
+    device: str = "auto",
 ) -> dict[str, Any] | None:
     """Sample ``num_samples`` images across ranks, then (rank 0) compute the metrics.
 
@@ -195,7 +194,7 @@ def evaluate(
     """
     from accelerate.utils import gather_object
 
-    state = evaluation_state()
+    state = evaluation_state(device)
     if num_samples < state.num_processes:
         raise ConfigError(f"num_samples ({num_samples}) must be at least the number of ranks ({state.num_processes})")
     model = model.to(state.device)

@@ -186,6 +186,28 @@ def inception_extractor(weights: str | Path | None = None, allow_download: bool 
     )
 
 
+def save_random_inception_weights(path: str | Path, seed: int = 0) -> Path:
+    """torch-fidelity's Inception-v3-compat with *random* weights, saved as a weights file.
+
+    For tests and benchmarks of the pipeline without the real file (no network): every number
+    computed with it is meaningless and must never be reported.
+    """
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+    cls = inception.FeatureExtractorInceptionV3
+    saved = (inception.load_state_dict_from_url, cls.load_state_dict)
+    # Build the network without its download: no weights are fetched, the init stays random.
+    inception.load_state_dict_from_url = lambda *args, **kwargs: {}
+    cls.load_state_dict = lambda self, state: None
+    try:
+        torch.manual_seed(seed)
+        model = cls("inception-v3-compat", ["2048"])
+    finally:
+        inception.load_state_dict_from_url, cls.load_state_dict = saved
+    atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
+    return Path(path)
+
+
 def save_grid(images: np.ndarray, path: Path, columns: int = 8) -> None:
     """A PNG grid of uint8 images (N, H, W, 3)."""
     from torchvision.utils import make_grid

@@ -63,7 +63,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if isinstance(mask, BlockMask):
-        flex = _compiled_flex_attention() if q.is_cuda else flex_attention
+        # Inside a compiled forward the surrounding graph compiles flex itself; eager CUDA calls use
+        # the one compiled flex; CPU eager runs the reference implementation.
+        eager_cuda = q.is_cuda and not torch.compiler.is_compiling()
+        flex = _compiled_flex_attention() if eager_cuda else flex_attention
         return flex(q, k, v, block_mask=mask)
     if isinstance(mask, RegisterRows):
         n = mask.seq_len
@@ -192,19 +195,25 @@ class GPT(nn.Module):
 
     # ---- training forward ----
 
-    def forward(self, tokens: Tensor, labels: Tensor, layout: RegisterLayout | None = None) -> GPTOutput:
-        """tokens (B, N) codes x_1..x_N, labels (B,) -> logits (B, N, V) (+ register logits (B, R, V))."""
+    def forward(
+        self, tokens: Tensor, labels: Tensor, layout: RegisterLayout | None = None, mask: AttentionMask = None
+    ) -> GPTOutput:
+        """tokens (B, N) codes x_1..x_N, labels (B,) -> logits (B, N, V) (+ register logits (B, R, V)).
+
+        ``mask`` is :meth:`attention_mask` of ``layout``, built here when not given. A compiled
+        training step builds it outside the compiled forward (BlockMask creation does not trace).
+        """
         batch, num_tokens = tokens.shape
         x = torch.cat([self.cls_embedding(labels)[:, None], self.tok_embeddings(tokens[:, :-1])], dim=1)
         positions = torch.arange(num_tokens, device=tokens.device)
-        mask: AttentionMask = None
         if layout is not None:
             if layout.seq_len != num_tokens:
                 raise ValueError(f"register layout is for {layout.seq_len} tokens, the batch has {num_tokens}")
+            if mask is None:
+                mask = self.attention_mask(layout, requires_grad=torch.is_grad_enabled())
             registers = self.register_embedding.to(x.dtype).expand(batch, layout.num_registers, -1)
             x = torch.cat([x, registers], dim=1)
             positions = torch.cat([positions.expand(batch, -1), layout.position], dim=1)
-            mask = self._register_mask(layout, x)
         x = self.tok_dropout(x)  # registers go through the same token dropout
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         if positions.dim() == 2:  # per-sample positions: broadcast over heads
@@ -218,17 +227,23 @@ class GPT(nn.Module):
         # (their backward zero-fills and the CE runs on non-contiguous views).
         return GPTOutput(self.output(x[:, :num_tokens]).float(), self.output(x[:, num_tokens:]).float())
 
-    def _register_mask(self, layout: RegisterLayout, x: Tensor) -> AttentionMask:
+    def attention_mask(self, layout: RegisterLayout, requires_grad: bool = True) -> AttentionMask:
+        """The attention mask of ``[regular | registers]`` for ``layout``, on the layout's device.
+
+        ``attention: auto`` is FlexAttention's BlockMask on CUDA and SDPA with the rule's dense rows
+        on CPU (where flex has no backward, so ``requires_grad`` with flex on CPU is an error).
+        """
+        on_cuda = layout.anchor.is_cuda
         backend = self.config.attention
         if backend == "auto":
-            backend = "flex" if x.is_cuda else "sdpa"
+            backend = "flex" if on_cuda else "sdpa"
         if backend == "sdpa":
             if layout.regular_causal:
                 return RegisterRows(layout.seq_len, layout.dense_mask(first_query=layout.seq_len))
             return layout.dense_mask()
-        if not x.is_cuda and torch.is_grad_enabled() and x.requires_grad:
+        if not on_cuda and requires_grad:
             raise RuntimeError("attention: flex has no backward on CPU; use attention: sdpa (or auto) for CPU training")
-        return layout.block_mask(compile=x.is_cuda)
+        return layout.block_mask(compile=on_cuda)
 
     def register_layout(
         self, batch_size: int, generator: torch.Generator | None = None, device: torch.device | str | None = None

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
 from mutor_vision.config import config_changes
 from mutor_vision.errors import ConfigError, TrainingDiverged
+from mutor_vision.processes import process_state, use_cuda
 from mutor_vision.training.checkpoints import STATE, CheckpointManager, CheckpointUnreadable
 
 log = logging.getLogger(__name__)
@@ -28,9 +29,9 @@ log = logging.getLogger(__name__)
 def make_accelerator(
     mixed_precision: str, global_batch: int, micro_batch: int, out_dir: Path, trackers: list[str], device: str = "auto"
 ) -> tuple[Accelerator, int]:
-    """An Accelerator for this machine (gloo on CPU), and the gradient-accumulation steps."""
-    on_cuda = device == "auto" and torch.cuda.is_available()
-    state = PartialState(cpu=not on_cuda)
+    """An Accelerator on ``device`` (gloo between CPU ranks), and the gradient-accumulation steps."""
+    on_cuda = use_cuda(device)
+    state = process_state(device)
     per_step = micro_batch * state.num_processes
     if global_batch % per_step:
         raise ConfigError(

@@ -144,8 +144,11 @@ def train(config: TrainConfig, resume: str | None = None, allow_change: Sequence
                     tokens, labels = send_to_device(next(batches), device)
                     with accelerator.accumulate(model):
                         layout = core.register_layout(tokens.shape[0], generator=layouts, device=device)
+                        # The mask is built outside the (optionally compiled) forward: BlockMask
+                        # creation does not trace, and a fresh layout then never recompiles.
+                        mask = None if layout is None else core.attention_mask(layout)
                         with accelerator.autocast():
-                            output = forward(tokens, labels, layout)
+                            output = forward(tokens, labels, layout, mask)
                         parts = core.loss(tokens, output, layout)
                         values, norm = backward_and_step(
                             accelerator, optimizer, parts, params, config.optim.grad_clip, step, manager.latest

@@ -1,0 +1,196 @@
+"""The GPU tier (``make test-gpu``): the paths that only run on CUDA.
+
+FlexAttention with BlockMasks (compiled), bf16 autocast, compiled training, FSDP2, CUDA sampling,
+and ``eval/fid.py`` on the GPU. On a machine without CUDA every test here is skipped with the
+reason; the CPU suite covers the same code paths in their CPU form.
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import COLORS, ROOT, make_image_folder
+
+from mutor_vision.models import GPT, GPTConfig, RegisterConfig, generate
+from mutor_vision.shards import write_synthetic_shards
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU tier: needs CUDA (make test-gpu on a GPU machine)"),
+]
+TINY = ROOT / "configs" / "c2i" / "tiny_cpu.yaml"
+
+
+def small_config(attention: str = "auto", registers: int | None = 80) -> GPTConfig:
+    """A 4-layer, 256-wide model on the paper's geometry: 16×16 grid, D = 4, R = 80."""
+    return GPTConfig(
+        size=None, n_layer=4, n_head=4, dim=256, vocab_size=1024, num_classes=10, grid_size=16,
+        token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0, class_dropout=0.0, attention=attention,
+        registers=RegisterConfig(mode="mutor2d", d_max_2d=4, num_registers=registers),
+    )  # fmt: skip
+
+
+def small_model(seed: int = 0, **changes) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(small_config(**changes))
+    torch.nn.init.normal_(model.output.weight, std=0.5)  # separated logits: greedy codes are stable
+    return model.cuda()
+
+
+def small_batch(config: GPTConfig, size: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, config.vocab_size, (size, config.num_tokens), generator=g)
+    labels = torch.randint(0, config.num_classes, (size,), generator=g)
+    return tokens.cuda(), labels.cuda()
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("registers", [80, None])
+def test_flex_equals_sdpa_register_attention_in_bf16(registers):
+    flex, sdpa = small_model(attention="flex", registers=registers), small_model(attention="sdpa", registers=registers)
+    tokens, labels = small_batch(flex.config)
+    layout = flex.register_layout(8, generator=torch.Generator().manual_seed(1), device="cuda")
+    outputs, grads = [], []
+    for model in (flex, sdpa):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(tokens, labels, layout)
+        model.loss(tokens, out, layout).loss.backward()
+        outputs.append(out)
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert relative_error(outputs[0].logits, outputs[1].logits) < 2e-2
+    assert relative_error(outputs[0].register_logits, outputs[1].register_logits) < 2e-2
+    assert grads[0].keys() == grads[1].keys() and "register_embedding" in grads[0]
+    for name in grads[0]:
+        assert relative_error(grads[0][name], grads[1][name]) < 5e-2, name
+
+
+def test_kv_cache_decode_equals_full_forward_on_cuda():
+    model = small_model().eval()
+    tokens, labels = small_batch(model.config, size=4)
+    with torch.no_grad():
+        full = model(tokens, labels).logits
+        model.setup_caches(4)
+        steps = [model.prefill(labels)]
+        for t in range(1, model.config.num_tokens):
+            steps.append(model.decode(tokens[:, t - 1 : t], torch.tensor([t], device="cuda")))
+        model.clear_caches()
+    assert (torch.stack(steps, 1) - full).abs().max().item() < 1e-3
+
+
+def test_compiled_mutor2d_step_has_no_graph_break_or_recompile():
+    from torch._dynamo.utils import counters
+    from torch._inductor.compile_fx import compile_fx
+
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+
+    def counting_inductor(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return compile_fx(graph_module, example_inputs)
+
+    model = small_model(attention="flex").train()
+    compiled = torch.compile(model, backend=counting_inductor)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(5):
+        tokens, labels = small_batch(model.config, seed=step)
+        layout = model.register_layout(8, generator=generator, device="cuda")
+        mask = model.attention_mask(layout)  # built outside the compiled region, as the trainer does
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = compiled(tokens, labels, layout, mask)
+        model.loss(tokens, out, layout).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step == 0:
+            warm = len(graphs)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert len(graphs) == warm == 1, f"{len(graphs)} graphs compiled ({warm} at warm-up)"
+
+
+def test_compiled_bf16_training_learns_then_resumes(tmp_path):
+    from mutor_vision.config import load_yaml
+    from mutor_vision.training import TrainConfig, train
+
+    data = tmp_path / "shards"
+    write_synthetic_shards(data, num_shards=2, per_shard=4, grid=8, vocab_size=16, num_classes=10, num_crops=1)
+    overrides = [f"data.root={data}", f"out_dir={tmp_path / 'run'}", "device=auto", "mixed_precision=bf16"]
+    overrides += ["compile=true", "model.attention=auto", "save_every=10", "tensorboard=false"]
+    overrides += ["model.token_dropout=0.0", "model.resid_dropout=0.0", "model.ffn_dropout=0.0"]
+    overrides += ["model.class_dropout=0.0"]
+    first = train(load_yaml(TrainConfig, TINY, [*overrides, "steps=30"]))
+    assert first.step == 30 and first.reason == "completed"
+    assert sum(first.losses[-5:]) / 5 < 0.9 * sum(first.losses[:5]) / 5, first.losses  # 0.83 in fp32 on CPU
+    more = train(load_yaml(TrainConfig, TINY, [*overrides, "steps=40"]), resume="auto", allow_change=["steps"])
+    assert more.step == 40 and len(more.losses) == 10
+    assert GPT.from_pretrained(tmp_path / "run" / "checkpoints" / "step_00000040" / "export") is not None
+
+
+def test_fsdp2_one_process_saves_and_resumes(tmp_path):
+    data = tmp_path / "shards"
+    write_synthetic_shards(data, num_shards=2, per_shard=8, grid=8, vocab_size=16, num_classes=10)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    launch += [str(ROOT / "configs" / "accelerate" / "fsdp2_xl.yaml"), "--num_processes", "1", "train_c2i.py"]
+    args = ["--config", str(TINY), f"data.root={data}", f"out_dir={tmp_path / 'run'}", "device=auto"]
+    args += ["mixed_precision=bf16", "save_every=2", "tensorboard=false"]
+    first = subprocess.run([*launch, *args, "steps=4"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert first.returncode == 0, first.stderr[-4000:]
+    resumed = subprocess.run(
+        [*launch, *args, "steps=6", "--resume", "auto", "--allow-change", "steps"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resumed from" in resumed.stderr and "at step 4" in resumed.stderr
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000006" / "state.json").read_text())
+    assert state["step"] == 6
+    assert GPT.from_pretrained(tmp_path / "run" / "checkpoints" / "step_00000006" / "export") is not None
+
+
+def test_compiled_greedy_sampling_equals_eager_on_cuda():
+    model = small_model().eval()
+    labels = torch.arange(8, device="cuda") % model.config.num_classes
+    eager = generate(model, labels, cfg_scale=2.0, temperature=0.0)
+    compiled = generate(model, labels, cfg_scale=2.0, temperature=0.0, compile=True)
+    assert torch.equal(eager, compiled)
+    sampled = generate(model, labels, cfg_scale=2.0, temperature=1.0, top_k=100, seed=3, compile=True)
+    assert torch.equal(sampled, generate(model, labels, cfg_scale=2.0, temperature=1.0, top_k=100, seed=3))
+
+
+def test_eval_fid_end_to_end_on_cuda(tmp_path):
+    sys.path.insert(0, str(ROOT / "eval"))
+    import fid as fid_cli
+
+    from mutor_vision.evaluation.pipeline import INCEPTION_FILE, save_random_inception_weights
+    from tokenizer import PaletteTokenizer
+
+    torch.manual_seed(0)
+    config = GPTConfig(size=None, n_layer=2, n_head=2, dim=64, vocab_size=len(COLORS), num_classes=3, grid_size=8,
+                       registers=RegisterConfig(mode="ntp"))  # fmt: skip
+    model = GPT(config)
+    torch.nn.init.normal_(model.output.weight, std=0.5)
+    model.save_pretrained(tmp_path / "export")
+    PaletteTokenizer(COLORS).save(tmp_path / "palette.json")
+    weights = save_random_inception_weights(tmp_path / INCEPTION_FILE)
+    make_image_folder(tmp_path / "reference", classes=3, per_class=4)
+    results = fid_cli.run([
+        "--ckpt", str(tmp_path / "export"), "--vq-ckpt", str(tmp_path / "palette.json"), "--tokenizer", "palette",
+        "--num-samples", "24", "--batch-size", "8", "--ref-folder", str(tmp_path / "reference"),
+        "--ref-cache", str(tmp_path / "cache"), "--inception-weights", str(weights), "--out", str(tmp_path / "out"),
+    ])  # fmt: skip
+    assert results["precision"] == "bf16" and results["written_this_run"] == 24
+    assert all(np.isfinite(v) for v in results["metrics"].values())
+    assert len(list((tmp_path / "out" / "samples").glob("*.png"))) == 24
