@@ -86,8 +86,9 @@ def main() -> None:
 
         def step(model=model, forward=forward, optimizer=optimizer, tokens=tokens, labels=labels, g=g) -> None:
             layout = model.register_layout(tokens.shape[0], generator=g, device=device)
+            mask = None if layout is None else model.attention_mask(layout)  # outside the compiled forward
             with autocast:
-                loss = model.loss(tokens, forward(tokens, labels, layout), layout).loss
+                loss = model.loss(tokens, forward(tokens, labels, layout, mask), layout).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -147,8 +148,16 @@ def main() -> None:
             "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
             "config": {k: v for k, v in vars(args).items() if k != "out"},
+            "command": "python bench/train_step.py " + " ".join(sys.argv[1:]),
             "rows": rows,
         }
+        if args.compile:
+            from torch._dynamo.utils import counters
+
+            result["dynamo"] = {
+                "graph_breaks": dict(counters["graph_break"]),
+                "unique_graphs": counters["stats"]["unique_graphs"],
+            }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
 

@@ -480,3 +480,14 @@ def test_compiled_mutor_forward_has_no_graph_break_or_recompile_across_layouts(a
             reference = model(tokens, labels, layout, mask)
         torch.testing.assert_close(out.register_logits, reference.register_logits)
         assert len(graphs) == 1, f"recompiled at step {step}"
+
+
+def test_training_flop_count_worked_example():
+    config = GPTConfig(size="GPT-B")
+    with torch.device("meta"):
+        model = GPT(config)
+    embeddings = model.tok_embeddings.weight.numel() + model.cls_embedding.embedding_table.weight.numel()
+    norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+    assert config.matmul_parameters() == 97_517_568 == model.num_parameters(False) - embeddings - norms
+    expected = 6 * 97_517_568 * 336 + 12 * 12 * 768 * 336**2  # 1.966e11 weights + 1.249e10 attention
+    assert config.train_flops_per_sample(336) == expected and round(expected / 1e9) == 209

@@ -177,7 +177,7 @@ def test_every_shipped_config_loads():
     )
     assert paper.optim.betas == [0.9, 0.95] and paper.optim.weight_decay == 0.05 and paper.optim.grad_clip == 1.0
     assert paper.model.registers.weight == 0.5 and paper.model.registers.d_max_2d == 4
-    assert paper.mixed_precision == "bf16" and paper.optim.schedule == "constant"
+    assert paper.mixed_precision == "bf16" and paper.optim.schedule == "constant" and paper.compile
 
 
 @pytest.mark.parametrize("mode", ["mutor2d", "ntp"])

@@ -99,6 +99,21 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.dim // self.n_head
 
+    def matmul_parameters(self) -> int:
+        """Weights used in matrix products: every Linear incl. the head (not the embedding lookups, not norms)."""
+        per_layer = 4 * self.dim * self.dim + 3 * self.dim * self.ffn_hidden  # wqkv + wo, w1 + w3 + w2
+        return self.n_layer * per_layer + self.dim * self.vocab_size
+
+    def train_flops_per_sample(self, positions: int) -> float:
+        """FLOPs of one training forward + backward over ``positions`` sequence positions (N + R).
+
+        The usual MFU count (PaLM, appendix B): ``6·P·T`` for the weight matmuls (2 forward, 4
+        backward per weight and position; P = :meth:`matmul_parameters`) plus ``12·n_layer·dim·T²``
+        for the attention products QKᵀ and AV, counted without the causal or register-mask savings.
+        For GPT-B with 80 registers (T = 336): 6·97.5M·336 + 12·12·768·336² = 2.09e11 per image.
+        """
+        return 6.0 * self.matmul_parameters() * positions + 12.0 * self.n_layer * self.dim * positions**2
+
     @property
     def num_tokens(self) -> int:
         return self.grid_size**2

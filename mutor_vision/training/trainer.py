@@ -84,7 +84,11 @@ def train(config: TrainConfig, resume: str | None = None, allow_change: Sequence
     accelerator.register_for_checkpointing(scheduler)  # stepped by us, never prepared (ecosystem.md §3)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
-    forward = torch.compile(model) if config.compile else model
+    forward = model
+    if config.compile and accelerator.device.type == "cuda":
+        forward = torch.compile(model)
+    elif config.compile:
+        log.info("compile: true is ignored on CPU (compiling costs more than it saves on CPU runs)")
     params = list(model.parameters())  # the prepared ones
 
     step = restore(accelerator, manager, candidates, recorded_config, allow_change, config.steps)
@@ -108,7 +112,7 @@ def train(config: TrainConfig, resume: str | None = None, allow_change: Sequence
     num_tokens = core.config.num_tokens
     registers = core.config.registers
     register_count = (registers.num_registers or num_tokens) if registers.enabled else 0
-    flops_per_image = 6 * core.num_parameters() * (num_tokens + register_count)
+    flops_per_image = core.config.train_flops_per_sample(num_tokens + register_count)
     result = TrainResult(step=step, reason="completed")
     progress = tqdm(total=config.steps, initial=step, disable=not accelerator.is_main_process, unit="step")
     window = {"loss": 0.0, "ntp": 0.0, "reg": 0.0, "steps": 0, "start": time.perf_counter()}
