@@ -183,7 +183,7 @@ def trial_short_shard(work: Path, rng: random.Random) -> dict:
 
 def eval_fixture(work: Path) -> tuple[list[str], Path]:
     """A tiny export + palette + random-weight Inception; the eval command line without --out."""
-    from mutor_vision.evaluation.pipeline import INCEPTION_FILE, save_random_inception_weights
+    from mutor_vision.evaluation import INCEPTION_FILE, save_random_inception_weights
     from mutor_vision.models import GPT, GPTConfig, RegisterConfig
     from tokenizer import PaletteTokenizer
 

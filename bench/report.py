@@ -46,16 +46,37 @@ def sample_table(results: list[dict]) -> list[str]:
                 f"{result['timed_tokens']} | {variant} | {row['seconds']:.3f} | {row['tokens_per_s']:.1f} |"
             )
     lines.append("")
-    lines.append("| file | KV cache speed-up (CFG) | KV cache speed-up (no CFG) | CFG cost | pipeline images/s |")
+    lines.append("| file | KV cache speed-up (CFG) | KV cache speed-up (no CFG) | CFG cost | CUDA graph / eager |")
     lines.append("|---|---|---|---|---|")
     for name, result in results:
         r = result["ratios"]
-        cells = [
-            f"{r[k]:.2f}x" if k in r else "–"
-            for k in ("cache_over_nocache_cfg", "cache_over_nocache_nocfg", "cfg_cost")
-        ]
-        pipeline = result.get("pipeline", {}).get("images_per_s")
-        lines.append(f"| {name} | {' | '.join(cells)} | {'–' if pipeline is None else f'{pipeline:.3f}'} |")
+        keys = ("cache_over_nocache_cfg", "cache_over_nocache_nocfg", "cfg_cost", "graph_over_eager_cfg")
+        cells = [f"{r[k]:.2f}x" if k in r else "–" for k in keys]
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    return lines
+
+
+def eval_pipeline_table(results: list[dict]) -> list[str]:
+    lines = [
+        "| file | device | model | tokenizer | batch | samples | raw sampling img/s | end to end img/s | ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results:
+        c, rows = r["config"], r["rows"]
+        lines.append(
+            f"| {name} | {r['device']} | {c.get('size') or 'small'} | {c['tokenizer']} | {c['batch_size']} | "
+            f"{c['num_samples']} | {rows['raw_sampling']['images_per_s']:.2f} | "
+            f"{rows['end_to_end']['images_per_s']:.2f} | {r['ratio']:.3f} |"
+        )
+    return lines
+
+
+def faults_table(results: list[dict]) -> list[str]:
+    lines = ["| file | fault | trials | outcomes |", "|---|---|---|---|"]
+    for name, r in results:
+        for fault, outcomes in r["summary"].items():
+            told = "; ".join(f"{count}× {outcome}" for outcome, count in outcomes.items())
+            lines.append(f"| {name} | {fault} | {sum(outcomes.values())} | {told} |")
     return lines
 
 
@@ -75,7 +96,7 @@ def data_table(results: list[dict]) -> list[str]:
 
 
 def render() -> str:
-    groups: dict[str, list] = {"train_step": [], "sample": [], "data": []}
+    groups: dict[str, list] = {"train_step": [], "sample": [], "data": [], "eval_pipeline": [], "faults": []}
     for path in sorted(RESULTS.glob("*.json")):
         result = json.loads(path.read_text())
         groups.setdefault(result["benchmark"], []).append((path.name, result))
@@ -85,8 +106,12 @@ def render() -> str:
         parts += [*train_step_table(groups["train_step"]), ""]
     if groups["sample"]:
         parts += ["**Sampling** (`bench/sample.py`)", "", *sample_table(groups["sample"]), ""]
+    if groups["eval_pipeline"]:
+        parts += ["**Evaluation** (`bench/eval_pipeline.py`)", "", *eval_pipeline_table(groups["eval_pipeline"]), ""]
     if groups["data"]:
         parts += ["**Data** (`bench/data.py`)", "", *data_table(groups["data"]), ""]
+    if groups["faults"]:
+        parts += ["**Fault injection** (`bench/faults.py`)", "", *faults_table(groups["faults"]), ""]
     return "\n".join(parts)
 
 

@@ -19,21 +19,13 @@ import math
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mutor_vision.evaluation.pipeline import (
-    INCEPTION_FILE,
-    extract_features,
-    inception_extractor,
-    save_random_inception_weights,
-)
 from mutor_vision.models import GPT, GPTConfig, RegisterConfig, generate
 
 
@@ -56,10 +48,17 @@ def timed(fn, repeats: int, warmup: int) -> float:
         fn()
     times = []
     for _ in range(repeats):
+        _sync()
         start = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -71,8 +70,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--variants", default="cache_cfg,cache_nocfg,nocache_cfg,nocache_nocfg")
     parser.add_argument("--no-cache-tokens", type=int, default=0, help="time the paths on this prefix (0: all)")
-    parser.add_argument("--compile", action="store_true", help="also time a compiled decode step")
-    parser.add_argument("--pipeline", action="store_true", help="also time sampling + VQ-16 decode + Inception")
+    parser.add_argument("--compile", action="store_true", help="also time generate(compile=True)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="model weights (bf16: GPU)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -84,6 +83,9 @@ def main() -> None:
     if prefix_grid * prefix_grid != tokens:
         raise SystemExit("--no-cache-tokens must be a square number (a grid side squared)")
     model = build(args, prefix_grid).to(device)
+    if args.dtype == "bf16":
+        model = model.to(torch.bfloat16)
+        model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()  # RoPE stays fp32
     labels = torch.arange(args.batch_size, device=device) % model.config.num_classes
 
     def run(**kwargs):
@@ -110,6 +112,7 @@ def main() -> None:
         "cache_over_nocache_cfg": ("nocache_cfg", "cache_cfg"),
         "cache_over_nocache_nocfg": ("nocache_nocfg", "cache_nocfg"),
         "cfg_cost": ("cache_cfg", "cache_nocfg"),
+        "graph_over_eager_cfg": ("cache_cfg", "cache_cfg_compiled"),
     }
     ratios = {k: rows[a]["seconds"] / rows[b]["seconds"] for k, (a, b) in pairs.items() if a in rows and b in rows}
     result = {
@@ -118,51 +121,18 @@ def main() -> None:
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
         "config": vars(args),
+        "command": "python bench/sample.py " + " ".join(sys.argv[1:]),
         "timed_tokens": tokens,
         "rows": rows,
         "ratios": ratios,
     }
-    if args.pipeline:
-        result["pipeline"] = pipeline_rate(args, device)
     for name, row in rows.items():
         print(f"{name:<20} {row['seconds']:8.3f} s  {row['tokens_per_s']:9.1f} tok/s  {row['images_per_s']:7.3f} img/s")
     for name, value in ratios.items():
         print(f"{name:<26} {value:6.2f}x")
-    if "pipeline" in result:
-        print("pipeline", json.dumps(result["pipeline"]))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
-
-
-def pipeline_rate(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
-    """Full-grid sampling (CFG 2.0, KV cache) + VQ-16 decode + Inception features, random weights."""
-    from tokenizer import VQ16, to_uint8
-
-    model = build(args, args.grid_size).to(device)
-    vq = VQ16().to(device).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = save_random_inception_weights(Path(tmp) / INCEPTION_FILE)
-        extractor = inception_extractor(weights)
-    labels = torch.arange(args.batch_size, device=device) % model.config.num_classes
-    start = time.perf_counter()
-    codes = generate(model, labels, cfg_scale=2.0, seed=0)
-    sample_s = time.perf_counter() - start
-    start = time.perf_counter()
-    with torch.no_grad():
-        images = to_uint8(vq.decode(codes)).permute(0, 2, 3, 1).cpu().numpy()
-    decode_s = time.perf_counter() - start
-    start = time.perf_counter()
-    extract_features(extractor, np.ascontiguousarray(images), batch_size=args.batch_size, device=device)
-    feature_s = time.perf_counter() - start
-    total = sample_s + decode_s + feature_s
-    return {
-        "images": args.batch_size,
-        "sample_s": sample_s,
-        "decode_s": decode_s,
-        "features_s": feature_s,
-        "images_per_s": args.batch_size / total,
-    }
 
 
 if __name__ == "__main__":

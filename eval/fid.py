@@ -27,8 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root
 
 from mutor_vision.cli import run_command, setup_logging
 from mutor_vision.errors import ConfigError, InputError
-from mutor_vision.evaluation import evaluate, inception_extractor
-from mutor_vision.evaluation.fid import evaluation_state, reference_from_folder, reference_from_npz
+from mutor_vision.evaluation import (
+    evaluate,
+    evaluation_state,
+    inception_extractor,
+    reference_from_folder,
+    reference_from_npz,
+)
 from mutor_vision.models import GPT, SamplingConfig
 from tokenizer import load_tokenizer
 from tokenizer.preprocess import center_crop_adm, to_uint8

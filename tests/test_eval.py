@@ -10,10 +10,17 @@ import scipy.linalg
 import torch
 from conftest import COLORS, make_image_folder, run_two_cpu_ranks
 
-from mutor_vision.evaluation import frechet_distance, inception_extractor, inception_score, precision_recall, statistics
-from mutor_vision.evaluation.pipeline import INCEPTION_FILE, save_random_inception_weights
+from mutor_vision.evaluation import (
+    INCEPTION_FILE,
+    frechet_distance,
+    inception_extractor,
+    inception_score,
+    precision_recall,
+    save_random_inception_weights,
+    statistics,
+)
 from mutor_vision.models import GPT, GPTConfig, RegisterConfig
-from tokenizer import PaletteTokenizer
+from tokenizer import PaletteTokenizer, to_uint8
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "eval"))
@@ -60,6 +67,23 @@ def test_precision_recall_identical_and_disjoint():
     assert precision == pytest.approx(0.5, abs=0.02) and recall > 0.5
 
 
+def test_precision_recall_equals_a_brute_force_computation():
+    # The k-NN manifold definition written out with full distance matrices (no chunks).
+    rng = np.random.default_rng(3)
+    fake, real = rng.normal(size=(230, 6)), rng.normal(size=(170, 6)) * 1.3 + 0.4
+
+    def coverage(queries, manifold, k=3):
+        radii = np.sort(np.linalg.norm(manifold[:, None] - manifold[None], axis=-1), axis=1)[:, k]
+        distances = np.linalg.norm(queries[:, None] - manifold[None], axis=-1)
+        return float((distances <= radii[None]).any(axis=1).mean())
+
+    precision, recall = precision_recall(fake, real, k=3, chunk=64)
+    # torch-fidelity averages in float32: equal up to rounding, far below one sample (1/230)
+    assert precision == pytest.approx(coverage(fake, real), abs=1e-6)
+    assert recall == pytest.approx(coverage(real, fake), abs=1e-6)
+    assert 0.2 < precision < 1.0 and 0.2 < recall < 1.0
+
+
 def test_offline_inception_error_names_both_ways(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     with pytest.raises(FileNotFoundError) as error:
@@ -103,9 +127,9 @@ def cli_args(export: Path, out: Path, weights: Path, *extra: str) -> list[str]:
 
 
 def test_interrupted_eval_resumes_every_index_once(tmp_path, export, inception_weights, monkeypatch):
-    from mutor_vision.evaluation import pipeline
+    from mutor_vision.evaluation import run as evaluation_run
 
-    original, calls = pipeline.generate, {"n": 0}
+    original, calls = evaluation_run.generate, {"n": 0}
 
     def dying_generate(*args, **kwargs):
         calls["n"] += 1
@@ -113,7 +137,7 @@ def test_interrupted_eval_resumes_every_index_once(tmp_path, export, inception_w
             raise KeyboardInterrupt("killed while sampling")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "generate", dying_generate)
+    monkeypatch.setattr(evaluation_run, "generate", dying_generate)
     with pytest.raises(KeyboardInterrupt):
         fid_cli.run(cli_args(export, tmp_path / "run", inception_weights))
     monkeypatch.undo()
@@ -146,31 +170,52 @@ def test_two_rank_eval_covers_every_label_once(tmp_path, export, inception_weigh
 
 
 def test_refilled_samples_equal_an_uninterrupted_run(tmp_path, export, inception_weights, monkeypatch):
-    # Killed while writing image 5 (mid-batch): the rerun samples 5..11 in other batches, yet every
-    # PNG equals the uninterrupted run's, because image i's random numbers come from (seed, i).
-    from mutor_vision.evaluation import pipeline
+    # Killed while writing the 6th PNG (mid-batch, writer threads still busy): the rerun samples the
+    # gaps in other batches, yet every PNG equals the uninterrupted run's, because sample i's random
+    # numbers come from (seed, i).
+    from mutor_vision.evaluation import samples as evaluation_samples
 
     straight = fid_cli.run(cli_args(export, tmp_path / "a", inception_weights, "--no-npz"))
-    original, calls = pipeline.atomic_write, {"n": 0}
+    original, calls = evaluation_samples.atomic_write, {"n": 0}
 
     def dying_write(path, *args, **kwargs):
-        if str(path).endswith(".png") and "samples" in str(path):
-            calls["n"] += 1
-            if calls["n"] == 6:
-                raise KeyboardInterrupt("killed mid-batch")
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt("killed mid-batch")
         return original(path, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "atomic_write", dying_write)
+    monkeypatch.setattr(evaluation_samples, "atomic_write", dying_write)
     with pytest.raises(KeyboardInterrupt):
         fid_cli.run(cli_args(export, tmp_path / "b", inception_weights, "--no-npz"))
     monkeypatch.undo()
-    assert len(list((tmp_path / "b" / "samples").glob("*.png"))) == 5
+    before = len(list((tmp_path / "b" / "samples").glob("*.png")))
+    assert 5 <= before < 12
     resumed = fid_cli.run(cli_args(export, tmp_path / "b", inception_weights, "--no-npz"))
-    assert resumed["written_this_run"] == 7
+    assert resumed["written_this_run"] == 12 - before
     for i in range(12):
         name = f"{i:06d}.png"
         assert (tmp_path / "a" / "samples" / name).read_bytes() == (tmp_path / "b" / "samples" / name).read_bytes()
-    assert resumed["metrics"] == straight["metrics"]
+    for key, value in straight["metrics"].items():
+        assert resumed["metrics"][key] == pytest.approx(value, rel=1e-6), key
+
+
+def test_in_memory_features_equal_the_png_files_features(tmp_path, export, inception_weights):
+    # PNG is lossless: features computed from the decoded images in memory (this run's samples)
+    # equal those read back from the files (a rerun's kept samples), batch for batch.
+    from mutor_vision.evaluation import inception_extractor
+    from mutor_vision.evaluation.run import sample_and_measure
+    from mutor_vision.models import SamplingConfig
+
+    model = GPT.from_pretrained(export / "export").eval()
+    palette = PaletteTokenizer(COLORS)
+    extractor = inception_extractor(inception_weights)
+    args = (model, lambda codes: to_uint8(palette.decode(codes)), extractor, np.arange(12) % 3, range(12),
+            tmp_path / "samples", SamplingConfig(cfg_scale=1.5), 4, 4)  # fmt: skip
+    from_memory, written = sample_and_measure(*args, show_progress=False)
+    from_files, rewritten = sample_and_measure(*args, show_progress=False)
+    assert (written, rewritten) == (12, 0)
+    assert all(np.array_equal(a, b) for a, b in zip(from_memory, from_files, strict=True))
+    assert from_memory[0].shape == (12, 2048) and from_memory[0].dtype == np.float32
 
 
 def test_a_corrupt_png_is_sampled_again(tmp_path, export, inception_weights):
@@ -181,16 +226,17 @@ def test_a_corrupt_png_is_sampled_again(tmp_path, export, inception_weights):
     target.write_bytes(good[: len(good) // 2])  # truncated: present, but it does not decode
     again = fid_cli.run(args)
     assert again["written_this_run"] == 1 and target.read_bytes() == good
-    assert again["metrics"] == first["metrics"]
+    for key, value in first["metrics"].items():
+        assert again["metrics"][key] == pytest.approx(value, rel=1e-6), key
 
 
 def test_a_failed_run_without_samples_does_not_block_other_settings(tmp_path, export, inception_weights, monkeypatch):
-    from mutor_vision.evaluation import pipeline
+    from mutor_vision.evaluation import run as evaluation_run
 
     def failing_generate(*args, **kwargs):
         raise RuntimeError("NaN weights")
 
-    monkeypatch.setattr(pipeline, "generate", failing_generate)
+    monkeypatch.setattr(evaluation_run, "generate", failing_generate)
     with pytest.raises(RuntimeError, match="NaN"):
         fid_cli.run(cli_args(export, tmp_path / "run", inception_weights, "--no-npz"))
     monkeypatch.undo()

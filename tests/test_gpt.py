@@ -298,6 +298,15 @@ def test_an_image_depends_on_its_own_numbers_only():
     assert not torch.equal(together[0], together[1])
 
 
+def test_compile_on_cpu_falls_back_to_eager(caplog):
+    model = tiny_model()
+    labels = torch.tensor([1, 2, 3])
+    with caplog.at_level(logging.INFO):
+        compiled = generate(model, labels, cfg_scale=2.0, seed=5, compile=True)
+    assert torch.equal(compiled, generate(model, labels, cfg_scale=2.0, seed=5))
+    assert "runs eager" in caplog.text and model.layers[0].attention.kv_cache is None
+
+
 def test_sampling_seeded_and_filters():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(2000, 1)
     a = sample_logits(logits, generator=torch.Generator().manual_seed(0))

@@ -1,12 +1,25 @@
-"""Evaluation: sampling to images, features, and FID / IS / Precision / Recall."""
+"""Evaluation: sample files (``samples.py``), features and references (``features.py``), metrics
+(``metrics.py``), and the distributed run that ties them together (``run.py``)."""
 
-from mutor_vision.evaluation.fid import Reference, evaluate, reference_from_folder, reference_from_images
+from mutor_vision.evaluation.features import (
+    INCEPTION_FILE,
+    Reference,
+    extract_features,
+    inception_extractor,
+    reference_from_folder,
+    reference_from_images,
+    reference_from_npz,
+    save_random_inception_weights,
+)
 from mutor_vision.evaluation.metrics import frechet_distance, inception_score, precision_recall, statistics
-from mutor_vision.evaluation.pipeline import extract_features, inception_extractor, label_list
+from mutor_vision.evaluation.run import evaluate, evaluation_state
+from mutor_vision.evaluation.samples import label_list
 
 __all__ = [
+    "INCEPTION_FILE",
     "Reference",
     "evaluate",
+    "evaluation_state",
     "extract_features",
     "frechet_distance",
     "inception_extractor",
@@ -15,5 +28,7 @@ __all__ = [
     "precision_recall",
     "reference_from_folder",
     "reference_from_images",
+    "reference_from_npz",
+    "save_random_inception_weights",
     "statistics",
 ]

@@ -1,8 +1,9 @@
-"""FID, Inception Score and ADM-style Precision/Recall from features (ecosystem.md §1).
+"""FID, Inception Score and ADM-style Precision/Recall from features, through torch-fidelity.
 
-FID and IS go through torch-fidelity's own functions (FID with float64 statistics on both sides,
-IS with 10 in-order splits as ADM). Precision/Recall follow ADM's evaluator: k = 3 nearest
-neighbours in Inception pool features, radii from each set to itself, against the reference set.
+Every metric is torch-fidelity's own function: FID from float64 statistics on both sides (the ADM
+reference statistics may be float32; torch-fidelity asserts equal dtypes), IS with 10 in-order
+splits as ADM, Precision/Recall with k = 3 nearest neighbours in Inception pool features (radii
+from each set to itself) against the reference set, as ADM's evaluator.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from torch import Tensor
 
 
 def statistics(features: Tensor | np.ndarray) -> dict[str, np.ndarray]:
-    """mu, sigma (float64) of features (N, D)."""
+    """mu, sigma (float64) of features (N, D): torch-fidelity's ``fid_features_to_statistics``."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
     array = np.asarray(features, dtype=np.float64)
     if array.ndim != 2 or len(array) < 2:
         raise ValueError(f"need features (N >= 2, D), got shape {array.shape}")
-    return {"mu": array.mean(axis=0), "sigma": np.cov(array, rowvar=False)}
+    return fid_features_to_statistics(torch.from_numpy(array))
 
 
 def frechet_distance(stats: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
@@ -39,32 +42,21 @@ def inception_score(logits: Tensor | np.ndarray, splits: int = 10) -> tuple[floa
     return result[KEY_METRIC_ISC_MEAN], result[KEY_METRIC_ISC_STD]
 
 
-def _radii(features: Tensor, k: int, chunk: int) -> Tensor:
-    """Distance from each point to its k-th nearest other point (the set's manifold radius)."""
-    radii = []
-    for start in range(0, len(features), chunk):
-        distances = torch.cdist(features[start : start + chunk], features)
-        radii.append(distances.kthvalue(k + 1, dim=1).values)  # + 1: the point itself is at 0
-    return torch.cat(radii)
-
-
-def _coverage(queries: Tensor, manifold: Tensor, radii: Tensor, chunk: int) -> float:
-    """Fraction of ``queries`` inside at least one ball (manifold[j], radii[j])."""
-    inside = []
-    for start in range(0, len(queries), chunk):
-        distances = torch.cdist(queries[start : start + chunk], manifold)
-        inside.append((distances <= radii[None]).any(dim=1))
-    return torch.cat(inside).float().mean().item()
-
-
 def precision_recall(
     samples: Tensor | np.ndarray, reference: Tensor | np.ndarray, k: int = 3, chunk: int = 1024
 ) -> tuple[float, float]:
-    """Improved precision/recall (Kynkäänniemi et al.; ADM's evaluator): k-NN manifolds of each set."""
+    """Improved precision/recall (Kynkäänniemi et al.; ADM's evaluator): k-NN manifolds of each set.
+
+    torch-fidelity's ``prc_features_to_metric`` on float64 features, in chunks of ``chunk`` rows
+    (its default of 10,000 rows holds a 10,000 × 50,000 distance block in memory).
+    """
+    from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+
     fake = torch.as_tensor(np.asarray(samples), dtype=torch.float64)
     real = torch.as_tensor(np.asarray(reference), dtype=torch.float64)
     if len(fake) <= k or len(real) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} samples and reference images")
-    precision = _coverage(fake, real, _radii(real, k, chunk), chunk)
-    recall = _coverage(real, fake, _radii(fake, k, chunk), chunk)
-    return precision, recall
+    result = prc_features_to_metric(
+        fake, real, prc_neighborhood=k, prc_batch_size=chunk, save_cpu_ram=True, verbose=False
+    )
+    return result[KEY_METRIC_PRECISION], result[KEY_METRIC_RECALL]

@@ -14,6 +14,8 @@ image index): a rerun that refills half a batch reproduces the images of an unin
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +25,8 @@ from torch import Tensor
 from mutor_vision.config import check
 from mutor_vision.models.gpt import GPT
 from mutor_vision.seeds import hash_seed
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,32 @@ def _device(generator: torch.Generator | None) -> torch.device:
     return generator.device if generator is not None else torch.device("cpu")
 
 
+def next_codes(
+    model: GPT, previous: Tensor, position: Tensor, uniform: Tensor, sampling: SamplingConfig, guided: bool
+) -> Tensor:
+    """One decode step: the codes (B,) that follow ``previous`` (B,) at sequence ``position`` (1,).
+
+    Embedding, every layer over the KV cache, norm and head, CFG, filtering and the draw: the whole
+    step, with static shapes and no host sync, so it can run as one CUDA graph.
+    """
+    rows = torch.cat([previous, previous]) if guided else previous
+    logits = model.decode(rows[:, None], position)
+    logits = guide(logits, sampling.cfg_scale) if guided else logits
+    return sample_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p, uniform=uniform)
+
+
+@functools.cache
+def _graph_step() -> Callable[..., Tensor]:
+    # One compiled function for the process: torch.compile caches a CUDA graph per (batch, settings).
+    # "reduce-overhead" = CUDA graphs: 256 steps of small kernels are bound by launches, not FLOPs.
+    return torch.compile(next_codes, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+
+@functools.cache
+def _say_cpu_fallback() -> None:
+    log.info("generate(compile=True): the CUDA-graph decode needs CUDA; sampling on the CPU runs eager")
+
+
 @torch.no_grad()
 def generate(
     model: GPT,
@@ -127,8 +157,11 @@ def generate(
     ``uniform`` (B, N) fixes every draw (see the module docstring); without it the numbers come
     from ``sampling.seed`` (one stream for the batch). The null-class rows run when ``cfg_scale !=
     1`` (or ``always_guide``, which measures/tests the guided path at scale 1). ``use_cache=False``
-    recomputes the full prefix every step (the slow reference path). ``compile`` compiles the
-    one-token decode step.
+    recomputes the full prefix every step (the slow reference path).
+
+    ``compile`` on CUDA runs each decode step (:func:`next_codes`) as a captured CUDA graph, one per
+    (batch, settings), and keeps the KV cache allocated for the next call at that batch size
+    (``model.clear_caches()`` frees it); on the CPU it is ignored (one log line).
     """
     if sampling is None:
         sampling = SamplingConfig(**settings)
@@ -142,36 +175,37 @@ def generate(
         uniform = torch.rand(batch, num_tokens, generator=torch.Generator().manual_seed(sampling.seed))
     if uniform.shape != (batch, num_tokens):
         raise ValueError(f"uniform must have shape {(batch, num_tokens)}, got {tuple(uniform.shape)}")
-    uniform = uniform.to(labels.device)
+    uniform_by_step = uniform.t().contiguous().to(labels.device)  # (N, B): one contiguous row per step
     guided = always_guide or sampling.cfg_scale != 1.0
     rows = torch.cat([labels, torch.full_like(labels, config.num_classes)]) if guided else labels
     codes = torch.zeros(batch, num_tokens, dtype=torch.long, device=labels.device)
-
-    def pick(logits: Tensor, t: int) -> Tensor:
-        logits = guide(logits, sampling.cfg_scale) if guided else logits
-        return sample_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p, uniform=uniform[:, t])
-
+    graph = compile and labels.is_cuda and use_cache
+    if compile and not labels.is_cuda:
+        _say_cpu_fallback()
     try:
         if use_cache:
             model.setup_caches(rows.shape[0])
-            decode: Callable[[Tensor, Tensor], Tensor] = model.decode
-            if compile:
-                decode = torch.compile(model.decode, fullgraph=True, dynamic=False)
+            step = _graph_step() if graph else next_codes
             positions = torch.arange(num_tokens, device=labels.device)  # no host-to-device copy per step
             logits = model.prefill(rows)
-            for t in range(num_tokens):
-                codes[:, t] = pick(logits, t)
-                if t + 1 < num_tokens:
-                    step = torch.cat([codes[:, t], codes[:, t]]) if guided else codes[:, t]
-                    logits = decode(step[:, None], positions[t + 1 : t + 2])
+            logits = guide(logits, sampling.cfg_scale) if guided else logits
+            t = sampling
+            codes[:, 0] = sample_logits(logits, t.temperature, t.top_k, t.top_p, uniform=uniform_by_step[0])
+            for i in range(1, num_tokens):
+                # The step's output lives in the graph's memory until the next replay: copy it now.
+                codes[:, i] = step(model, codes[:, i - 1], positions[i : i + 1], uniform_by_step[i], sampling, guided)
         else:
             prefix = torch.zeros(rows.shape[0], 1, dtype=torch.long, device=labels.device)
-            for t in range(num_tokens):
-                # Full forward over [class, x_1..x_t]: its last logits predict x_{t+1}.
-                codes[:, t] = pick(model(prefix, rows).logits[:, -1], t)
-                step = torch.cat([codes[:, t], codes[:, t]]) if guided else codes[:, t]
-                prefix = torch.cat([prefix[:, :t], step[:, None], prefix[:, t:]], dim=1)
+            for i in range(num_tokens):
+                # Full forward over [class, x_1..x_i]: its last logits predict x_{i+1}.
+                logits = model(prefix, rows).logits[:, -1]
+                logits = guide(logits, sampling.cfg_scale) if guided else logits
+                t = sampling
+                codes[:, i] = sample_logits(logits, t.temperature, t.top_k, t.top_p, uniform=uniform_by_step[i])
+                step_codes = torch.cat([codes[:, i], codes[:, i]]) if guided else codes[:, i]
+                prefix = torch.cat([prefix[:, :i], step_codes[:, None], prefix[:, i:]], dim=1)
     finally:
-        model.clear_caches()
+        if not graph:
+            model.clear_caches()
         model.train(was_training)
     return codes.view(batch, config.grid_size, config.grid_size)

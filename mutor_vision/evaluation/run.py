@@ -1,0 +1,220 @@
+"""One evaluation run: sample across ranks, decode, measure, write, and (rank 0) compute the metrics.
+
+``eval/fid.py`` is the command line around :func:`evaluate`; the demo calls it with its own feature
+extractor. Ranks sample disjoint index slices of one fixed label list. Per batch the GPU samples
+the codes, decodes them to uint8 images and computes their features from memory (PNG is lossless,
+so these equal the files' features), while background threads write the PNGs; samples kept from
+an earlier run are read back for their features. Rank 0 gathers the features and computes the
+metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mutor_vision.config import to_dict
+from mutor_vision.errors import ConfigError
+from mutor_vision.evaluation.features import Reference, extract_features, extractor_name, features_of
+from mutor_vision.evaluation.metrics import frechet_distance, inception_score, precision_recall, statistics
+from mutor_vision.evaluation.samples import PngWriter, label_list, missing_indices, read_pngs, save_grid, write_npz
+from mutor_vision.files import atomic_write, atomic_write_json, check_stamp
+from mutor_vision.models import GPT, SamplingConfig, generate, sample_uniforms
+from mutor_vision.processes import process_state
+
+log = logging.getLogger(__name__)
+Decode = Callable[[Tensor], Tensor]  # codes (B, h, w) -> uint8 images (B, 3, H, W) on the same device
+SETTINGS = "sampling_settings.json"
+
+
+def evaluation_state(device: str = "auto"):
+    """The process state for evaluation: gloo on CPU, and a long collective timeout.
+
+    Ranks can reach the gather at very different times (a resumed run leaves each rank a
+    different number of missing samples): the NCCL default of 10 minutes would abort them.
+    """
+    return process_state(device, timeout=timedelta(hours=12))
+
+
+def sample_and_measure(
+    model: GPT,
+    decode: Decode,
+    extractor: torch.nn.Module,
+    labels: np.ndarray,
+    indices: Sequence[int],
+    folder: Path,
+    sampling: SamplingConfig,
+    batch_size: int,
+    feature_batch_size: int,
+    compile: bool = False,
+    show_progress: bool = True,
+) -> tuple[list[np.ndarray], int]:
+    """Features of every sample of ``indices`` (in that order) and how many PNGs were written now.
+
+    Samples whose PNG is missing or broken are sampled; sample i's random numbers derive from
+    (seed, i) alone, so a rerun reproduces exactly the images an uninterrupted run would have
+    written, whatever batches they fall into.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    extractor = extractor.to(device).eval()
+    todo = missing_indices(folder, indices, verify=True)
+    rows: dict[int, list[np.ndarray]] = {}
+    with PngWriter(folder) as writer:
+        for start in tqdm(range(0, len(todo), batch_size), disable=not show_progress, unit="batch", desc="sampling"):
+            batch = todo[start : start + batch_size]
+            images = _sample_batch(model, decode, labels[batch], batch, sampling, compile, batch_size)
+            features = features_of(extractor, images, feature_batch_size)
+            writer.submit(batch, images.permute(0, 2, 3, 1).cpu().numpy())
+            rows.update({index: [f[row] for f in features] for row, index in enumerate(batch)})
+    written = len(todo)  # the writer waited for every PNG and raised if one failed
+    kept = [int(i) for i in indices if int(i) not in rows]
+    for start in tqdm(range(0, len(kept), 1024), disable=not show_progress or not kept, desc="features of kept PNGs"):
+        chunk = kept[start : start + 1024]
+        features = extract_features(extractor, read_pngs(folder, chunk), feature_batch_size, device)
+        rows.update({index: [f[row] for f in features] for row, index in enumerate(chunk)})
+    if not rows:
+        return [], written
+    columns = len(next(iter(rows.values())))
+    return [np.stack([rows[int(i)][c] for i in indices]) for c in range(columns)], written
+
+
+def _sample_batch(
+    model: GPT, decode: Decode, labels: np.ndarray, batch: list[int], sampling: SamplingConfig, compile: bool, size: int
+) -> Tensor:
+    device = next(model.parameters()).device
+    uniform = sample_uniforms(sampling.seed, batch, model.config.num_tokens)
+    try:
+        codes = generate(model, torch.as_tensor(labels, device=device), sampling, uniform=uniform, compile=compile)
+        with torch.no_grad():
+            return decode(codes)
+    except torch.OutOfMemoryError:
+        raise ConfigError(
+            f"--batch-size {size}: a batch does not fit in GPU memory with this model; lower --batch-size"
+        ) from None
+
+
+def _weights_checksum(model: torch.nn.Module) -> str:
+    """A cheap fingerprint of the weights (sum and first elements of every tensor)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().float().flatten()
+        digest.update(f"{name}:{flat.sum().item():.6e}:{flat[:4].tolist()}".encode())
+    return digest.hexdigest()[:16]
+
+
+def evaluate(
+    model: GPT,
+    decode: Decode,
+    extractor: torch.nn.Module,
+    reference: Reference | None,
+    out_dir: Path,
+    num_samples: int,
+    sampling: SamplingConfig,
+    per_class: bool = True,
+    batch_size: int = 64,
+    feature_batch_size: int = 64,
+    save_npz: bool = True,
+    compile: bool = False,
+    extra: dict[str, Any] | None = None,
+    extra_metrics=None,
+    device: str = "auto",
+) -> dict[str, Any] | None:
+    """Sample ``num_samples`` images across ranks, then (rank 0) compute the metrics.
+
+    Returns the results (also written to ``out_dir/results.json``) on rank 0, None elsewhere.
+    ``extra_metrics(labels, features)`` may add entries (the demo's class-consistency accuracy).
+    Samples already in ``out_dir/samples`` must come from the same model and settings
+    (``sampling_settings.json``); a rerun samples only the missing or broken ones.
+    """
+    from accelerate.utils import gather_object
+
+    state = evaluation_state(device)
+    if num_samples < state.num_processes:
+        raise ConfigError(f"num_samples ({num_samples}) must be at least the number of ranks ({state.num_processes})")
+    model = model.to(state.device)
+    out_dir = Path(out_dir)
+    samples_dir = out_dir / "samples"
+    settings = {
+        "num_samples": num_samples,
+        "per_class": per_class,
+        **dataclasses.asdict(sampling),
+        "model": {"config": to_dict(model.config), "checksum": _weights_checksum(model)},
+    }
+    stamp = (out_dir / SETTINGS, settings, any(samples_dir.glob("*.png")))
+    remedy = "use another --out, or delete it to start over"
+    check_stamp(*stamp, remedy=remedy, write=False)  # every rank checks, the main process records
+    if state.is_main_process:
+        check_stamp(*stamp, remedy=remedy, write=True)
+    state.wait_for_everyone()
+    labels = label_list(num_samples, model.config.num_classes, per_class=per_class, seed=sampling.seed)
+    mine = np.arange(num_samples)[state.process_index :: state.num_processes]
+    start = time.perf_counter()
+    features, written = sample_and_measure(
+        model, decode, extractor, labels, mine, samples_dir, sampling, batch_size, feature_batch_size,
+        compile=compile, show_progress=state.is_local_main_process,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    gathered = gather_object([(mine, features, written)])
+    if not state.is_main_process:
+        return None
+    order = np.concatenate([g[0] for g in gathered])
+    inverse = np.argsort(order)
+    if not np.array_equal(order[inverse], np.arange(num_samples)):
+        raise RuntimeError("ranks did not cover every sample index exactly once")
+    features = [np.concatenate([g[1][j] for g in gathered])[inverse] for j in range(len(gathered[0][1]))]
+    pool, logits = features[0], (features[1] if len(features) > 1 else None)
+    results: dict[str, Any] = {
+        "num_samples": num_samples,
+        "written_this_run": int(sum(g[2] for g in gathered)),
+        "per_rank": [len(g[0]) for g in gathered],
+        "world_size": state.num_processes,
+        "sampling": {
+            **dataclasses.asdict(sampling),
+            "labels": "per-class" if per_class else "random",
+            "batch_size": batch_size,
+        },
+        "features": {"extractor": extractor_name(extractor), "batch_size": feature_batch_size, "tf32": False},
+        "sample_and_measure_seconds_this_run": seconds,
+        **(extra or {}),
+    }
+    results["metrics"] = _metrics(pool, logits, labels, reference, extra_metrics)
+    if reference is not None:
+        results["reference"] = reference.source
+    atomic_write(out_dir / "labels.npy", lambda tmp: _save_npy(tmp, labels))
+    if save_npz:
+        write_npz(samples_dir, num_samples, out_dir / "samples.npz")
+    save_grid(read_pngs(samples_dir, range(min(num_samples, 64))), out_dir / "grid.png")
+    atomic_write_json(out_dir / "results.json", results)
+    log.info("metrics: %s", json.dumps(results["metrics"]))
+    return results
+
+
+def _metrics(pool, logits, labels, reference: Reference | None, extra_metrics) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    if reference is not None:
+        metrics["fid"] = frechet_distance(statistics(pool), {"mu": reference.mu, "sigma": reference.sigma})
+        if reference.features is not None:
+            metrics["precision"], metrics["recall"] = precision_recall(pool, reference.features, k=3)
+    if logits is not None and len(pool) >= 10:
+        metrics["inception_score"], metrics["inception_score_std"] = inception_score(logits, splits=10)
+    if extra_metrics is not None:
+        metrics.update(extra_metrics(labels, (pool, logits)))
+    return metrics
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as stream:  # a file object: numpy would append .npy to the temp name
+        np.save(stream, array)

@@ -1,0 +1,137 @@
+"""Sample files of an evaluation: one PNG per sample index, the ADM npz, the preview grid.
+
+``samples/NNNNNN.png`` is sample NNNNNN (its class is ``label_list(...)[NNNNNN]``). PNGs are written
+to a temp name and renamed, so a kill never leaves a half-written image that a rerun would count;
+a rerun decodes the PNGs already there once before trusting them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mutor_vision.files import atomic_write
+
+log = logging.getLogger(__name__)
+_IO_THREADS = 8  # PNG encode/decode releases the GIL in zlib: threads overlap it with GPU work
+
+
+def label_list(num_samples: int, num_classes: int, per_class: bool = True, seed: int = 0) -> np.ndarray:
+    """Sample i's class: ``i % num_classes`` (balanced: 50 per class for 50,000 / 1,000) or uniform."""
+    if per_class:
+        return np.arange(num_samples) % num_classes
+    return np.random.default_rng(seed).integers(0, num_classes, num_samples)
+
+
+def png_path(folder: Path, index: int) -> Path:
+    return folder / f"{index:06d}.png"
+
+
+def missing_indices(folder: Path, indices: Sequence[int], verify: bool = False) -> list[int]:
+    """Indices whose PNG is absent; with ``verify``, also those whose PNG does not decode (deleted)."""
+    missing = [int(i) for i in indices if not png_path(folder, int(i)).is_file()]
+    if not verify:
+        return missing
+    present = sorted(set(int(i) for i in indices) - set(missing))
+    with ThreadPoolExecutor(_IO_THREADS) as pool:
+        decodes = list(pool.map(lambda i: _decodes(png_path(folder, i)), present))
+    broken = [i for i, ok in zip(present, decodes, strict=True) if not ok]
+    for index in broken:
+        log.warning("%s does not decode: deleted, it will be sampled again", png_path(folder, index))
+        png_path(folder, index).unlink(missing_ok=True)
+    return sorted(missing + broken)
+
+
+def _decodes(path: Path) -> bool:
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except Exception:  # any decoder error: truncated, garbage, wrong format
+        return False
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    # Not flushed to disk one by one (50,000 fsyncs): a PNG lost to a power cut fails to decode,
+    # and the next run samples it again.
+    atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"), durable=False)
+
+
+class PngWriter:
+    """Writes PNGs on background threads while the caller goes on sampling; leaving the block waits for all.
+
+    A failed write is raised by the next ``submit`` or on leaving the block: none is lost silently.
+    """
+
+    def __init__(self, folder: Path, threads: int = _IO_THREADS) -> None:
+        self.folder = folder
+        self.pool = ThreadPoolExecutor(threads)
+        self.pending: list[Future] = []
+
+    def submit(self, indices: Sequence[int], images: np.ndarray) -> None:
+        """Queue uint8 images (B, H, W, 3) for the sample indices."""
+        self._raise_failures(wait=False)
+        for index, image in zip(indices, images, strict=True):
+            self.pending.append(self.pool.submit(write_png, png_path(self.folder, int(index)), image))
+
+    def _raise_failures(self, wait: bool) -> None:
+        done = [f for f in self.pending if wait or f.done()]
+        for future in done:
+            future.result()  # re-raises the write's exception
+        self.pending = [f for f in self.pending if f not in done]
+
+    def __enter__(self) -> PngWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if exc[0] is None:
+                self._raise_failures(wait=True)
+        finally:  # on an error in the caller too: queued writes finish (whole files only)
+            self.pool.shutdown(wait=True)
+
+
+def read_pngs(folder: Path, indices: Sequence[int]) -> np.ndarray:
+    """The PNGs of ``indices`` as uint8 (N, H, W, 3), decoded on threads; an error names any gap."""
+    missing = missing_indices(folder, indices)
+    if missing:
+        raise FileNotFoundError(f"{folder}: {len(missing)} sample(s) missing, e.g. {missing[:5]}")
+    with ThreadPoolExecutor(_IO_THREADS) as pool:
+        images = list(pool.map(lambda i: np.asarray(Image.open(png_path(folder, int(i))).convert("RGB")), indices))
+    return np.stack(images) if images else np.zeros((0, 0, 0, 3), np.uint8)
+
+
+def write_npz(folder: Path, num_samples: int, path: Path, chunk: int = 1024) -> None:
+    """ADM sample batch: ``arr_0`` uint8 (N, H, W, 3), written through a memmap (no N-image RAM peak)."""
+    import zipfile
+
+    first = read_pngs(folder, [0])[0]
+    npy = path.with_name(f".{path.stem}.arr_0.npy")
+    array = np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(num_samples, *first.shape))
+    for start in range(0, num_samples, chunk):
+        stop = min(num_samples, start + chunk)
+        array[start:stop] = read_pngs(folder, range(start, stop))
+    array.flush()
+    del array
+
+    def archive(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zipped:
+            zipped.write(npy, "arr_0.npy")
+
+    atomic_write(path, archive)
+    npy.unlink()
+
+
+def save_grid(images: np.ndarray, path: Path, columns: int = 8) -> None:
+    """A PNG grid of uint8 images (N, H, W, 3)."""
+    from torchvision.utils import make_grid
+
+    tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    grid = make_grid(tensor, nrow=columns, padding=2, pad_value=255)
+    atomic_write(path, lambda tmp: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG"))
