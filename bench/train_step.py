@@ -7,7 +7,7 @@
 
 Each step is forward + backward + AdamW on one batch. Variants run interleaved (A B C A B C ...)
 after warm-up, and the median per variant is reported, so machine noise hits all alike. The goal
-(mutor.md §2, issue #3): step(MuToR) / step(NTP) <= 1.05 × (N + R) / N.
+(docs/method.md §2): step(MuToR) / step(NTP) <= 1.05 × (N + R) / N.
 """
 
 from __future__ import annotations

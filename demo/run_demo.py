@@ -12,7 +12,6 @@ class-consistency accuracy, held-out next-token NLL -> runs/demo/report.md, samp
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import shutil
@@ -31,7 +30,7 @@ import train_c2i  # noqa: E402
 from demo.digits import digits_extractor, load_digits_rgb, train_classifier, write_image_folder  # noqa: E402
 from mutor_vision.evaluation import evaluate, reference_from_images  # noqa: E402
 from mutor_vision.models import GPT, SamplingConfig  # noqa: E402
-from mutor_vision.shards import read_manifest  # noqa: E402
+from mutor_vision.shards import iter_samples, read_manifest  # noqa: E402
 from mutor_vision.training.checkpoints import CheckpointManager  # noqa: E402
 from tokenizer import PaletteTokenizer, to_uint8  # noqa: E402
 from tokenizer.encode_imagenet import run as encode  # noqa: E402
@@ -74,13 +73,11 @@ def train_model(name: str, data: Path, out: Path, smoke: bool) -> tuple[Path, fl
 @torch.no_grad()
 def heldout_nll(model: GPT, shards: Path) -> float:
     """Mean next-token NLL (nats per token) of the held-out split, every sample once."""
-    import webdataset as wds
-
     model.eval()
     total, count = 0.0, 0
-    for sample in wds.WebDataset(read_manifest(shards).urls, shardshuffle=False, empty_check=False):
-        tokens = torch.from_numpy(np.load(io.BytesIO(sample["tokens.npy"])).astype(np.int64))[:1].flatten(1)
-        labels = torch.tensor([int(sample["cls"])])
+    for _, grids, label in iter_samples(read_manifest(shards)):
+        tokens = torch.from_numpy(grids[:1].astype(np.int64)).flatten(1)
+        labels = torch.tensor([label])
         logits = model(tokens, labels).logits
         total += F.cross_entropy(logits[0], tokens[0], reduction="sum").item()
         count += tokens.numel()

@@ -16,7 +16,6 @@ never against the validation set.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -35,6 +34,7 @@ from mutor_vision.evaluation import (
     reference_from_npz,
 )
 from mutor_vision.models import GPT, SamplingConfig
+from mutor_vision.models.checkpoint import read_export_tokenizer
 from tokenizer import load_tokenizer
 from tokenizer.preprocess import center_crop_adm, to_uint8
 
@@ -75,8 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def resolve_tokenizer(args: argparse.Namespace) -> tuple[str, str, str | None]:
     """(kind, path, expected checksum): the flag, else ``tokenizer.json`` recorded in an export."""
-    recorded = Path(args.ckpt) / "tokenizer.json" if Path(args.ckpt).is_dir() else None
-    info = json.loads(recorded.read_text()) if recorded is not None and recorded.is_file() else {}
+    info = read_export_tokenizer(args.ckpt)
     if args.vq_ckpt:
         return args.tokenizer, args.vq_ckpt, info.get("checksum")
     if info.get("kind") in ("vq16", "palette") and info.get("path"):

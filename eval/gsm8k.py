@@ -24,18 +24,19 @@ from mutor_vision.text.adapter import MASK_FORMS
 from mutor_vision.text.answers import answers_match, extract_answer
 from mutor_vision.text.config import GSM8K_PROMPT
 from mutor_vision.text.data import read_records
+from mutor_vision.text.export import model_directory, read_text_info
 from mutor_vision.text.generate import greedy_generate
-from mutor_vision.text.train import ADAPTER_FILE
 
 
 def load(ckpt: Path, base_model: str | None, attn: str | None):
     """(model, tokenizer, info) from a train_sft export or a plain Hugging Face model directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    info = json.loads((ckpt / ADAPTER_FILE).read_text()) if (ckpt / ADAPTER_FILE).is_file() else {}
+    recorded = read_text_info(ckpt)
+    info = recorded or {}
     attn = attn or info.get("attn_implementation", "sdpa")
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    model_dir = ckpt / "model" if info else ckpt
+    model_dir = model_directory(ckpt, recorded)
     if info.get("lora"):
         from peft import PeftModel
 

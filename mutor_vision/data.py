@@ -118,6 +118,9 @@ class TokenLoader:
             batch_size=None,
             num_workers=num_workers,
             worker_init_fn=_ignore_stop_signals if num_workers else None,
+            # Its own generator: starting an iterator draws a seed, never from torch's global stream
+            # (which seeds dropout in training). Every draw of the stream itself is seeded by ``seed``.
+            generator=torch.Generator().manual_seed(stream.seed),
         )
 
     def __len__(self) -> int:

@@ -2,7 +2,7 @@
 
 Modality-agnostic by construction: the image model (class-prefixed raster grid) and the text
 adapter (prompt + answer with right padding) both build a :class:`RegisterLayout` here and never
-re-derive the rule. See ``shared/spec/mutor.md`` §2 for the two-block layout::
+re-derive the rule. See ``docs/method.md`` §2 for the two-block layout::
 
     [ L regular tokens (causal, untouched by registers) | R registers ]
 

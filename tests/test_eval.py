@@ -20,6 +20,7 @@ from mutor_vision.evaluation import (
     statistics,
 )
 from mutor_vision.models import GPT, GPTConfig, RegisterConfig
+from mutor_vision.models.checkpoint import save_export
 from tokenizer import PaletteTokenizer, to_uint8
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,11 +110,10 @@ def export(tmp_path_factory) -> Path:
     )  # fmt: skip
     model = GPT(config)
     torch.nn.init.normal_(model.output.weight, std=0.5)
-    model.save_pretrained(root / "export")
     palette = PaletteTokenizer(COLORS)
     palette.save(root / "palette.json")
     record = {"kind": "palette", "path": str(root / "palette.json"), "checksum": palette.checksum}
-    (root / "export" / "tokenizer.json").write_text(json.dumps(record))
+    save_export(root / "export", model.state_dict(), model.config, tokenizer=record)
     make_image_folder(root / "reference", classes=3, per_class=2)
     return root
 

@@ -341,7 +341,7 @@ def test_inverse_cdf_draws_follow_the_distribution():
 
 
 def official_state_dict(config: GPTConfig) -> dict[str, torch.Tensor]:
-    """LlamaGen's key layout built from the spec's names and shapes (llamagen.md §1)."""
+    """LlamaGen's key layout built from the spec's names and shapes (docs/llamagen.md §1)."""
     d, h, v = config.dim, config.ffn_hidden, config.vocab_size
     state = {
         "cls_embedding.embedding_table.weight": torch.randn(config.num_classes + 1, d),

@@ -1,4 +1,4 @@
-"""The register core against the spec (shared/spec/mutor.md): worked examples, invariants, mask, loss."""
+"""The register core against the spec (docs/method.md): worked examples, invariants, mask, loss."""
 
 from collections import Counter
 

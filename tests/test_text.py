@@ -64,7 +64,7 @@ def tiny_model(kind: str, vocab: int, attn: str = "sdpa", seed: int = 0):
 
 
 def worked_batch():
-    # Q = 3, A = 5 (mutor.md §4): ids 10 11 12 | 20 21 22 23 24, plus a padded second row.
+    # Q = 3, A = 5 (docs/method.md §4): ids 10 11 12 | 20 21 22 23 24, plus a padded second row.
     input_ids = torch.tensor([[10, 11, 12, 20, 21, 22, 23, 24], [10, 11, 20, 21, 22, 0, 0, 0]])
     return input_ids, torch.tensor([3, 2]), torch.tensor([5, 3])
 

@@ -18,7 +18,7 @@ def tiny_vq(seed: int = 0) -> VQ16:
 
 
 def spec_vq_state_dict(c: VQ16Config) -> dict[str, torch.Tensor]:
-    """The official VQ-16 key layout, written from llamagen.md §2 (not from our modules)."""
+    """The official VQ-16 key layout, written from docs/llamagen.md §2 (not from our modules)."""
     state: dict[str, torch.Tensor] = {}
 
     def conv(name, cin, cout, k):

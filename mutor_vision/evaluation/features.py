@@ -96,7 +96,7 @@ def features_of(extractor: torch.nn.Module, images: Tensor, batch_size: int) -> 
     """Features of uint8 images (B, 3, H, W) already on the extractor's device; one float32 array per feature.
 
     TF32 is off (cuDNN TF32 on Hopper makes features depend on the batch size,
-    toshas/torch-fidelity#43), so in-memory images and their PNG files give the same features.
+    docs/architecture.md), so in-memory images and their PNG files give the same features.
     """
     outputs: list[list[np.ndarray]] = []
     with _no_tf32():

@@ -1,6 +1,6 @@
 """LlamaGen-compatible class-conditional GPT with MuToR registers."""
 
-from mutor_vision.models.checkpoint import CheckpointError, load_gpt, save_gpt
+from mutor_vision.models.checkpoint import CheckpointError
 from mutor_vision.models.config import SIZES, GPTConfig, RegisterConfig
 from mutor_vision.models.gpt import GPT, GPTOutput
 from mutor_vision.models.sampling import SamplingConfig, generate, sample_logits, sample_uniforms
@@ -14,8 +14,6 @@ __all__ = [
     "RegisterConfig",
     "SamplingConfig",
     "generate",
-    "load_gpt",
     "sample_logits",
     "sample_uniforms",
-    "save_gpt",
 ]

@@ -1,6 +1,6 @@
 """Loading LlamaGen / mutor-vision GPT checkpoints strictly, and saving this project's format.
 
-Accepted inputs (llamagen.md §1):
+Accepted inputs (docs/llamagen.md §1):
 - this project's export: a directory (or its ``model.safetensors``) with ``config.json`` beside;
 - any ``.safetensors`` file holding a GPT state dict;
 - an official LlamaGen ``.pt``: the raw state dict, or one under ``"model"`` / ``"module"`` /
@@ -24,17 +24,18 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from mutor_vision.config import from_dict, to_dict
 from mutor_vision.errors import ConfigError, InputError
 from mutor_vision.files import atomic_write, atomic_write_json
 from mutor_vision.models.config import GPTConfig
-from mutor_vision.models.gpt import GPT
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+TOKENIZER_NAME = "tokenizer.json"
 REGISTER_KEY = "register_embedding"
 _CONTAINER_KEYS = ("model", "module", "state_dict")
 _PREFIXES = ("module.", "_orig_mod.")
@@ -44,39 +45,50 @@ class CheckpointError(InputError):
     """A checkpoint cannot be read or does not match the model; the message says what and where."""
 
 
-def load_gpt(path: str | Path, size: str | None = "GPT-B", trust: bool = False, **overrides: Any) -> GPT:
-    """Build a GPT and load ``path`` strictly (see module docstring). ``overrides`` patch the config.
+def read_export_config(path: str | Path, overrides: dict[str, Any] | None = None) -> GPTConfig | None:
+    """The model config recorded with ``path`` (an export directory, or a file beside its config.json).
 
-    An own export brings its config (``size`` is then ignored); for official files ``size`` picks
-    the architecture. A missing register vector (official files) is initialised and logged.
+    None for a bare weights file (an official LlamaGen ``.pt`` or a lone ``.safetensors``).
     """
-    path = Path(path)
-    weights_path, config_path = _resolve(path)
-    if config_path is not None:
-        try:
-            config = from_dict(GPTConfig, {**json.loads(config_path.read_text()), **overrides})
-        except (json.JSONDecodeError, ConfigError) as error:
-            raise CheckpointError(f"{config_path}: bad model config: {error}") from None
-    else:
-        config = GPTConfig(size=size, **overrides) if size is not None else from_dict(GPTConfig, overrides)
-    state = read_state_dict(weights_path, trust=trust)
-    model = GPT(config)
-    load_state_dict_strict(model, state, source=str(weights_path))
-    return model
+    _, config_path = resolve(Path(path))
+    if config_path is None:
+        return None
+    try:
+        return from_dict(GPTConfig, {**json.loads(config_path.read_text()), **(overrides or {})})
+    except (json.JSONDecodeError, ConfigError) as error:
+        raise CheckpointError(f"{config_path}: bad model config: {error}") from None
 
 
-def save_gpt(model: GPT, directory: str | Path) -> None:
-    """Write ``model.safetensors`` and ``config.json`` into ``directory``, each atomically."""
-    save_gpt_weights(model.state_dict(), model.config, directory)
+def save_export(
+    directory: str | Path,
+    state: dict[str, torch.Tensor],
+    config: GPTConfig,
+    tokenizer: dict[str, Any] | None = None,
+) -> None:
+    """An export directory: ``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``), each atomically.
 
-
-def save_gpt_weights(state: dict[str, torch.Tensor], config: GPTConfig, directory: str | Path) -> None:
-    """:func:`save_gpt` from a state dict (e.g. one gathered by accelerate), keys normalised."""
+    ``state`` may come from a wrapped or compiled model (keys are normalised). ``tokenizer`` records
+    the tokenizer the training tokens were made with (kind, path, checksum), read back by
+    :func:`read_export_tokenizer`.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in normalise_state_dict(state).items()}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     atomic_write_json(directory / CONFIG_NAME, to_dict(config))
+    if tokenizer is not None:
+        atomic_write_json(directory / TOKENIZER_NAME, tokenizer)
+
+
+def read_export_tokenizer(path: str | Path) -> dict[str, Any]:
+    """The tokenizer record of an export directory ({} when there is none, e.g. an official file)."""
+    record = Path(path) / TOKENIZER_NAME
+    if not Path(path).is_dir() or not record.is_file():
+        return {}
+    try:
+        return json.loads(record.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{record}: not valid JSON ({error})") from None
 
 
 def read_state_dict(path: str | Path, trust: bool = False) -> dict[str, torch.Tensor]:
@@ -142,7 +154,7 @@ def normalise_state_dict(state: dict[str, Any], source: str | Path = "<state dic
     return out
 
 
-def load_state_dict_strict(model: GPT, state: dict[str, torch.Tensor], source: str = "<state dict>") -> None:
+def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "<state dict>") -> None:
     """Copy ``state`` into ``model``; any missing, unexpected or mis-shaped key is one clear error.
 
     Only the register vector may be missing (official LlamaGen files): it keeps its fresh init.
@@ -174,14 +186,14 @@ def check_state_dict(
         raise CheckpointError("\n".join(lines))
 
 
-def _describe(model: GPT) -> str:
+def _describe(model: nn.Module) -> str:
     c = model.config
     return (
         f"size={c.size} n_layer={c.n_layer} n_head={c.n_head} dim={c.dim} vocab={c.vocab_size} classes={c.num_classes}"
     )
 
 
-def _resolve(path: Path) -> tuple[Path, Path | None]:
+def resolve(path: Path) -> tuple[Path, Path | None]:
     """(weights file, config.json or None) for a directory or a file."""
     if path.is_dir():
         weights, config = path / WEIGHTS_NAME, path / CONFIG_NAME

@@ -7,7 +7,7 @@ from typing import Literal
 
 from mutor_vision.config import check
 
-# name -> (n_layer, n_head, dim); llamagen.md §1. head_dim is 64 for every size.
+# name -> (n_layer, n_head, dim); docs/llamagen.md §1. head_dim is 64 for every size.
 SIZES: dict[str, tuple[int, int, int]] = {
     "GPT-B": (12, 12, 768),
     "GPT-L": (24, 16, 1024),
@@ -24,9 +24,9 @@ def ffn_hidden_dim(dim: int, multiple_of: int = 256) -> int:
 
 @dataclass
 class RegisterConfig:
-    """MuToR registers for the image model (spec §3). ``mode: ntp`` trains the plain baseline."""
+    """MuToR registers for the image model (docs/method.md §3). ``mode: ntp`` trains the plain baseline."""
 
-    mode: Literal["ntp", "mutor1d", "mutor2d"] = "mutor2d"
+    mode: Literal["ntp", "mutor1d", "mutor2d"] = "mutor2d"  # ntp: the next-token baseline, no registers
     d_max: int = 4  # MuToR-1D: d uniform in {1..d_max}
     d_max_2d: int = 4  # MuToR-2D: (d_h, d_w) uniform in {1..D}² \ {(1,1)}
     num_registers: int | None = 80  # R random slots per sample; null = every slot
@@ -49,22 +49,22 @@ class RegisterConfig:
 class GPTConfig:
     """A LlamaGen class-conditional GPT. ``size`` fills n_layer/n_head/dim unless given explicitly."""
 
-    size: str | None = "GPT-B"
-    n_layer: int | None = None
-    n_head: int | None = None
-    dim: int | None = None
+    size: str | None = "GPT-B"  # GPT-B, GPT-L, GPT-XL, GPT-XXL; null: n_layer, n_head, dim given
+    n_layer: int | None = None  # null: from size
+    n_head: int | None = None  # null: from size
+    dim: int | None = None  # null: from size
     ffn_hidden: int | None = None  # default: ffn_hidden_dim(dim)
-    vocab_size: int = 16384
-    num_classes: int = 1000
+    vocab_size: int = 16384  # the tokenizer's codebook size
+    num_classes: int = 1000  # class labels; one more row is the null class of CFG
     grid_size: int = 16  # h = w; N = grid_size² image tokens
-    rope_base: float = 10000.0
-    norm_eps: float = 1e-5
-    token_dropout: float = 0.1
-    resid_dropout: float = 0.1
-    ffn_dropout: float = 0.1
+    rope_base: float = 10000.0  # 2D RoPE base frequency
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    token_dropout: float = 0.1  # on the input embeddings, registers included
+    resid_dropout: float = 0.1  # after the attention output projection
+    ffn_dropout: float = 0.1  # after the feed-forward
     class_dropout: float = 0.1  # label -> null class with this probability in training (CFG)
-    init_std: float = 0.02
-    attention: Literal["auto", "flex", "sdpa"] = "auto"
+    init_std: float = 0.02  # N(0, std) for Linear and Embedding weights (the head starts at zero)
+    attention: Literal["auto", "flex", "sdpa"] = "auto"  # auto: FlexAttention on CUDA, SDPA on CPU
     registers: RegisterConfig = field(default_factory=RegisterConfig)
 
     def __post_init__(self) -> None:

@@ -1,6 +1,6 @@
 """LlamaGen's class-conditional GPT with MuToR registers.
 
-State-dict compatible with LlamaGen c2i checkpoints (llamagen.md §1) plus one tensor, the shared
+State-dict compatible with LlamaGen c2i checkpoints (docs/llamagen.md §1) plus one tensor, the shared
 ``register_embedding`` (dim,). With a register layout from :mod:`mutor_vision.registers`, the
 forward runs the two-block sequence ``[class, x_1..x_{N-1} | R registers]``; without one it is
 LlamaGen's training forward. Sampling uses the static KV cache below (see ``sampling.py``).
@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from mutor_vision.config import from_dict
+from mutor_vision.models import checkpoint
 from mutor_vision.models.config import GPTConfig
 from mutor_vision.models.rope import apply_rope, rope_2d_table
 from mutor_vision.registers import (
@@ -33,13 +35,13 @@ from mutor_vision.registers import (
 log = logging.getLogger(__name__)
 
 # Masked SDPA on CUDA avoids cuDNN (wrong output with some masks, NaN grad_q at seq_len % 128 == 64:
-# ecosystem.md §4); flash refuses masks anyway.
+# docs/architecture.md); flash refuses masks anyway.
 _MASKED_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
 class RegisterRows:
-    """Split attention for layouts whose regular rows are plain causal (spec §2, consequence 3).
+    """Split attention for layouts whose regular rows are plain causal (docs/method.md §2, consequence 3).
 
     The L regular queries run the fastest causal kernel over the regular keys; only the R register
     queries use the rule's mask rows (B, 1, R, L+R). Equal to the full dense mask, but cheaper.
@@ -322,17 +324,23 @@ class GPT(nn.Module):
     def from_pretrained(cls, path: str | Path, size: str | None = "GPT-B", trust: bool = False, **overrides) -> GPT:
         """Load an official LlamaGen c2i checkpoint or this project's export, strictly.
 
-        See :func:`mutor_vision.models.checkpoint.load_gpt` for the accepted forms.
+        An export brings its config (``size`` is then ignored); for an official file ``size`` (or
+        ``overrides`` with ``size=None``) gives the architecture. ``overrides`` patch the config.
+        A missing register vector (official files) is initialised and logged. Accepted containers:
+        ``mutor_vision/models/checkpoint.py``.
         """
-        from mutor_vision.models.checkpoint import load_gpt
-
-        return load_gpt(path, size=size, trust=trust, **overrides)
+        path = Path(path)
+        config = checkpoint.read_export_config(path, overrides)
+        if config is None:
+            config = GPTConfig(size=size, **overrides) if size is not None else from_dict(GPTConfig, overrides)
+        weights, _ = checkpoint.resolve(path)
+        model = cls(config)
+        checkpoint.load_state_dict_strict(model, checkpoint.read_state_dict(weights, trust=trust), source=str(weights))
+        return model
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``model.safetensors`` + ``config.json`` (each atomically)."""
-        from mutor_vision.models.checkpoint import save_gpt
-
-        save_gpt(self, directory)
+        """Write an export: ``model.safetensors`` + ``config.json`` (each atomically)."""
+        checkpoint.save_export(directory, self.state_dict(), self.config)
 
     def num_parameters(self, include_register: bool = True) -> int:
         total = sum(p.numel() for p in self.parameters())

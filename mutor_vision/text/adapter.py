@@ -4,7 +4,7 @@ The register core builds the layout and the mask; this module only meets Hugging
 the shared register vector into ``inputs_embeds`` after the regular tokens, passes explicit
 ``position_ids`` and the 4D mask in the form the model's attention implementation needs
 (``sdpa``: bool, ``eager``: additive float, ``flex_attention``: BlockMask), and combines the
-losses. Right-padded batches of any size (mutor.md §4).
+losses. Right-padded batches of any size (docs/method.md §4).
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def mask_in_form(layout: RegisterLayout, form: str, size: int | None, dtype: tor
     allowed = layout.dense_mask(size=size)
     if form == "bool":
         return allowed
-    # eager adds the mask to the scores: a bool mask would be silently wrong (ecosystem.md §5).
+    # eager adds the mask to the scores: a bool mask would be silently wrong (docs/architecture.md).
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 

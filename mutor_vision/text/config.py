@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mutor_vision.config import check
-from mutor_vision.training.config import OptimConfig, check_loop
+from mutor_vision.training.config import LoopConfig, OptimConfig
 
 GSM8K_PROMPT = "Question: {prompt}\nAnswer:"
 GSM8K_ANSWER = " {answer}"
@@ -15,7 +15,7 @@ GSM8K_ANSWER = " {answer}"
 @dataclass
 class TextModelConfig:
     name_or_path: str = ""  # a local directory (offline) or a hub name
-    attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"  # the register mask comes in its form
     dtype: Literal["float32", "bfloat16"] = "bfloat16"  # CPU always loads float32
 
     def __post_init__(self) -> None:
@@ -26,10 +26,10 @@ class TextModelConfig:
 class TextDataConfig:
     jsonl: str | None = None  # local JSON lines with the two fields below
     hf_name: str | None = None  # or a Hugging Face dataset (e.g. gsm8k, config main)
-    hf_config: str | None = None
-    split: str = "train"
-    prompt_field: str = "question"
-    answer_field: str = "answer"
+    hf_config: str | None = None  # the dataset config name (gsm8k: main)
+    split: str = "train"  # the dataset split (hf_name)
+    prompt_field: str = "question"  # the record field with the prompt
+    answer_field: str = "answer"  # the record field with the answer
     prompt_template: str = GSM8K_PROMPT  # {prompt} is the prompt field
     answer_template: str = GSM8K_ANSWER  # {answer} is the answer field; EOS is appended
     max_length: int = 512  # longer examples are dropped and counted, never truncated
@@ -43,7 +43,7 @@ class TextDataConfig:
 
 @dataclass
 class MethodConfig:
-    name: Literal["ntp", "mutor"] = "mutor"
+    name: Literal["ntp", "mutor"] = "mutor"  # ntp: plain next-token fine-tuning, no registers
     d_max: int = 4  # d uniform in {1..d_max} per sample
     weight: float = 0.3  # a in (1 - a)·L_ntp + a·L_reg
     register_fraction: float | None = None  # sparse registers: this fraction of answer slots; null = all
@@ -59,10 +59,10 @@ class MethodConfig:
 @dataclass
 class LoraSettings:
     enabled: bool = False  # false: full fine-tuning (the paper)
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = field(
+    r: int = 16  # LoRA rank
+    alpha: int = 32  # LoRA scale numerator (scale = alpha / r)
+    dropout: float = 0.05  # dropout on the LoRA input
+    target_modules: list[str] = field(  # the Linear layers that get an adapter
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
 
@@ -72,27 +72,24 @@ class LoraSettings:
 
 
 @dataclass
-class TextTrainConfig:
+class TextTrainConfig(LoopConfig):
+    """Text fine-tuning: the causal LM, its data, the method, LoRA, and the loop keys (some defaults differ)."""
+
     model: TextModelConfig = field(default_factory=TextModelConfig)
     data: TextDataConfig = field(default_factory=TextDataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
+    epochs: int = 5  # passes over the data; steps = epochs × (examples // global_batch_size)
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=5e-5, weight_decay=0.0, schedule="warmup_linear", warmup_ratio=0.1)
     )
-    epochs: int = 5
     global_batch_size: int = 10  # examples per optimizer step over all ranks (paper: effective batch 10)
     micro_batch_size: int = 10
-    seed: int = 0
-    mixed_precision: Literal["no", "bf16"] = "bf16"
-    device: Literal["auto", "cpu"] = "auto"  # auto: CUDA when available; cpu pins the CPU
     out_dir: str = "runs/text"
     save_every: int = 500
     keep_last: int = 2
     log_every: int = 10
-    tensorboard: bool = True
-    wandb: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check(self.epochs >= 1, "epochs", "must be >= 1")
-        check_loop(self)

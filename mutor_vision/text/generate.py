@@ -1,4 +1,4 @@
-"""Greedy generation with an optional bidirectional prompt prefill (mutor.md §4).
+"""Greedy generation with an optional bidirectional prompt prefill (docs/method.md §4).
 
 A model trained with ``prompt_attention: bidirectional`` must read its prompt the same way at
 inference: the prefill uses the register core's mask rule (no registers), then decoding is plain

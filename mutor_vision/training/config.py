@@ -13,7 +13,7 @@ from mutor_vision.models.config import GPTConfig
 class DataConfig:
     root: str = ""  # folder of token shards with manifest.json (tokenizer/encode_imagenet.py)
     num_workers: int = 4  # loader workers per rank
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # samples held for shuffling, per loader worker
     on_error: Literal["raise", "skip"] = "raise"  # corrupt shards: stop with the shard's name, or skip
 
     def __post_init__(self) -> None:
@@ -23,13 +23,13 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 4e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
+    lr: float = 4e-4  # peak learning rate
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW (beta1, beta2)
+    eps: float = 1e-8  # AdamW epsilon
     weight_decay: float = 0.05  # on 2-D parameters only (matrices, embeddings); never norms or the register
     grad_clip: float = 1.0  # max global grad norm; 0 = off
-    schedule: Literal["constant", "warmup_constant", "warmup_cosine", "warmup_linear"] = "constant"
-    warmup_steps: int = 0
+    schedule: Literal["constant", "warmup_constant", "warmup_cosine", "warmup_linear"] = "constant"  # warm-up is linear
+    warmup_steps: int = 0  # linear warm-up steps (0: warmup_ratio decides)
     warmup_ratio: float = 0.0  # warmup as a fraction of all steps, used when warmup_steps is 0
     min_lr: float = 0.0  # floor of the cosine / linear decay
 
@@ -45,51 +45,58 @@ class OptimConfig:
 
 @dataclass
 class EMAConfig:
-    enabled: bool = False
-    decay: float = 0.9999
+    enabled: bool = False  # keep an exponential moving average of the weights (exported to export_ema/)
+    decay: float = 0.9999  # EMA decay per optimizer step
 
     def __post_init__(self) -> None:
         check(0 < self.decay < 1, "decay", f"must be in (0, 1), got {self.decay}")
 
 
 @dataclass
-class TrainConfig:
-    model: GPTConfig = field(default_factory=GPTConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+class LoopConfig:
+    """The keys of the training loop, shared by every task (image and text configs inherit them)."""
+
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
-    steps: int = 360_000  # optimizer steps
-    global_batch_size: int = 1024  # images per optimizer step, over all ranks
-    micro_batch_size: int = 128  # images per rank per forward; accumulation = global / (micro · ranks)
-    seed: int = 0
+    global_batch_size: int = 1024  # samples per optimizer step, over all ranks
+    micro_batch_size: int = 128  # samples per rank per forward; accumulation = global / (micro · ranks)
+    seed: int = 0  # every random draw of a run derives from it, with the rank and the step
     mixed_precision: Literal["no", "bf16"] = "bf16"  # CPU always runs fp32
     device: Literal["auto", "cpu"] = "auto"  # auto: CUDA when available; cpu pins the CPU (bit-exact tests)
-    compile: bool = False
-    init_from: str | None = None  # an official LlamaGen checkpoint (or an export) to start from
-    trust_checkpoint: bool = False  # allow unpickling init_from (LlamaGen DDP files pickle argparse)
-    out_dir: str = "runs/c2i"
-    save_every: int = 5000  # steps between checkpoints (also where the data stream is re-seeded)
+    compile: bool = False  # torch.compile the training forward (CUDA only; ignored on CPU)
+    out_dir: str = "runs/c2i"  # checkpoints/, logs/ and config.yaml
+    save_every: int = 5000  # steps between checkpoints (also where the image data stream is re-seeded)
     keep_last: int = 3  # complete checkpoints kept
-    log_every: int = 50
-    tensorboard: bool = True
-    wandb: bool = False
+    log_every: int = 50  # steps between log lines and TensorBoard points (loss means over them)
+    tensorboard: bool = True  # scalars under <out_dir>/logs
+    wandb: bool = False  # also log to Weights & Biases
     peak_tflops: float = 989.0  # per device, for MFU (H100 SXM dense bf16)
 
     def __post_init__(self) -> None:
+        check(self.global_batch_size >= 1, "global_batch_size", "must be >= 1")
+        check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+        check(
+            self.global_batch_size % self.micro_batch_size == 0,
+            "global_batch_size",
+            f"{self.global_batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}",
+        )
+        check(self.save_every >= 1, "save_every", "must be >= 1")
+        check(self.keep_last >= 1, "keep_last", "must be >= 1")
+        check(self.log_every >= 1, "log_every", "must be >= 1")
+        check(bool(self.out_dir), "out_dir", "must be set")
+        check(self.peak_tflops > 0, "peak_tflops", "must be > 0")
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """Class-conditional image training: the model, its token shards, and the loop keys."""
+
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    steps: int = 360_000  # optimizer steps
+    init_from: str | None = None  # an official LlamaGen checkpoint (or an export) to start from
+    trust_checkpoint: bool = False  # allow unpickling init_from (LlamaGen DDP files pickle argparse)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         check(self.steps >= 1, "steps", "must be >= 1")
-        check_loop(self)
-
-
-def check_loop(config) -> None:
-    """The checks every training loop's config shares (batch split, checkpoint and log cadence)."""
-    check(config.global_batch_size >= 1, "global_batch_size", "must be >= 1")
-    check(config.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
-    check(
-        config.global_batch_size % config.micro_batch_size == 0,
-        "global_batch_size",
-        f"{config.global_batch_size} is not a multiple of micro_batch_size {config.micro_batch_size}",
-    )
-    check(config.save_every >= 1, "save_every", "must be >= 1")
-    check(config.keep_last >= 1, "keep_last", "must be >= 1")
-    check(config.log_every >= 1, "log_every", "must be >= 1")
-    check(bool(config.out_dir), "out_dir", "must be set")

@@ -1,0 +1,112 @@
+"""The class-conditional image task: next-token, MuToR-1D and MuToR-2D on token shards.
+
+Its data order: the stream of a segment (``save_every`` steps) is seeded by the segment's first
+step, and resuming inside a segment replays its start and skips what was consumed, so the batches
+match an uninterrupted run exactly (the loop, ``loop.py``, seeds every other draw).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from mutor_vision.data import token_loader
+from mutor_vision.errors import ConfigError
+from mutor_vision.models import GPT, GPTConfig
+from mutor_vision.models.checkpoint import load_state_dict_strict, read_state_dict, save_export
+from mutor_vision.registers import LossParts
+from mutor_vision.seeds import hash_seed
+from mutor_vision.shards import check_manifest, read_manifest
+from mutor_vision.training import loop
+from mutor_vision.training.config import TrainConfig
+from mutor_vision.training.runtime import TrainResult
+
+log = logging.getLogger(__name__)
+
+
+class ImageTask:
+    """Token grids + class labels -> the combined MuToR loss of a LlamaGen GPT."""
+
+    name = "c2i"
+
+    def __init__(self, config: TrainConfig) -> None:
+        if not config.data.root:
+            raise ConfigError("data.root: must be set (a folder of token shards with manifest.json)")
+        self.config = config
+        self.manifest = read_manifest(config.data.root)
+        check_manifest(self.manifest, **_expectations(config.model))
+        self.total_steps = config.steps
+        registers = config.model.registers
+        self.num_tokens = config.model.num_tokens
+        num_registers = (registers.num_registers or self.num_tokens) if registers.enabled else 0
+        self.flops_per_sample = config.model.train_flops_per_sample(self.num_tokens + num_registers)
+        self._segment: int | None = None
+        self._stream: Iterator | None = None
+
+    def build_model(self, fresh: bool) -> GPT:
+        model = GPT(self.config.model)
+        if self.config.init_from and fresh:
+            source = self.config.init_from
+            load_state_dict_strict(model, read_state_dict(source, trust=self.config.trust_checkpoint), source)
+            log.info("initialised from %s", source)
+        return model
+
+    def micro_batches(
+        self, step: int, accumulation: int, rank: int, world: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        config = self.config
+        segment = step - step % config.save_every
+        if segment != self._segment:  # a new segment, or the first step after a resume inside one
+            end = min(self.total_steps, segment + config.save_every)
+            self._stream = iter(
+                token_loader(
+                    config.data.root,
+                    batch_size=config.micro_batch_size,
+                    num_batches=(end - segment) * accumulation,
+                    seed=hash_seed(config.seed, segment),
+                    rank=rank,
+                    world_size=world,
+                    num_workers=config.data.num_workers,
+                    shuffle_buffer=config.data.shuffle_buffer,
+                    on_error=config.data.on_error,
+                    expect=_expectations(config.model),
+                )
+            )
+            self._segment = segment
+            for _ in range((step - segment) * accumulation):  # consumed before the resume
+                next(self._stream)
+        for _ in range(accumulation):
+            yield next(self._stream)
+
+    def loss(
+        self, model: Callable, unwrapped: GPT, batch: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator
+    ) -> LossParts:
+        tokens, labels = batch
+        layout = unwrapped.register_layout(tokens.shape[0], generator=generator, device=tokens.device)
+        # The mask is built outside the (maybe compiled) forward: BlockMask creation does not trace,
+        # and a fresh layout then never recompiles.
+        mask = None if layout is None else unwrapped.attention_mask(layout)
+        return unwrapped.loss(tokens, model(tokens, labels, layout, mask), layout)
+
+    def count(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[int, int]:
+        return batch[0].shape[0], batch[0].numel()
+
+    def export(self, directory: Path, weights: dict[str, torch.Tensor], unwrapped: GPT) -> None:
+        # The tokenizer the shards were made with travels along, so eval/fid.py decodes without flags.
+        save_export(directory, weights, unwrapped.config, tokenizer=self.manifest.raw.get("tokenizer"))
+
+
+def _expectations(model: GPTConfig) -> dict[str, int]:
+    return dict(grid_size=model.grid_size, vocab_size=model.vocab_size, num_classes=model.num_classes)
+
+
+def train(config: TrainConfig, resume: str | None = None, allow_change: Sequence[str] = ()) -> TrainResult:
+    """Train per ``config``; ``resume`` is None, ``"auto"`` (newest complete checkpoint) or a path.
+
+    ``allow_change`` names config keys that may differ from the resumed checkpoint's. The shards are
+    checked against the model, then the resume against the checkpoint; nothing is written before.
+    """
+    return loop.run(ImageTask(config), config, resume, allow_change)

@@ -1,0 +1,215 @@
+"""The one training loop: every task (class-conditional images, text fine-tuning) runs through it.
+
+A task supplies the model, the micro-batches of each optimizer step, the loss of a micro-batch,
+and how its weights are exported (:class:`Task`); the loop does the rest the same way for all:
+the checks before anything is written, DDP/FSDP through accelerate, AdamW with its schedule, EMA,
+gradient accumulation, clipping and the NaN stop, logging, checkpoints, SIGTERM, exact resume.
+
+Exact resume: every random draw of step s (dropout, class dropout, register layouts) is seeded from
+(seed, rank, s) here, and each task's data order is a pure function of (seed, step), so N steps +
+resume + N steps equals 2N uninterrupted steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import yaml
+from accelerate.utils import send_to_device
+from torch import nn
+from tqdm.auto import tqdm
+
+from mutor_vision.config import to_dict
+from mutor_vision.errors import ConfigError
+from mutor_vision.files import atomic_write_text
+from mutor_vision.registers import LossParts
+from mutor_vision.seeds import hash_seed
+from mutor_vision.training.checkpoints import CheckpointManager
+from mutor_vision.training.config import LoopConfig
+from mutor_vision.training.optim import build_optimizer, build_scheduler
+from mutor_vision.training.resume import restore, resume_candidates
+from mutor_vision.training.runtime import (
+    StopFlag,
+    TrainResult,
+    any_rank,
+    backward_and_step,
+    flat_hparams,
+    make_accelerator,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Task(Protocol):
+    """What a training task supplies to :func:`run`. Built before the loop starts: a task reads and
+    checks its inputs in ``__init__``, so a bad dataset stops the run before anything is written."""
+
+    name: str  # the TensorBoard project ("c2i", "text")
+    total_steps: int  # optimizer steps of the whole run
+    flops_per_sample: float | None  # training FLOPs per sample for MFU (None: not logged)
+
+    def build_model(self, fresh: bool) -> nn.Module:
+        """The model to train (unprepared; its trainable parameters are optimised). ``fresh``: no resume."""
+
+    def micro_batches(self, step: int, accumulation: int, rank: int, world: int) -> Iterator[Any]:
+        """This rank's ``accumulation`` micro-batches of optimizer step ``step`` (host tensors)."""
+
+    def loss(self, model: Callable, unwrapped: nn.Module, batch: Any, generator: torch.Generator) -> LossParts:
+        """The loss of one micro-batch; ``model`` is the prepared (maybe compiled) module to call."""
+
+    def count(self, batch: Any) -> tuple[int, int]:
+        """(samples, tokens) in a micro-batch, for the throughput log."""
+
+    def export(self, directory: Path, weights: dict[str, torch.Tensor], unwrapped: nn.Module) -> None:
+        """Write the exported model into ``directory`` (main process; ``weights`` gathered from all ranks)."""
+
+
+@dataclass
+class LogWindow:
+    """Sums since the last log line: the logged loss and the progress bar show the same means."""
+
+    sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss, L_ntp, L_reg
+    steps: int = 0
+    samples: int = 0
+    tokens: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, values: list[float], samples: int, tokens: int) -> None:
+        self.sums = [a + b for a, b in zip(self.sums, values, strict=True)]
+        self.steps, self.samples, self.tokens = self.steps + 1, self.samples + samples, self.tokens + tokens
+
+    def means(self) -> list[float]:
+        return [value / max(self.steps, 1) for value in self.sums]
+
+
+def run(task: Task, config: LoopConfig, resume: str | None = None, allow_change: Sequence[str] = ()) -> TrainResult:
+    """Train ``task`` per ``config``; ``resume`` is None, ``"auto"`` (newest complete checkpoint) or a path.
+
+    ``allow_change`` names config keys that may differ from the resumed checkpoint's. Nothing is
+    built or written before the resume and the inputs are checked.
+    """
+    out_dir = Path(config.out_dir)
+    manager = CheckpointManager(out_dir / "checkpoints", config.keep_last)
+    recorded = to_dict(config)
+    candidates = resume_candidates(manager, resume, recorded, allow_change, task.total_steps)
+    trackers = (["tensorboard"] if config.tensorboard else []) + (["wandb"] if config.wandb else [])
+    accelerator, accumulation = make_accelerator(
+        config.mixed_precision, config.global_batch_size, config.micro_batch_size, out_dir, trackers, config.device
+    )
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    model = task.build_model(fresh=not candidates)
+    optimizer = build_optimizer(model, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, task.total_steps)
+    if config.ema.enabled and getattr(accelerator.state, "fsdp_plugin", None) is not None:
+        # The EMA copy is a full replica updated from the live weights; under FSDP those are
+        # shards (DTensors), which timm's EMA does not gather. Refuse rather than fail mid-run.
+        raise ConfigError("ema.enabled: not supported with FSDP yet; use DDP or disable EMA")
+    model, optimizer = accelerator.prepare(model, optimizer)  # one call: FSDP2 needs both together
+    unwrapped = accelerator.unwrap_model(model)
+    ema = None
+    if config.ema.enabled:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(unwrapped, decay=config.ema.decay)  # after prepare: a copy on the training device
+    accelerator.register_for_checkpointing(scheduler)  # stepped here once per step, never prepared
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    forward = model
+    if config.compile and accelerator.device.type == "cuda":
+        forward = torch.compile(model)
+    elif config.compile:
+        log.info("compile: true is ignored on CPU (compiling costs more than it saves on CPU runs)")
+    params = list(model.parameters())  # the prepared ones (FSDP replaces them)
+
+    step = restore(accelerator, manager, candidates, recorded, allow_change, task.total_steps)
+    if accelerator.is_main_process:  # only now: nothing is written before every check passed
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(recorded, sort_keys=False))
+    if trackers:
+        accelerator.init_trackers(task.name, config=flat_hparams(recorded))
+
+    def export(directory: Path) -> None:
+        weights = accelerator.get_state_dict(model)  # every rank: FSDP gathers the full state
+        if accelerator.is_main_process:
+            task.export(directory, weights, unwrapped)
+            if ema is not None:
+                task.export(directory.parent / "export_ema", ema.module.state_dict(), unwrapped)
+
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    result = TrainResult(step=step, reason="completed")
+    progress = tqdm(total=task.total_steps, initial=step, disable=not accelerator.is_main_process, unit="step")
+    window, grad_norm = LogWindow(), float("nan")
+    model.train()
+    with StopFlag() as stop:
+        while step < task.total_steps:
+            # Fetched before the step's seeds are set: loading data never consumes a training draw.
+            batches = list(task.micro_batches(step, accumulation, rank, world))
+            torch.manual_seed(hash_seed(config.seed, rank, step))  # dropout, class dropout
+            generator = torch.Generator().manual_seed(hash_seed(config.seed, rank, step, 1))  # register layouts
+            losses, samples, tokens = [], 0, 0
+            for batch in batches:
+                counted = task.count(batch)
+                samples, tokens = samples + counted[0], tokens + counted[1]
+                batch = send_to_device(batch, device)
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        parts = task.loss(forward, unwrapped, batch, generator)
+                    values, norm = backward_and_step(
+                        accelerator, optimizer, parts, params, config.optim.grad_clip, step, manager.latest
+                    )
+                grad_norm = norm if norm is not None else grad_norm
+                losses.append(values)
+            scheduler.step()
+            step += 1
+            if ema is not None:
+                ema.update(unwrapped, step=step)
+            mean = [sum(x) / len(losses) for x in zip(*losses, strict=True)]
+            result.losses.append(mean[0])
+            window.add(mean, samples * world, tokens * world)
+            progress.update(1)
+            if step % config.log_every == 0 or step == task.total_steps:
+                _log(accelerator, window, step, scheduler, grad_norm, config, task.flops_per_sample, progress)
+                window = LogWindow()
+            stopping = any_rank(accelerator, stop.requested)
+            if step % config.save_every == 0 or step == task.total_steps or stopping:
+                reason = "terminated" if stopping else "periodic"
+                state = {"reason": reason, "world_size": world, "accumulation": accumulation, "config": recorded}
+                result.checkpoint = manager.save(accelerator, step, state, export)
+            if stopping:
+                result.reason = "terminated"
+                break
+    progress.close()
+    result.step = step
+    accelerator.end_training()
+    return result
+
+
+def _log(accelerator, window: LogWindow, step: int, scheduler, grad_norm: float, config, flops, progress) -> None:
+    """One log line and TensorBoard point: loss means over the window (all ranks), throughput, MFU."""
+    elapsed = time.perf_counter() - window.start
+    means = torch.tensor(window.means(), device=accelerator.device)
+    means = accelerator.reduce(means, reduction="mean") if accelerator.num_processes > 1 else means
+    loss, ntp, reg = means.tolist()
+    metrics = {
+        "train/loss": loss,
+        "train/loss_ntp": ntp,
+        "train/loss_reg": reg,
+        "train/lr": scheduler.get_last_lr()[0],
+        "train/grad_norm": grad_norm,
+        "perf/samples_per_s": window.samples / elapsed,
+        "perf/tokens_per_s": window.tokens / elapsed,
+        "perf/step_s": elapsed / max(window.steps, 1),
+    }
+    if flops is not None and accelerator.device.type == "cuda":
+        peak = config.peak_tflops * 1e12 * accelerator.num_processes
+        metrics["perf/mfu"] = metrics["perf/samples_per_s"] * flops / peak
+    accelerator.log(metrics, step=step)
+    progress.set_postfix(loss=f"{loss:.4f}")
+    if accelerator.is_main_process:
+        log.info("step %d: %s", step, " ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in metrics.items()))
