@@ -13,8 +13,6 @@ Encoding: VQ-16 with random weights at 256 px and the palette tokenizer, images/
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -23,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import provenance, save  # bench/common.py (the script's folder is on sys.path)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tokenizer/ lives at the repo root
+
 
 from mutor_vision.data import token_loader
 from mutor_vision.models import GPT, GPTConfig, RegisterConfig
@@ -99,10 +99,7 @@ def main() -> None:
     step = step_rate(args.size, args.step_batch, args.step_repeats)
     encode = encode_rates(torch.device("cuda" if torch.cuda.is_available() else "cpu"), args.encode_images)
     result = {
-        "benchmark": "data",
-        "machine": platform.node(),
-        "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}",
+        **provenance("data"),
         "config": vars(args),
         "shard_write_samples_per_s": args.shards * args.per_shard / write_s,
         "loader_samples_per_s": loader,
@@ -115,9 +112,7 @@ def main() -> None:
     for key, value in result.items():
         if isinstance(value, float):
             print(f"{key:<36} {value:12.2f}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    save(args.out, result)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ Inception): speed only, never quality.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import provenance, save  # bench/common.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -97,11 +96,7 @@ def main() -> None:
         "end_to_end_with_metrics": {"seconds": total_s, "images_per_s": args.num_samples / total_s},
     }
     report = {
-        "benchmark": "eval_pipeline",
-        "machine": platform.node(),
-        "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
-        "command": "python bench/eval_pipeline.py " + " ".join(sys.argv[1:]),
+        **provenance("eval_pipeline", device),
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "rows": rows,
         "ratio": rows["end_to_end"]["images_per_s"] / rows["raw_sampling"]["images_per_s"],
@@ -110,8 +105,7 @@ def main() -> None:
     for name, row in rows.items():
         print(f"{name:<26} {row['seconds']:8.2f} s  {row['images_per_s']:8.2f} img/s")
     print(f"ratio (end to end / raw sampling) {report['ratio']:.3f}  (ideal 1.0, goal >= 0.8)")
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    save(args.out, report)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import signal
 import subprocess
@@ -35,33 +34,26 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from common import provenance, save  # bench/common.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mutor_vision.data import token_loader  # noqa: E402
+from mutor_vision.processes import cpu_child_env, cpu_ranks_command  # noqa: E402
 from mutor_vision.shards import ShardError, write_synthetic_shards  # noqa: E402
 from mutor_vision.training.checkpoints import CheckpointManager  # noqa: E402
 
 TINY = ROOT / "configs" / "c2i" / "tiny_cpu.yaml"
 EVAL_SAMPLES = 160
-TWO_RANKS = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-TWO_RANKS += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
 def env() -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return {
-        **os.environ,
-        "PYTHONPATH": path,
-        "OMP_NUM_THREADS": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-        "ACCELERATE_USE_CPU": "1",
-    }
+    return cpu_child_env(ROOT)
 
 
 def train_cmd(shards: Path, run: Path, steps: int, *extra: str, ranks: int = 1) -> list[str]:
-    cmd = [*TWO_RANKS] if ranks == 2 else [sys.executable]
+    cmd = cpu_ranks_command(2) if ranks == 2 else [sys.executable]
     cmd += ["train_c2i.py", "--config", str(TINY), f"data.root={shards}", f"out_dir={run}", f"steps={steps}"]
     return [*cmd, "log_every=1", "tensorboard=false", *extra]
 
@@ -274,18 +266,13 @@ def main() -> None:
             results[fault] = rows
     summary = {fault: dict(Counter(r["outcome"] for r in rows)) for fault, rows in results.items()}
     report = {
-        "benchmark": "faults",
-        "machine": platform.node(),
-        "torch": torch.__version__,
-        "device": f"cpu x{torch.get_num_threads()}",
-        "command": "python bench/faults.py " + " ".join(sys.argv[1:]),
+        **provenance("faults", "cpu"),
         "seconds": time.perf_counter() - started,
         "summary": summary,
         "trials": results,
     }
     print(json.dumps(summary, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    save(args.out, report)
 
 
 if __name__ == "__main__":

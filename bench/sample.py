@@ -14,17 +14,17 @@ on a CPU. Models and tokenizers have random weights: speed only, no quality.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import provenance, save  # bench/common.py (the script's folder is on sys.path)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 
 from mutor_vision.models import GPT, GPTConfig, RegisterConfig, generate
 
@@ -116,12 +116,8 @@ def main() -> None:
     }
     ratios = {k: rows[a]["seconds"] / rows[b]["seconds"] for k, (a, b) in pairs.items() if a in rows and b in rows}
     result = {
-        "benchmark": "sample",
-        "machine": platform.node(),
-        "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
+        **provenance("sample", device),
         "config": vars(args),
-        "command": "python bench/sample.py " + " ".join(sys.argv[1:]),
         "timed_tokens": tokens,
         "rows": rows,
         "ratios": ratios,
@@ -130,9 +126,7 @@ def main() -> None:
         print(f"{name:<20} {row['seconds']:8.3f} s  {row['tokens_per_s']:9.1f} tok/s  {row['images_per_s']:7.3f} img/s")
     for name, value in ratios.items():
         print(f"{name:<26} {value:6.2f}x")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    save(args.out, result)
 
 
 if __name__ == "__main__":

@@ -13,15 +13,12 @@ after warm-up, and the median per variant is reported, so machine noise hits all
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
+from common import provenance, save  # bench/common.py (the script's folder is on sys.path)
 
 from mutor_vision.models import GPT, GPTConfig, RegisterConfig
 
@@ -141,14 +138,8 @@ def main() -> None:
         )
     if args.out:
         result = {
-            "benchmark": "train_step",
-            "machine": platform.node(),
-            "platform": platform.platform(),
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
+            **provenance("train_step", device),
             "config": {k: v for k, v in vars(args).items() if k != "out"},
-            "command": "python bench/train_step.py " + " ".join(sys.argv[1:]),
             "rows": rows,
         }
         if args.compile:
@@ -158,8 +149,7 @@ def main() -> None:
                 "graph_breaks": dict(counters["graph_break"]),
                 "unique_graphs": counters["stats"]["unique_graphs"],
             }
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        save(args.out, result)
 
 
 if __name__ == "__main__":

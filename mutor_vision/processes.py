@@ -35,3 +35,25 @@ def process_state(device: str = "auto", timeout: timedelta | None = None) -> Par
         GradientState._reset_state()
     kwargs = {} if timeout is None else {"timeout": timeout}
     return PartialState(cpu=not use_cuda(device), **kwargs)
+
+
+def cpu_child_env(checkout: str | os.PathLike) -> dict[str, str]:
+    """The caller's environment for CPU child processes (tests, benchmarks): ``PYTHONPATH`` extended
+    (never replaced) with the checkout, CUDA hidden so ranks use gloo on a GPU machine too, and
+    accelerate told to use the CPU (``accelerate launch --cpu`` would start a single process)."""
+    path = os.pathsep.join(p for p in (str(checkout), os.environ.get("PYTHONPATH", "")) if p)
+    cpu_only = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "1"}
+    return {**os.environ, "PYTHONPATH": path, **cpu_only}
+
+
+def cpu_ranks_command(num_processes: int = 2) -> list[str]:
+    """``accelerate launch`` of ``num_processes`` CPU ranks on a free port (parallel runs never collide)."""
+    import socket
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes)]
+    return [*launch, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(port)]  # fmt: skip

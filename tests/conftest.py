@@ -1,42 +1,24 @@
 """Shared fixtures: tiny synthetic datasets built in temp dirs (no downloads, no real weights)."""
 
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from mutor_vision.processes import cpu_child_env, cpu_ranks_command
 from tokenizer import PaletteTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def two_cpu_ranks() -> list[str]:
-    """``accelerate launch`` on two CPU ranks, on a free port (parallel test workers never collide)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    return [*launch, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(port)]  # fmt: skip
+    return cpu_ranks_command(2)
 
 
 def child_env() -> dict[str, str]:
-    """The caller's environment for a CPU child process: PYTHONPATH extended (never replaced) with the
-    checkout, so packages reachable only through the caller's PYTHONPATH stay reachable; CUDA
-    hidden, so two-rank CPU runs use gloo on a GPU machine too."""
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return {
-        **os.environ,
-        "PYTHONPATH": path,
-        "OMP_NUM_THREADS": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-        "ACCELERATE_USE_CPU": "1",
-    }
+    return cpu_child_env(ROOT)
 
 
 def run_two_cpu_ranks(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:

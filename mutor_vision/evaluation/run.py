@@ -175,21 +175,9 @@ def evaluate(
     if not np.array_equal(order[inverse], np.arange(num_samples)):
         raise RuntimeError("ranks did not cover every sample index exactly once")
     features = [np.concatenate([g[1][j] for g in gathered])[inverse] for j in range(len(gathered[0][1]))]
+    results = _results(gathered, num_samples, sampling, per_class, batch_size, extractor, feature_batch_size, seconds)
+    results.update(extra or {})
     pool, logits = features[0], (features[1] if len(features) > 1 else None)
-    results: dict[str, Any] = {
-        "num_samples": num_samples,
-        "written_this_run": int(sum(g[2] for g in gathered)),
-        "per_rank": [len(g[0]) for g in gathered],
-        "world_size": state.num_processes,
-        "sampling": {
-            **dataclasses.asdict(sampling),
-            "labels": "per-class" if per_class else "random",
-            "batch_size": batch_size,
-        },
-        "features": {"extractor": extractor_name(extractor), "batch_size": feature_batch_size, "tf32": False},
-        "sample_and_measure_seconds_this_run": seconds,
-        **(extra or {}),
-    }
     results["metrics"] = _metrics(pool, logits, labels, reference, extra_metrics)
     if reference is not None:
         results["reference"] = reference.source
@@ -200,6 +188,23 @@ def evaluate(
     atomic_write_json(out_dir / "results.json", results)
     log.info("metrics: %s", json.dumps(results["metrics"]))
     return results
+
+
+def _results(gathered, num_samples, sampling, per_class, batch_size, extractor, feature_batch_size, seconds) -> dict:
+    """What ``results.json`` records besides the metrics: counts per rank, every setting, timing."""
+    return {
+        "num_samples": num_samples,
+        "written_this_run": int(sum(g[2] for g in gathered)),
+        "per_rank": [len(g[0]) for g in gathered],
+        "world_size": len(gathered),
+        "sampling": {
+            **dataclasses.asdict(sampling),
+            "labels": "per-class" if per_class else "random",
+            "batch_size": batch_size,
+        },
+        "features": {"extractor": extractor_name(extractor), "batch_size": feature_batch_size, "tf32": False},
+        "sample_and_measure_seconds_this_run": seconds,
+    }
 
 
 def _metrics(pool, logits, labels, reference: Reference | None, extra_metrics) -> dict[str, float]:

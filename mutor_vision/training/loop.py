@@ -88,22 +88,23 @@ class LogWindow:
         return [value / max(self.steps, 1) for value in self.sums]
 
 
-def run(task: Task, config: LoopConfig, resume: str | None = None, allow_change: Sequence[str] = ()) -> TrainResult:
-    """Train ``task`` per ``config``; ``resume`` is None, ``"auto"`` (newest complete checkpoint) or a path.
+@dataclass
+class Trainee:
+    """The prepared pieces of a run: what the loop steps, checkpoints and exports."""
 
-    ``allow_change`` names config keys that may differ from the resumed checkpoint's. Nothing is
-    built or written before the resume and the inputs are checked.
-    """
-    out_dir = Path(config.out_dir)
-    manager = CheckpointManager(out_dir / "checkpoints", config.keep_last)
-    recorded = to_dict(config)
-    candidates = resume_candidates(manager, resume, recorded, allow_change, task.total_steps)
-    trackers = (["tensorboard"] if config.tensorboard else []) + (["wandb"] if config.wandb else [])
-    accelerator, accumulation = make_accelerator(
-        config.mixed_precision, config.global_batch_size, config.micro_batch_size, out_dir, trackers, config.device
-    )
+    model: nn.Module  # prepared by accelerate (DDP/FSDP wrapped)
+    forward: Callable  # ``model``, compiled on CUDA when the config asks
+    unwrapped: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: Any  # timm ModelEmaV3 or None
+    params: list[nn.Parameter]  # the prepared parameters, for clipping
+
+
+def prepare(task: Task, config: LoopConfig, accelerator, fresh: bool) -> Trainee:
+    """Model, AdamW, schedule, EMA and compile, prepared by accelerate and registered for checkpoints."""
     torch.manual_seed(config.seed)  # identical initial weights on every rank
-    model = task.build_model(fresh=not candidates)
+    model = task.build_model(fresh=fresh)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, task.total_steps)
     if config.ema.enabled and getattr(accelerator.state, "fsdp_plugin", None) is not None:
@@ -125,8 +126,25 @@ def run(task: Task, config: LoopConfig, resume: str | None = None, allow_change:
         forward = torch.compile(model)
     elif config.compile:
         log.info("compile: true is ignored on CPU (compiling costs more than it saves on CPU runs)")
-    params = list(model.parameters())  # the prepared ones (FSDP replaces them)
+    model.train()
+    return Trainee(model, forward, unwrapped, optimizer, scheduler, ema, list(model.parameters()))
 
+
+def run(task: Task, config: LoopConfig, resume: str | None = None, allow_change: Sequence[str] = ()) -> TrainResult:
+    """Train ``task`` per ``config``; ``resume`` is None, ``"auto"`` (newest complete checkpoint) or a path.
+
+    ``allow_change`` names config keys that may differ from the resumed checkpoint's. Nothing is
+    built or written before the resume and the inputs are checked.
+    """
+    out_dir = Path(config.out_dir)
+    manager = CheckpointManager(out_dir / "checkpoints", config.keep_last)
+    recorded = to_dict(config)
+    candidates = resume_candidates(manager, resume, recorded, allow_change, task.total_steps)
+    trackers = (["tensorboard"] if config.tensorboard else []) + (["wandb"] if config.wandb else [])
+    accelerator, accumulation = make_accelerator(
+        config.mixed_precision, config.global_batch_size, config.micro_batch_size, out_dir, trackers, config.device
+    )
+    trainee = prepare(task, config, accelerator, fresh=not candidates)
     step = restore(accelerator, manager, candidates, recorded, allow_change, task.total_steps)
     if accelerator.is_main_process:  # only now: nothing is written before every check passed
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -135,46 +153,27 @@ def run(task: Task, config: LoopConfig, resume: str | None = None, allow_change:
         accelerator.init_trackers(task.name, config=flat_hparams(recorded))
 
     def export(directory: Path) -> None:
-        weights = accelerator.get_state_dict(model)  # every rank: FSDP gathers the full state
+        weights = accelerator.get_state_dict(trainee.model)  # every rank: FSDP gathers the full state
         if accelerator.is_main_process:
-            task.export(directory, weights, unwrapped)
-            if ema is not None:
-                task.export(directory.parent / "export_ema", ema.module.state_dict(), unwrapped)
+            task.export(directory, weights, trainee.unwrapped)
+            if trainee.ema is not None:
+                task.export(directory.parent / "export_ema", trainee.ema.module.state_dict(), trainee.unwrapped)
 
-    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    world = accelerator.num_processes
     result = TrainResult(step=step, reason="completed")
     progress = tqdm(total=task.total_steps, initial=step, disable=not accelerator.is_main_process, unit="step")
     window, grad_norm = LogWindow(), float("nan")
-    model.train()
     with StopFlag() as stop:
         while step < task.total_steps:
-            # Fetched before the step's seeds are set: loading data never consumes a training draw.
-            batches = list(task.micro_batches(step, accumulation, rank, world))
-            torch.manual_seed(hash_seed(config.seed, rank, step))  # dropout, class dropout
-            generator = torch.Generator().manual_seed(hash_seed(config.seed, rank, step, 1))  # register layouts
-            losses, samples, tokens = [], 0, 0
-            for batch in batches:
-                counted = task.count(batch)
-                samples, tokens = samples + counted[0], tokens + counted[1]
-                batch = send_to_device(batch, device)
-                with accelerator.accumulate(model):
-                    with accelerator.autocast():
-                        parts = task.loss(forward, unwrapped, batch, generator)
-                    values, norm = backward_and_step(
-                        accelerator, optimizer, parts, params, config.optim.grad_clip, step, manager.latest
-                    )
-                grad_norm = norm if norm is not None else grad_norm
-                losses.append(values)
-            scheduler.step()
-            step += 1
-            if ema is not None:
-                ema.update(unwrapped, step=step)
-            mean = [sum(x) / len(losses) for x in zip(*losses, strict=True)]
+            mean, samples, tokens, norm = optimizer_step(
+                task, trainee, accelerator, config, step, accumulation, manager
+            )
+            step, grad_norm = step + 1, norm if norm is not None else grad_norm
             result.losses.append(mean[0])
             window.add(mean, samples * world, tokens * world)
             progress.update(1)
             if step % config.log_every == 0 or step == task.total_steps:
-                _log(accelerator, window, step, scheduler, grad_norm, config, task.flops_per_sample, progress)
+                _log(accelerator, window, step, trainee.scheduler, grad_norm, config, task.flops_per_sample, progress)
                 window = LogWindow()
             stopping = any_rank(accelerator, stop.requested)
             if step % config.save_every == 0 or step == task.total_steps or stopping:
@@ -188,6 +187,38 @@ def run(task: Task, config: LoopConfig, resume: str | None = None, allow_change:
     result.step = step
     accelerator.end_training()
     return result
+
+
+def optimizer_step(
+    task: Task, trainee: Trainee, accelerator, config: LoopConfig, step: int, accumulation: int, manager
+) -> tuple[list[float], int, int, float | None]:
+    """One optimizer step over this rank's micro-batches: (mean loss parts, samples, tokens, grad norm).
+
+    The step's draws are seeded from (seed, rank, step): dropout through torch's global generator,
+    register layouts through their own.
+    """
+    rank, world = accelerator.process_index, accelerator.num_processes
+    # Fetched before the step's seeds are set: loading data never consumes a training draw.
+    batches = list(task.micro_batches(step, accumulation, rank, world))
+    torch.manual_seed(hash_seed(config.seed, rank, step))
+    generator = torch.Generator().manual_seed(hash_seed(config.seed, rank, step, 1))
+    losses, samples, tokens, grad_norm = [], 0, 0, None
+    for batch in batches:
+        counted = task.count(batch)
+        samples, tokens = samples + counted[0], tokens + counted[1]
+        batch = send_to_device(batch, accelerator.device)
+        with accelerator.accumulate(trainee.model):
+            with accelerator.autocast():
+                parts = task.loss(trainee.forward, trainee.unwrapped, batch, generator)
+            values, norm = backward_and_step(
+                accelerator, trainee.optimizer, parts, trainee.params, config.optim.grad_clip, step, manager.latest
+            )
+        grad_norm = norm if norm is not None else grad_norm
+        losses.append(values)
+    trainee.scheduler.step()
+    if trainee.ema is not None:
+        trainee.ema.update(trainee.unwrapped, step=step + 1)
+    return [sum(x) / len(losses) for x in zip(*losses, strict=True)], samples, tokens, grad_norm
 
 
 def _log(accelerator, window: LogWindow, step: int, scheduler, grad_norm: float, config, flops, progress) -> None:
