@@ -28,6 +28,11 @@ from typing import Any
 from mutor_vision.errors import ConfigError, InputError, TrainingDiverged
 
 EXIT_OK, EXIT_BUG, EXIT_CONFIG, EXIT_DIVERGED, EXIT_INPUT = 0, 1, 2, 3, 4
+EXIT_CODES = (
+    "exit codes: 0 done (also after a clean stop on SIGTERM/SIGINT: continue with --resume auto); "
+    "1 a bug (with its traceback); 2 a bad command line or config; 3 training diverged (NaN/inf); "
+    "4 bad input data or checkpoint. Errors 2-4 print one line naming the key or the file."
+)
 
 
 def run_command(name: str, body: Callable[[], Any]) -> int:
@@ -59,9 +64,14 @@ def train_main(doc: str, config_cls: type, train_fn: Callable[..., Any], argv: l
     from mutor_vision.config import load_yaml
 
     parser = argparse.ArgumentParser(
-        prog=f"{name}.py", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+        prog=f"{name}.py", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXIT_CODES
     )
     parser.add_argument("--config", required=True, help="a YAML config file (docs/configs.md lists every key)")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the config as loaded (file + overrides, defaults filled) and exit",
+    )
     parser.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in out_dir) or a path")
     parser.add_argument(
         "--allow-change",
@@ -78,6 +88,13 @@ def train_main(doc: str, config_cls: type, train_fn: Callable[..., Any], argv: l
 
     def body() -> None:
         config = load_yaml(config_cls, args.config, args.overrides)
+        if args.print_config:
+            import yaml
+
+            from mutor_vision.config import to_dict
+
+            print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+            return
         result = train_fn(config, resume=args.resume, allow_change=allow)
         log.info("%s at step %d (checkpoint: %s)", result.reason, result.step, result.checkpoint)
 

@@ -24,7 +24,7 @@ class Example:
 
 
 def read_records(jsonl: str | None, hf_name: str | None, hf_config: str | None, split: str) -> list[dict]:
-    """Rows from a local JSONL file or a Hugging Face dataset (needs the optional ``datasets``)."""
+    """Rows from a local JSONL file or a Hugging Face dataset (``datasets``, in the ``[text]`` extra)."""
     if jsonl:
         path = Path(jsonl)
         if not path.is_file():
@@ -41,7 +41,7 @@ def read_records(jsonl: str | None, hf_name: str | None, hf_config: str | None, 
         try:
             import datasets
         except ImportError:
-            raise ImportError("data.hf_name needs the `datasets` package: pip install datasets") from None
+            raise ImportError("data.hf_name needs the `datasets` package: pip install -e \".[text]\"") from None
         return list(datasets.load_dataset(hf_name, hf_config, split=split))
     raise ValueError("data: set jsonl (a local file) or hf_name (a Hugging Face dataset)")
 
