@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-gpu lint format demo clean
+.PHONY: install test test-gpu lint format demo demo-full clean
 
 install: $(STAMP)
 
@@ -27,9 +27,13 @@ test: lint
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu -rs
 
-# The embedded demo: MuToR-2D vs next-token on scikit-learn's digits, CPU only, no downloads.
+# The embedded demo: MuToR-2D vs next-token on scikit-learn's digits (16x16), 3 seeds, CPU, no downloads.
 demo: $(STAMP)
 	$(PY) demo/run_demo.py --out runs/demo
+
+# The longer setting: 5 seeds x 3,000 steps (about an hour on 2 CPU cores; minutes on a GPU).
+demo-full: $(STAMP)
+	$(PY) demo/run_demo.py --full --out runs/demo-full
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .

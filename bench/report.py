@@ -71,6 +71,18 @@ def eval_pipeline_table(results: list[dict]) -> list[str]:
     return lines
 
 
+def text_generate_table(results: list[dict]) -> list[str]:
+    lines = ["| file | device | prompts | one at a time problems/s | batched problems/s (batch) | ratio |"]
+    lines.append("|---|---|---|---|---|---|")
+    for name, r in results:
+        one, batched = r["rows"]["one_at_a_time"], r["rows"]["batched"]
+        lines.append(
+            f"| {name} | {r['device']} | {r['config']['prompts']} | {one['problems_per_s']:.1f} | "
+            f"{batched['problems_per_s']:.1f} ({batched['batch_size']}) | {r['ratio']:.1f}x |"
+        )
+    return lines
+
+
 def faults_table(results: list[dict]) -> list[str]:
     lines = ["| file | fault | trials | outcomes |", "|---|---|---|---|"]
     for name, r in results:
@@ -96,7 +108,14 @@ def data_table(results: list[dict]) -> list[str]:
 
 
 def render() -> str:
-    groups: dict[str, list] = {"train_step": [], "sample": [], "data": [], "eval_pipeline": [], "faults": []}
+    groups: dict[str, list] = {
+        "train_step": [],
+        "sample": [],
+        "data": [],
+        "eval_pipeline": [],
+        "text_generate": [],
+        "faults": [],
+    }
     for path in sorted(RESULTS.glob("*.json")):
         result = json.loads(path.read_text())
         groups.setdefault(result["benchmark"], []).append((path.name, result))
@@ -108,6 +127,13 @@ def render() -> str:
         parts += ["**Sampling** (`bench/sample.py`)", "", *sample_table(groups["sample"]), ""]
     if groups["eval_pipeline"]:
         parts += ["**Evaluation** (`bench/eval_pipeline.py`)", "", *eval_pipeline_table(groups["eval_pipeline"]), ""]
+    if groups["text_generate"]:
+        parts += [
+            "**Text evaluation** (`bench/text_generate.py`)",
+            "",
+            *text_generate_table(groups["text_generate"]),
+            "",
+        ]
     if groups["data"]:
         parts += ["**Data** (`bench/data.py`)", "", *data_table(groups["data"]), ""]
     if groups["faults"]:

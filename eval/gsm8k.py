@@ -1,101 +1,69 @@
-"""GSM8K accuracy with greedy decoding and numeric answer comparison.
+"""GSM8K accuracy with batched greedy decoding, scored by the MuToR authors' protocol and a lenient one.
 
     python eval/gsm8k.py --ckpt runs/text/gsm8k_mutor/checkpoints/step_00003735/export --out acc.json
     python eval/gsm8k.py --ckpt /models/gemma-2b --hf-name gsm8k --hf-config main --split test --out acc.json
 
-An export of train_sft.py brings its base model, LoRA flag, prompt template and prompt attention:
-a model trained with a bidirectional prompt is prefilled bidirectionally. Answers are compared as
-numbers ("18.0" == "18", "1,000" == "1000").
+Defaults follow the authors: up to 512 new tokens, greedy, and the answer is the first
+``#### <number>`` of the generation compared as a string with the reference's after removing
+commas, with no fallback (``--scoring authors``). ``lenient`` compares numbers ("18.0" = "18") and
+falls back to the last number of the text. Both accuracies are in the results; ``--scoring`` picks
+the one reported as ``accuracy``. An export brings its prompt template and prompt attention: a model
+trained with a bidirectional prompt is prefilled bidirectionally.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mutor_vision.text.adapter import MASK_FORMS
-from mutor_vision.text.answers import answers_match, extract_answer
+from mutor_vision.cli import run_command, setup_logging
+from mutor_vision.text.answers import answers_match, authors_match
 from mutor_vision.text.config import GSM8K_PROMPT
 from mutor_vision.text.data import read_records
-from mutor_vision.text.export import model_directory, read_text_info
-from mutor_vision.text.generate import greedy_generate
+from mutor_vision.text.evaluate import evaluate_answers, load_for_generation
+
+SCORERS = {"authors": authors_match, "lenient": answers_match}
 
 
-def load(ckpt: Path, base_model: str | None, attn: str | None):
-    """(model, tokenizer, info) from a train_sft export or a plain Hugging Face model directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    recorded = read_text_info(ckpt)
-    info = recorded or {}
-    attn = attn or info.get("attn_implementation", "sdpa")
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    model_dir = model_directory(ckpt, recorded)
-    if info.get("lora"):
-        from peft import PeftModel
-
-        base = AutoModelForCausalLM.from_pretrained(
-            base_model or info["base_model"], dtype=dtype, attn_implementation=attn
-        )
-        model = PeftModel.from_pretrained(base, str(model_dir))
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return model.eval(), tokenizer, info | {"attn_implementation": attn}
-
-
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", type=Path, required=True)
+    p.add_argument("--ckpt", type=Path, required=True, help="a train_sft.py export or a Hugging Face model directory")
     p.add_argument("--base-model", default=None, help="override the base model recorded in a LoRA export")
-    p.add_argument("--attn-implementation", default=None)
+    p.add_argument("--attn-implementation", choices=["sdpa", "eager"], default="sdpa")
     p.add_argument("--data", default=None, help="a local JSONL file with question/answer fields")
-    p.add_argument("--hf-name", default=None)
+    p.add_argument("--hf-name", default="gsm8k")
     p.add_argument("--hf-config", default="main")
     p.add_argument("--split", default="test")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
+    p.add_argument("--scoring", choices=sorted(SCORERS), default="authors")
+    p.add_argument("--prompt-template", default=None, help="default: the export's (else the GSM8K template)")
+    p.add_argument("--limit", type=int, default=None, help="the first N problems only")
+    p.add_argument("--device", choices=["auto", "cpu"], default="auto")
     p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(argv)
-    model, tokenizer, info = load(args.ckpt, args.base_model, args.attn_implementation)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    records = read_records(args.data, None if args.data else args.hf_name or "gsm8k", args.hf_config, args.split)
+    return p.parse_args(argv)
+
+
+def run(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    records = read_records(args.data, None if args.data else args.hf_name, args.hf_config, args.split)
     records = records[: args.limit] if args.limit else records
-    template = info.get("prompt_template", GSM8K_PROMPT)
-    prompt_attention = info.get("prompt_attention", "causal")
-    mask_form = MASK_FORMS.get(info["attn_implementation"], "bool")
-    rows, correct = [], 0
-    for record in tqdm(records, desc="gsm8k"):
-        prompt_ids = tokenizer(template.format(prompt=record["question"]))["input_ids"]
-        tokens = greedy_generate(
-            model, prompt_ids, args.max_new_tokens, tokenizer.eos_token_id, prompt_attention, mask_form
-        )
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        ok = answers_match(text, record["answer"])
-        correct += ok
-        predicted = extract_answer(text)
-        rows.append({"prediction": text, "extracted": None if predicted is None else str(predicted), "correct": ok})
-    results = {
-        "accuracy": correct / max(len(records), 1),
-        "correct": correct,
-        "total": len(records),
-        "checkpoint": str(args.ckpt),
-        "prompt_attention": prompt_attention,
-        "max_new_tokens": args.max_new_tokens,
-        "samples": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(json.dumps({k: v for k, v in results.items() if k != "samples"}))
-    return results
+    model, tokenizer, info = load_for_generation(args.ckpt, args.base_model, args.attn_implementation, args.device)
+    return evaluate_answers(
+        model, tokenizer, records, args.prompt_template or info.get("prompt_template", GSM8K_PROMPT), "question",
+        "answer", SCORERS, args.scoring, info.get("prompt_attention", "causal"), args.max_new_tokens,
+        args.batch_size, args.out, extra={"checkpoint": str(args.ckpt), "benchmark": "gsm8k"},
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; exit codes as in ``mutor_vision/cli.py``."""
+    setup_logging()
+    return run_command("eval/gsm8k.py", lambda: run(argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -127,6 +127,9 @@ def _convert(annotation: Any, value: Any, path: str) -> Any:
                 errors.append(str(error))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: no type of {annotation} accepts {value!r}")
     if origin is Literal:
+        if isinstance(value, bool):  # YAML reads an unquoted no/off/yes/on as a boolean: take the word back
+            words = [a for a in args if isinstance(a, str) and yaml.safe_load(a) is value]
+            value = words[0] if len(words) == 1 else value
         if value not in args:
             raise ConfigError(f"{path}: must be one of {list(args)}, got {value!r}")
         return value

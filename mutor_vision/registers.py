@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 EdgePolicy = Literal["wrap", "drop"]
+LossNormalization = Literal["token", "sample"]
 PromptAttention = Literal["causal", "bidirectional"]
 IGNORE_INDEX = -100
 
@@ -386,29 +387,39 @@ def combined_loss(
     register_labels: Tensor | None = None,
     register_weight: float = 0.5,
     ignore_index: int = IGNORE_INDEX,
+    normalization: LossNormalization = "token",
 ) -> LossParts:
-    """``(1 - a)·L_ntp + a·L_reg`` with token means; ``L_reg = 0`` (never NaN) without valid registers.
+    """``(1 - a)·L_ntp + a·L_reg``; ``L_reg = 0`` (never NaN) without valid registers.
 
-    Logits (B, N, V) / (B, R, V) are compared in float32; labels equal to ``ignore_index`` count
-    nowhere. Without registers (next-token baseline) the loss is plain L_ntp.
+    ``normalization``: ``token`` — each part is the mean over every labelled position of the batch
+    (long rows weigh more); ``sample`` — each part is the mean over the batch of per-row means, a row
+    without a valid register counting 0 in ``L_reg`` (what batch 1 with gradient accumulation, the
+    text authors' setting, optimises). Logits (B, N, V) / (B, R, V) are compared in float32; labels
+    equal to ``ignore_index`` count nowhere. Without registers (next-token) the loss is plain L_ntp.
     """
     if not 0.0 <= register_weight <= 1.0:
         raise ValueError(f"register_weight must be in [0, 1], got {register_weight}")
-    ntp_sum, ntp_count = _ce_sum(ntp_logits, ntp_labels, ignore_index)
-    ntp = ntp_sum / ntp_count.clamp(min=1)
+    if normalization not in ("token", "sample"):
+        raise ValueError(f"normalization must be 'token' or 'sample', got {normalization!r}")
+    ntp, ntp_count = _ce_mean(ntp_logits, ntp_labels, ignore_index, normalization)
     if register_logits is None:
         zero = ntp.new_zeros(())
         return LossParts(ntp, ntp.detach(), zero, ntp_count, torch.zeros_like(ntp_count))
     if register_labels is None:
         raise ValueError("register_labels are required with register_logits")
-    reg_sum, reg_count = _ce_sum(register_logits, register_labels, ignore_index)
-    reg = reg_sum / reg_count.clamp(min=1)  # sum over nothing is 0: no NaN, and a zero gradient
+    reg, reg_count = _ce_mean(register_logits, register_labels, ignore_index, normalization)
     loss = (1.0 - register_weight) * ntp + register_weight * reg
     return LossParts(loss, ntp.detach(), reg.detach(), ntp_count, reg_count)
 
 
-def _ce_sum(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+def _ce_mean(logits: Tensor, labels: Tensor, ignore_index: int, normalization: str) -> tuple[Tensor, Tensor]:
+    """The mean cross-entropy (token or per-row mean; 0 over nothing, with a zero gradient) and the count."""
     flat = logits.reshape(-1, logits.shape[-1]).float()
     target = labels.reshape(-1)
-    total = F.cross_entropy(flat, target, ignore_index=ignore_index, reduction="sum")
-    return total, (target != ignore_index).sum()
+    counted = labels != ignore_index
+    if normalization == "token":
+        total = F.cross_entropy(flat, target, ignore_index=ignore_index, reduction="sum")
+        return total / counted.sum().clamp(min=1), counted.sum()
+    per_token = F.cross_entropy(flat, target, ignore_index=ignore_index, reduction="none").view(labels.shape)
+    per_row = per_token.sum(dim=1) / counted.sum(dim=1).clamp(min=1)  # a row with nothing to predict: 0
+    return per_row.mean(), counted.sum()

@@ -1,24 +1,53 @@
-"""A few-step run of the whole demo pipeline: data, tokenizer, shards, both trainings, evaluation, report."""
+"""A few-step run of the whole demo: data, tokenizer, shards, two seeds of both methods, evaluations at
+every checkpoint, the statistics, the report; then a rerun that resumes instead of retraining."""
 
 import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from demo.run_demo import main  # noqa: E402
+from demo import run_demo  # noqa: E402
 
 
 def test_demo_smoke(tmp_path):
-    summary = main(["--smoke", "--out", str(tmp_path)])
-    for name in ("ntp", "mutor2d"):
-        row = summary["rows"][name]
-        for key in ("fid", "inception_score", "class_consistency", "heldout_nll"):
-            assert key in row and row[key] == row[key], (name, key)  # present and not NaN
-        assert 0.0 <= row["class_consistency"] <= 1.0 and row["heldout_nll"] > 0
-    report = (tmp_path / "report.md").read_text()
-    assert "| Next-token | MuToR-2D |" in report and "FID" in report
-    assert (tmp_path / "samples.png").stat().st_size > 0 and (tmp_path / "loss.png").stat().st_size > 0
-    state = json.loads((tmp_path / "mutor2d" / "checkpoints" / "step_00000004" / "state.json").read_text())
-    assert state["config"]["model"]["registers"]["mode"] == "mutor2d"
+    report = run_demo.main(["--smoke", "--out", str(tmp_path)])
+    for key, _, _ in run_demo.METRICS:
+        entry = report["summary"][key]
+        for method in ("ntp", "mutor2d"):
+            values = entry[method]["values"]
+            assert len(values) == 2 and all(v == v for v in values), (key, method)  # two seeds, no NaN
+        assert 0.0 <= entry["p_value"] <= 1.0 and "spread" in entry["verdict"]
+    assert set(report["floor"]) == {"fid", "inception_score", "class_consistency", "precision", "recall"}
+    assert [row["step"] for row in report["evaluations"]["mutor2d"][0]] == [
+        2,
+        4,
+    ]  # an evaluation at every checkpoint: the convergence curves
+    assert report["compute"]["mutor2d"]["positions"] == report["compute"]["ntp"]["positions"] * 336 // 256
+    text = (tmp_path / "report.md").read_text()
+    assert "| Next-token | MuToR-2D |" in text and "seed-to-seed spread" in text and "It is not ImageNet" in text
+    for picture in ("convergence.png", "samples.png", "loss.png"):
+        assert (tmp_path / picture).stat().st_size > 0
+    state = json.loads((tmp_path / "mutor2d-seed1" / "checkpoints" / "step_00000004" / "state.json").read_text())
+    assert state["config"]["model"]["registers"]["mode"] == "mutor2d" and state["config"]["seed"] == 1
+
+
+def test_demo_stops_on_an_interrupted_run_and_retrains_an_edited_one(tmp_path, monkeypatch):
+    from mutor_vision.training import TrainResult
+
+    plan = run_demo.Plan((0,), 4, 2, 20, 2.0, 1, 8, ("data.num_workers=0", "data.shuffle_buffer=16"))
+    data, _, _ = run_demo.prepare_data(tmp_path, plan.images_per_class)
+    monkeypatch.setattr(run_demo, "train", lambda config, resume: TrainResult(step=2, reason="terminated"))
+    with pytest.raises(run_demo.Interrupted, match=r"stopped at step 2 of 4.*again to continue"):
+        run_demo.train_run("ntp", 0, data, tmp_path, plan)
+    monkeypatch.undo()
+    run = run_demo.train_run("ntp", 0, data, tmp_path, plan)
+    before = (run / "checkpoints" / "step_00000004" / "state.json").stat().st_mtime_ns
+    run_demo.train_run("ntp", 0, data, tmp_path, plan)  # unchanged: kept as is
+    assert (run / "checkpoints" / "step_00000004" / "state.json").stat().st_mtime_ns == before
+    edited = run_demo.Plan((0,), 4, 4, 20, 2.0, 1, 8, plan.loader)  # another checkpoint cadence: another config
+    run_demo.train_run("ntp", 0, data, tmp_path, edited)
+    assert not (run / "checkpoints" / "step_00000002").exists()  # trained anew, not resumed

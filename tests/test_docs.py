@@ -25,7 +25,10 @@ def test_config_reference_is_current():
 
 
 def test_cited_docs_exist_and_nothing_outside_the_repository_is_cited():
-    outside = re.compile(r"shared/spec|\.\./shared|ecosystem\.md|(?<!docs/)(mutor|llamagen|style)\.md")
+    # Spelled in pieces so that this file does not match itself.
+    names = ["shared" + "/spec", r"\.\./" + "shared", "ecosystem" + r"\.md"]
+    names.append(r"(?<!docs/)(mutor|llamagen|style)" + r"\.md")
+    outside = re.compile("|".join(names))
     cited = re.compile(r"docs/[\w./-]+\.md")
     files = tracked("*.py", "*.md", "*.yaml", "*.toml", "Makefile")
     assert files, "git ls-files found nothing"

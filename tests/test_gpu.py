@@ -199,3 +199,40 @@ def test_eval_fid_end_to_end_on_cuda(tmp_path):
     assert results["precision"] == "bf16" and results["written_this_run"] == 24
     assert all(np.isfinite(v) for v in results["metrics"].values())
     assert len(list((tmp_path / "out" / "samples").glob("*.png"))) == 24
+
+
+def test_text_fsdp2_one_process_saves_resumes_and_exports(tmp_path):
+    # Full fine-tuning under FSDP2 (configs/accelerate/fsdp2_text.yaml), sharded by the model's own
+    # decoder-layer class; accelerate runs FSDP on CUDA only, so this lives in the GPU tier.
+    from test_text import CORPUS, tiny_model
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<bos>", "<eos>"]))
+    core.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", core.token_to_id("<bos>"))]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tiny_model("llama", len(tokenizer)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    rows = [{"question": t.split(" Answer: ")[0], "answer": t.split(" Answer: ")[1]} for t in CORPUS * 5]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    launch += [str(ROOT / "configs" / "accelerate" / "fsdp2_text.yaml"), "--num_processes", "1", "train_sft.py"]
+    args = ["--config", str(ROOT / "configs" / "text" / "gsm8k_mutor.yaml"), f"model.name_or_path={tmp_path / 'model'}"]
+    args += ["data.hf_name=null", f"data.jsonl={tmp_path / 'train.jsonl'}", f"out_dir={tmp_path / 'run'}"]
+    args += ["global_batch_size=4", "micro_batch_size=2", "save_every=2", "tensorboard=false", "data.max_length=64"]
+    first = subprocess.run([*launch, *args, "epochs=1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert first.returncode == 0, first.stderr[-4000:]
+    resumed = subprocess.run(
+        [*launch, *args, "epochs=2", "--resume", "auto", "--allow-change", "epochs"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-4000:]
+    export = tmp_path / "run" / "checkpoints" / "step_00000010" / "export"
+    assert AutoModelForCausalLM.from_pretrained(export / "model") is not None
+    assert (export / "registers.safetensors").is_file()

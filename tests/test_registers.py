@@ -315,6 +315,23 @@ def test_combined_loss_against_hand_computation():
     assert parts.num_ntp_tokens.item() == 5 and parts.num_reg_tokens.item() == 1
 
 
+def test_sample_normalization_is_the_mean_of_per_row_losses():
+    # Row 0: 3 answer tokens, 1 valid register; row 1: 2 tokens, no valid register (it counts 0 in L_reg).
+    g = gen(1)
+    ntp_logits, reg_logits = torch.randn(2, 3, 5, generator=g), torch.randn(2, 2, 5, generator=g)
+    ntp_labels = torch.tensor([[0, 1, 2], [3, IGNORE_INDEX, 4]])
+    reg_labels = torch.tensor([[1, IGNORE_INDEX], [IGNORE_INDEX, IGNORE_INDEX]])
+    parts = combined_loss(ntp_logits, ntp_labels, reg_logits, reg_labels, 0.3, normalization="sample")
+    rows = [
+        combined_loss(ntp_logits[b : b + 1], ntp_labels[b : b + 1], reg_logits[b : b + 1], reg_labels[b : b + 1], 0.3)
+        for b in range(2)
+    ]
+    torch.testing.assert_close(parts.loss, (rows[0].loss + rows[1].loss) / 2)
+    torch.testing.assert_close(parts.reg, rows[0].reg / 2)
+    token = combined_loss(ntp_logits, ntp_labels, reg_logits, reg_labels, 0.3)
+    assert not torch.allclose(token.ntp, parts.ntp)  # 3 + 2 tokens: token and sample means differ
+
+
 def test_loss_without_valid_registers_is_finite():
     ntp_logits = torch.randn(1, 4, 7, requires_grad=True)
     reg_logits = torch.randn(1, 2, 7, requires_grad=True)

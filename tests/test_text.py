@@ -272,20 +272,58 @@ def test_gsm8k_eval_cli_on_a_trained_export(tokenizer, tmp_path):
     sys.path.insert(0, str(ROOT / "eval"))
     import gsm8k
 
-    results = gsm8k.main(
-        [
-            "--ckpt",
-            str(tmp_path / "base"),
-            "--data",
-            str(data),
-            "--max-new-tokens",
-            "8",
-            "--out",
-            str(tmp_path / "acc.json"),
-        ]
-    )
-    assert results["total"] == 4 and 0.0 <= results["accuracy"] <= 1.0
+    argv = ["--ckpt", str(tmp_path / "base"), "--data", str(data), "--max-new-tokens", "8", "--batch-size", "3"]
+    results = gsm8k.run([*argv, "--device", "cpu", "--out", str(tmp_path / "acc.json")])
+    assert results["total"] == 4 and results["scoring"] == "authors" and 0.0 <= results["accuracy"] <= 1.0
+    assert {"accuracy_authors", "accuracy_lenient"} <= set(results) and results["max_new_tokens"] == 8
     assert json.loads((tmp_path / "acc.json").read_text())["total"] == 4
+    assert (
+        gsm8k.main(["--ckpt", str(tmp_path / "missing"), "--data", str(data), "--out", str(tmp_path / "x.json")]) == 4
+    )
+
+
+def test_math500_eval_cli(tokenizer, tmp_path):
+    rows = [{"problem": "Tom has 3 apples and buys 4 more. How many apples?", "answer": "7"}] * 3
+    data = tmp_path / "math.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    model = tiny_model("llama", len(tokenizer))
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    sys.path.insert(0, str(ROOT / "eval"))
+    import math500
+
+    out = tmp_path / "math.json"
+    results = math500.run(["--ckpt", str(tmp_path / "base"), "--data", str(data), "--max-new-tokens", "6",
+                           "--device", "cpu", "--out", str(out)])  # fmt: skip
+    assert results["total"] == 3 and results["scoring"] == "boxed" and results["benchmark"] == "math500"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "no problem field"}))
+    assert math500.main(["--ckpt", str(tmp_path / "base"), "--data", str(bad), "--out", str(out)]) == 4
+
+
+@pytest.mark.parametrize(
+    ("kind", "attn"), [("llama", "sdpa"), ("llama", "eager"), ("gemma", "sdpa"), ("qwen2", "sdpa")]
+)
+def test_batched_greedy_equals_one_prompt_at_a_time(tokenizer, kind, attn):
+    # Causal prompts: each row equals Hugging Face's own greedy generate on that prompt alone.
+    # Bidirectional prompts: each row equals the same prompt decoded alone (no padding).
+    from mutor_vision.text.generate import greedy_generate_batch
+
+    model = tiny_model(kind, len(tokenizer), attn=attn, seed=3)
+    torch.nn.init.normal_(model.get_output_embeddings().weight, std=0.5)  # separated logits: no near-ties
+    texts = [CORPUS[i].split(" Answer: ")[0] + " Answer:" for i in range(4)] + ["Question: 1,000 minus"]
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
+    eos, form = tokenizer.eos_token_id, "bool" if attn == "sdpa" else "float"
+    batched = greedy_generate_batch(model, prompts, 12, eos, "causal", form, tokenizer.pad_token_id)
+    for prompt, row in zip(prompts, batched, strict=True):
+        reference = model.generate(
+            torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+        )[0, len(prompt):].tolist()  # fmt: skip
+        assert row == reference
+    both = greedy_generate_batch(model, prompts, 12, eos, "bidirectional", form, tokenizer.pad_token_id)
+    alone = [greedy_generate_batch(model, [p], 12, eos, "bidirectional", form)[0] for p in prompts]
+    assert both == alone
 
 
 def test_train_sft_config_errors_name_the_key(capsys):
@@ -297,7 +335,50 @@ def test_train_sft_config_errors_name_the_key(capsys):
     assert train_sft.main(["--config", config, "method.weight=1.5"]) == 2
     assert "weight" in capsys.readouterr().err
     for path in sorted((ROOT / "configs" / "text").glob("*.yaml")):
-        assert load_yaml(TextTrainConfig, path).method.d_max == 4
+        loaded = load_yaml(TextTrainConfig, path)
+        assert loaded.method.d_max == 4
+        # The MuToR authors' recipe: AdamW (0.9, 0.999), eps 1e-6, no weight decay, warm-up 10 % then
+        # linear decay, clip 1.0; a bidirectional prompt; per-sample loss means; their template.
+        o = loaded.optim
+        assert (o.betas, o.eps, o.weight_decay, o.schedule, o.warmup_ratio, o.grad_clip, o.lr) == (
+            [0.9, 0.999],
+            1e-6,
+            0.0,
+            "warmup_linear",
+            0.1,
+            1.0,
+            5e-5,
+        )
+        assert loaded.method.prompt_attention == "bidirectional" and loaded.method.loss_normalization == "sample"
+        assert (
+            loaded.data.prompt_template == "Question: {prompt}\n\nAnswer:"
+            and loaded.data.answer_template == " {answer}"
+        )
+
+
+def test_sample_normalization_micro_batch_ten_equals_ten_micro_batches_of_one(tokenizer, tmp_path):
+    # The authors' objective: batch 1 with 10 accumulation steps. Micro-batch 10 with
+    # loss_normalization: sample gives the same update (fp32, CPU); the token mean does not.
+    data = write_jsonl(tmp_path / "train.jsonl", rows=10)
+
+    def one_step(micro: int, normalization: str, run: str) -> dict[str, torch.Tensor]:
+        config = load_yaml(
+            TextTrainConfig,
+            ROOT / "configs" / "text" / "gsm8k_mutor.yaml",
+            [f"data.jsonl={data}", "data.hf_name=null", "model.name_or_path=tiny", f"out_dir={tmp_path / run}",
+             "epochs=1", "global_batch_size=10", f"micro_batch_size={micro}", "optim.lr=1e-2",
+             "optim.schedule=constant", "tensorboard=false", "data.max_length=64", "device=cpu",
+             f"method.loss_normalization={normalization}"],
+        )  # fmt: skip
+        model = tiny_model("llama", len(tokenizer))
+        train_text(config, model=model, tokenizer=tokenizer)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    ten, ones = one_step(10, "sample", "a"), one_step(1, "sample", "b")
+    token = one_step(10, "token", "c")
+    gap = max((ten[k] - ones[k]).abs().max().item() for k in ten)  # summation order only
+    token_gap = max((token[k] - ones[k]).abs().max().item() for k in token)
+    assert gap < 2e-5 and token_gap > 50 * gap, (gap, token_gap)
 
 
 def test_text_resume_is_exact(tokenizer, tmp_path, monkeypatch):

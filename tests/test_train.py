@@ -156,6 +156,7 @@ def test_config_errors_name_the_key(tmp_path, shards, capsys):
         config(tmp_path, shards, "global_batch_size=12")
     with pytest.raises(ConfigError, match="steps: expected an integer"):
         config(tmp_path, shards, "steps=ten")
+    assert config(tmp_path, shards, "mixed_precision=no").mixed_precision == "no"  # YAML would read False
     assert train_c2i.main(["--config", str(TINY), "model.n_layerz=3"]) == 2
     assert "model.n_layerz" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from mutor_vision.registers import (
     IGNORE_INDEX,
+    LossNormalization,
     LossParts,
     Offsets,
     RegisterLayout,
@@ -66,6 +67,7 @@ class MuToRAdapter(nn.Module):
         weight: float = 0.3,
         register_fraction: float | None = None,
         prompt_attention: Literal["causal", "bidirectional"] = "causal",
+        loss_normalization: LossNormalization = "token",
     ) -> None:
         super().__init__()
         config = model.config
@@ -77,10 +79,16 @@ class MuToRAdapter(nn.Module):
         self.model = model
         self.method, self.d_max, self.weight = method, d_max, weight
         self.register_fraction, self.prompt_attention = register_fraction, prompt_attention
+        self.loss_normalization = loss_normalization
         self.mask_form = MASK_FORMS[implementation]
         self.registers = RegisterEmbedding(config.hidden_size, std=getattr(config, "initializer_range", 0.02))
         # Unused without registers: frozen, so DDP does not wait for its gradient.
         self.registers.requires_grad_(method == "mutor")
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The wrapped model's layer classes: FSDP's transformer auto-wrap shards by them."""
+        return list(getattr(self.model, "_no_split_modules", None) or [])
 
     def layout(
         self, prompt_len: Tensor, answer_len: Tensor, seq_len: int, generator: torch.Generator | None = None
@@ -142,6 +150,7 @@ class MuToRAdapter(nn.Module):
             output.register_logits,
             register_labels,
             self.weight if output.register_logits is not None else 0.0,
+            normalization=self.loss_normalization,
         )
 
 
@@ -149,7 +158,11 @@ def mask_in_form(layout: RegisterLayout, form: str, size: int | None, dtype: tor
     """The core's mask as Hugging Face wants it: ``bool`` (sdpa), additive ``float`` (eager) or ``block``."""
     if form == "block":
         return layout.block_mask(size=size)
-    allowed = layout.dense_mask(size=size)
+    return as_mask_form(layout.dense_mask(size=size), form, dtype)
+
+
+def as_mask_form(allowed: Tensor, form: str, dtype: torch.dtype) -> Tensor:
+    """A boolean 4D mask (True = attend) as ``bool`` (sdpa) or additive ``float`` (eager)."""
     if form == "bool":
         return allowed
     # eager adds the mask to the scores: a bool mask would be silently wrong (docs/architecture.md).

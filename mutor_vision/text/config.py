@@ -8,7 +8,7 @@ from typing import Literal
 from mutor_vision.config import check
 from mutor_vision.training.config import LoopConfig, OptimConfig
 
-GSM8K_PROMPT = "Question: {prompt}\nAnswer:"
+GSM8K_PROMPT = "Question: {prompt}\n\nAnswer:"  # the MuToR authors' template
 GSM8K_ANSWER = " {answer}"
 
 
@@ -47,7 +47,8 @@ class MethodConfig:
     d_max: int = 4  # d uniform in {1..d_max} per sample
     weight: float = 0.3  # a in (1 - a)·L_ntp + a·L_reg
     register_fraction: float | None = None  # sparse registers: this fraction of answer slots; null = all
-    prompt_attention: Literal["causal", "bidirectional"] = "causal"  # bidirectional = the paper's setting
+    prompt_attention: Literal["causal", "bidirectional"] = "bidirectional"  # the paper's setting (causal: any stack)
+    loss_normalization: Literal["sample", "token"] = "sample"  # sample: mean of per-sample means (the authors')
 
     def __post_init__(self) -> None:
         check(self.d_max >= 1, "d_max", "must be >= 1")
@@ -80,8 +81,10 @@ class TextTrainConfig(LoopConfig):
     method: MethodConfig = field(default_factory=MethodConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     epochs: int = 5  # passes over the data; steps = epochs × (examples // global_batch_size)
-    optim: OptimConfig = field(
-        default_factory=lambda: OptimConfig(lr=5e-5, weight_decay=0.0, schedule="warmup_linear", warmup_ratio=0.1)
+    optim: OptimConfig = field(  # the MuToR authors' text recipe
+        default_factory=lambda: OptimConfig(
+            lr=5e-5, betas=[0.9, 0.999], eps=1e-6, weight_decay=0.0, schedule="warmup_linear", warmup_ratio=0.1
+        )
     )
     global_batch_size: int = 10  # examples per optimizer step over all ranks (paper: effective batch 10)
     micro_batch_size: int = 10

@@ -41,7 +41,7 @@ def read_records(jsonl: str | None, hf_name: str | None, hf_config: str | None, 
         try:
             import datasets
         except ImportError:
-            raise ImportError("data.hf_name needs the `datasets` package: pip install -e \".[text]\"") from None
+            raise ImportError('data.hf_name needs the `datasets` package: pip install -e ".[text]"') from None
         return list(datasets.load_dataset(hf_name, hf_config, split=split))
     raise ValueError("data: set jsonl (a local file) or hf_name (a Hugging Face dataset)")
 
@@ -55,25 +55,36 @@ def build_examples(
     answer_template: str,
     max_length: int,
 ) -> tuple[list[Example], int]:
-    """Tokenised examples and the number dropped for exceeding ``max_length`` (counted, never truncated)."""
+    """Tokenised examples and how many were dropped: longer than ``max_length`` (never truncated), or
+    with an empty prompt or answer (nothing to learn). Each kind of drop is counted in a warning."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token: answers must end with one")
-    examples, dropped = [], 0
+    examples, too_long, empty = [], 0, 0
     for index, record in enumerate(records):
         try:
-            prompt_text = prompt_template.format(prompt=record[prompt_field])
-            answer_text = answer_template.format(answer=record[answer_field])
+            prompt, answer = record[prompt_field], record[answer_field]
         except KeyError as error:
             raise InputError(f"data record {index}: missing field {error} (have {sorted(record)})") from None
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
-        answer_ids = tokenizer(answer_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if len(prompt_ids) + len(answer_ids) > max_length:
-            dropped += 1
+        except TypeError:
+            raise InputError(
+                f"data record {index}: expected a mapping of fields, got {type(record).__name__}"
+            ) from None
+        if not str(prompt).strip() or not str(answer).strip():
+            empty += 1
             continue
-        examples.append(Example(prompt_ids, answer_ids, str(record[answer_field]), prompt_text))
-    if dropped:
-        log.warning("dropped %d of %d examples longer than max_length %d", dropped, len(records), max_length)
-    return examples, dropped
+        prompt_text = prompt_template.format(prompt=prompt)
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
+        answer_ids = tokenizer(answer_template.format(answer=answer), add_special_tokens=False)["input_ids"]
+        answer_ids = [*answer_ids, tokenizer.eos_token_id]
+        if len(prompt_ids) + len(answer_ids) > max_length:
+            too_long += 1
+            continue
+        examples.append(Example(prompt_ids, answer_ids, str(answer), prompt_text))
+    if too_long:
+        log.warning("dropped %d of %d examples longer than max_length %d", too_long, len(records), max_length)
+    if empty:
+        log.warning("dropped %d of %d examples with an empty prompt or answer", empty, len(records))
+    return examples, too_long + empty
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, Tensor]:

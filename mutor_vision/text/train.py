@@ -60,7 +60,7 @@ def build_adapter(model, config: TextTrainConfig) -> MuToRAdapter:
             ),
         )
     m = config.method
-    return MuToRAdapter(model, m.name, m.d_max, m.weight, m.register_fraction, m.prompt_attention)
+    return MuToRAdapter(model, m.name, m.d_max, m.weight, m.register_fraction, m.prompt_attention, m.loss_normalization)
 
 
 def step_examples(examples: list[Example], step: int, global_batch: int, seed: int) -> list[Example]:

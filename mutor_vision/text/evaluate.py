@@ -1,0 +1,107 @@
+"""Accuracy of a fine-tuned model on question/answer data: GSM8K and MATH500 share this run.
+
+The model comes from a ``train_sft.py`` export (its base model, LoRA flag, prompt template and
+prompt attention travel with it) or a plain Hugging Face model directory. Generation is greedy and
+batched (``mutor_vision/text/generate.py``); every scorer is applied to every prediction, the
+primary one gives ``accuracy``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mutor_vision.errors import InputError
+from mutor_vision.files import atomic_write_json
+from mutor_vision.text.adapter import MASK_FORMS
+from mutor_vision.text.export import model_directory, read_text_info
+from mutor_vision.text.generate import generate_texts
+
+log = logging.getLogger(__name__)
+Scorer = Callable[[str, str], bool]  # (prediction, reference) -> correct
+
+
+def load_for_generation(ckpt: Path, base_model: str | None = None, attn: str = "sdpa", device: str = "auto"):
+    """(model, tokenizer, info): a text export or a Hugging Face directory, in eval mode on the device.
+
+    Generation runs with ``sdpa`` (or ``eager``) whatever the model was trained with: the weights do
+    not depend on the attention implementation, and decoding takes boolean or additive masks.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not Path(ckpt).is_dir():
+        raise InputError(f"--ckpt {ckpt}: not a directory (a train_sft.py export or a Hugging Face model)")
+    recorded = read_text_info(ckpt)
+    info = recorded or {}
+    on_cuda = device == "auto" and torch.cuda.is_available()
+    dtype = torch.bfloat16 if on_cuda else torch.float32
+    model_dir = model_directory(ckpt, recorded)
+    if info.get("lora"):
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(
+            base_model or info["base_model"], dtype=dtype, attn_implementation=attn
+        )
+        model = PeftModel.from_pretrained(base, str(model_dir))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model.to("cuda" if on_cuda else "cpu")
+    return model.eval(), tokenizer, info | {"attn_implementation": attn}
+
+
+def evaluate_answers(
+    model,
+    tokenizer,
+    records: list[dict[str, Any]],
+    template: str,
+    prompt_field: str,
+    answer_field: str,
+    scorers: dict[str, Scorer],
+    primary: str,
+    prompt_attention: str,
+    max_new_tokens: int,
+    batch_size: int,
+    out: Path,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Generate an answer to every record, score it with every scorer, write ``out`` (JSON)."""
+    missing = [i for i, r in enumerate(records) if prompt_field not in r or answer_field not in r]
+    if missing:
+        raise InputError(f"record {missing[0]}: needs the fields {prompt_field!r} and {answer_field!r}")
+    attn = model.config._attn_implementation
+    if attn not in ("sdpa", "eager"):
+        raise InputError(f"generation needs attn_implementation sdpa or eager, the model has {attn!r}")
+    prompts = [template.format(prompt=r[prompt_field]) for r in records]
+    predictions = generate_texts(
+        model, tokenizer, prompts, max_new_tokens, prompt_attention, MASK_FORMS[attn], batch_size
+    )
+    rows, correct = [], dict.fromkeys(scorers, 0)
+    for record, prediction in zip(records, predictions, strict=True):
+        verdicts = {name: bool(score(prediction, str(record[answer_field]))) for name, score in scorers.items()}
+        for name, ok in verdicts.items():
+            correct[name] += ok
+        rows.append({"prediction": prediction, **{f"correct_{name}": ok for name, ok in verdicts.items()}})
+    total = max(len(records), 1)
+    results = {
+        "accuracy": correct[primary] / total,
+        "scoring": primary,
+        **{f"accuracy_{name}": count / total for name, count in correct.items()},
+        "correct": correct,
+        "total": len(records),
+        "prompt_attention": prompt_attention,
+        "prompt_template": template,
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        **(extra or {}),
+        "samples": rows,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, results)
+    log.info("accuracy (%s) %.4f; %s", primary, results["accuracy"],
+             " ".join(f"{n}={correct[n] / total:.4f}" for n in scorers))  # fmt: skip
+    return results
