@@ -83,6 +83,29 @@ def text_generate_table(results: list[dict]) -> list[str]:
     return lines
 
 
+def speculative_table(results: list[dict]) -> list[str]:
+    lines = ["| file | model | batch | temperature | CFG | k | tokens per forward | speed-up (wall) |"]
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for name, r in results:
+        for row in r.get("images", []):
+            lines.append(
+                f"| {name} | demo MuToR-2D (images) | {row['batch']} | {row['temperature']} | {row['cfg_scale']} | "
+                f"{row['draft_tokens']} | {row['tokens_per_forward']:.2f} | {row['speed_up']:.2f}x |"
+            )
+        for row in r.get("text", []):
+            lines.append(
+                f"| {name} | tiny Llama, MuToR-1D (text, greedy, = plain output) | {row['batch']} | 0 | – | "
+                f"{row['draft_tokens']} | {row['tokens_per_forward']:.2f} | {row['speed_up']:.2f}x |"
+            )
+    lines += ["", "| file | GPT-B verify step / decode step (batch, k) |", "|---|---|"]
+    for name, r in results:
+        cells = ", ".join(
+            f"{c['verify_over_decode']:.2f} ({c['batch']}, {c['draft_tokens']})" for c in r["verify_cost"]
+        )
+        lines.append(f"| {name} | {cells} |")
+    return lines
+
+
 def faults_table(results: list[dict]) -> list[str]:
     lines = ["| file | fault | trials | outcomes |", "|---|---|---|---|"]
     for name, r in results:
@@ -134,6 +157,9 @@ def render() -> str:
             *text_generate_table(groups["text_generate"]),
             "",
         ]
+    if groups["speculative"]:
+        table = speculative_table(groups["speculative"])
+        parts += ["**Register drafting** (`bench/speculative.py`; docs/drafting.md)", "", *table, ""]
     if groups["data"]:
         parts += ["**Data** (`bench/data.py`)", "", *data_table(groups["data"]), ""]
     if groups["faults"]:

@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: tokenizer/
 
 from mutor_vision.cli import run_command, setup_logging
+from mutor_vision.drafting import check_draft_tokens
 from mutor_vision.errors import ConfigError, InputError
 from mutor_vision.evaluation import (
     evaluate,
@@ -35,6 +36,7 @@ from mutor_vision.evaluation import (
 )
 from mutor_vision.models import GPT, SamplingConfig
 from mutor_vision.models.checkpoint import read_export_tokenizer
+from mutor_vision.models.sampling import trained_raster_offsets
 from tokenizer import load_tokenizer
 from tokenizer.preprocess import center_crop_adm, to_uint8
 
@@ -58,7 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="images per sampling batch (per rank)")
     p.add_argument("--feature-batch-size", type=int, default=64)
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--compile", action="store_true", help="each decode step as a CUDA graph (CUDA only)")
+    p.add_argument(
+        "--draft-tokens", type=int, default=1, help="k > 1: the model's registers draft k - 1 tokens per forward"
+    )
     p.add_argument("--device", choices=["auto", "cpu"], default="auto", help="auto: CUDA when available")
     p.add_argument("--vq-ckpt", default=None, help="vq_ds16_c2i.pt (default: the tokenizer recorded in the export)")
     p.add_argument("--tokenizer", choices=["vq16", "palette"], default="vq16")
@@ -93,6 +98,8 @@ def run(argv: list[str] | None = None) -> dict | None:
     device = state.device
     # Inputs in the order a user would fix them: the checkpoint, its tokenizer, then the metric's weights.
     model = GPT.from_pretrained(args.ckpt, size=args.size, trust=args.trust_checkpoint).to(device).eval()
+    if args.draft_tokens > 1:  # a model that cannot draft is refused before any work
+        check_draft_tokens(args.draft_tokens, *trained_raster_offsets(model))
     kind, path, checksum = resolve_tokenizer(args)
     if not Path(path).is_file():
         raise InputError(f"tokenizer {kind}: {path}: no such file (pass --vq-ckpt)")
@@ -135,6 +142,7 @@ def run(argv: list[str] | None = None) -> dict | None:
         save_npz=args.save_npz,
         compile=args.compile,
         device=args.device,
+        draft_tokens=args.draft_tokens,
         extra={
             "checkpoint": str(args.ckpt),
             "tokenizer": {"kind": kind, "path": str(path)},

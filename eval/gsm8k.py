@@ -23,7 +23,11 @@ from mutor_vision.cli import run_command, setup_logging
 from mutor_vision.text.answers import answers_match, authors_match
 from mutor_vision.text.config import GSM8K_PROMPT
 from mutor_vision.text.data import read_records
-from mutor_vision.text.evaluate import evaluate_answers, load_for_generation
+from mutor_vision.text.evaluate import (
+    drafting_registers,
+    evaluate_answers,
+    load_for_generation,
+)
 
 SCORERS = {"authors": authors_match, "lenient": answers_match}
 
@@ -39,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", default="test")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
+    p.add_argument("--draft-tokens", type=int, default=1, help="k > 1: the export's registers draft k - 1 tokens")
     p.add_argument("--scoring", choices=sorted(SCORERS), default="authors")
     p.add_argument("--prompt-template", default=None, help="default: the export's (else the GSM8K template)")
     p.add_argument("--limit", type=int, default=None, help="the first N problems only")
@@ -52,10 +57,12 @@ def run(argv: list[str] | None = None) -> dict:
     records = read_records(args.data, None if args.data else args.hf_name, args.hf_config, args.split)
     records = records[: args.limit] if args.limit else records
     model, tokenizer, info = load_for_generation(args.ckpt, args.base_model, args.attn_implementation, args.device)
+    registers = drafting_registers(args.ckpt, info, model, args.draft_tokens)
     return evaluate_answers(
         model, tokenizer, records, args.prompt_template or info.get("prompt_template", GSM8K_PROMPT), "question",
         "answer", SCORERS, args.scoring, info.get("prompt_attention", "causal"), args.max_new_tokens,
         args.batch_size, args.out, extra={"checkpoint": str(args.ckpt), "benchmark": "gsm8k"},
+        registers=registers, draft_tokens=args.draft_tokens,
     )  # fmt: skip
 
 

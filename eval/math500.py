@@ -21,7 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mutor_vision.cli import run_command, setup_logging
 from mutor_vision.text.answers import math_match
 from mutor_vision.text.data import read_records
-from mutor_vision.text.evaluate import evaluate_answers, load_for_generation
+from mutor_vision.text.evaluate import (
+    drafting_registers,
+    evaluate_answers,
+    load_for_generation,
+)
 
 MATH_PROMPT = "Problem: {prompt}\n\nSolution:"
 
@@ -36,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", default="test")
     p.add_argument("--max-new-tokens", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
+    p.add_argument("--draft-tokens", type=int, default=1, help="k > 1: the export's registers draft k - 1 tokens")
     p.add_argument("--prompt-template", default=None, help=f"default: the export's, else {MATH_PROMPT!r}")
     p.add_argument("--limit", type=int, default=None, help="the first N problems only")
     p.add_argument("--device", choices=["auto", "cpu"], default="auto")
@@ -48,10 +53,12 @@ def run(argv: list[str] | None = None) -> dict:
     records = read_records(args.data, None if args.data else args.hf_name, None, args.split)
     records = records[: args.limit] if args.limit else records
     model, tokenizer, info = load_for_generation(args.ckpt, args.base_model, args.attn_implementation, args.device)
+    registers = drafting_registers(args.ckpt, info, model, args.draft_tokens)
     return evaluate_answers(
         model, tokenizer, records, args.prompt_template or info.get("prompt_template", MATH_PROMPT), "problem",
         "answer", {"boxed": math_match}, "boxed", info.get("prompt_attention", "causal"), args.max_new_tokens,
         args.batch_size, args.out, extra={"checkpoint": str(args.ckpt), "benchmark": "math500"},
+        registers=registers, draft_tokens=args.draft_tokens,
     )  # fmt: skip
 
 

@@ -208,6 +208,23 @@ def register_mask_rule(
     return sees_regular | (kv == q)
 
 
+def step_mask(regular_keys: int, written: int, query_index: Tensor, register_anchor: Tensor) -> Tensor:
+    """The rule for one incremental decoding step with registers (register drafting), (1, 1, n + R, K + R).
+
+    Keys are ``K = regular_keys`` regular slots (a KV cache and the step's new tokens; only slots
+    below ``written`` hold tokens) followed by the step's R registers. Queries are the step's n
+    regular tokens, at regular indices ``query_index`` (n,), then the registers, anchored at regular
+    indices ``register_anchor`` (R,). The same :func:`register_mask_rule` as in training.
+    """
+    device, count = query_index.device, register_anchor.shape[0]
+    horizon = torch.cat([torch.arange(regular_keys, device=device), register_anchor])[None]  # by query index
+    query = torch.cat([query_index, regular_keys + torch.arange(count, device=device)]).view(1, 1, -1, 1)
+    keys = torch.arange(regular_keys + count, device=device).view(1, 1, 1, -1)
+    filled = torch.tensor([written], device=device)
+    batch = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+    return register_mask_rule(batch, query, keys, horizon, filled, torch.zeros_like(filled), regular_keys)
+
+
 # --------------------------------------------------------------------------------------------
 # Layout builders
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Evaluation: metric maths against independent computations, and the eval/fid.py pipeline."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -250,3 +251,23 @@ def test_eval_cli_checks_the_checkpoint_first(tmp_path, capsys):
     assert fid_cli.main(argv) == 4
     err = capsys.readouterr().err
     assert "nonexistent: no such checkpoint" in err and "Inception" not in err and "Traceback" not in err
+
+
+def test_eval_with_register_drafting(tmp_path, export, inception_weights, capsys):
+    # The fixture's model was trained without registers: drafting is refused at once, naming why.
+    assert fid_cli.main(cli_args(export, tmp_path / "run", inception_weights, "--draft-tokens", "2")) == 2
+    assert "trained without registers" in capsys.readouterr().err
+    torch.manual_seed(0)
+    config = GPTConfig(
+        size=None, n_layer=2, n_head=2, dim=64, vocab_size=len(COLORS), num_classes=3, grid_size=8,
+        registers=RegisterConfig(mode="mutor2d", d_max_2d=3, num_registers=None),
+    )  # fmt: skip
+    model = GPT(config)
+    torch.nn.init.normal_(model.output.weight, std=0.5)
+    record = json.loads((export / "export" / "tokenizer.json").read_text())
+    save_export(tmp_path / "mutor" / "export", model.state_dict(), config, tokenizer=record)
+    shutil.copytree(export / "reference", tmp_path / "mutor" / "reference")
+    # D = 3 trains the raster offsets 1 and 2 along a row: drafting one token ahead (k = 2).
+    results = fid_cli.run(cli_args(tmp_path / "mutor", tmp_path / "run", inception_weights, "--draft-tokens", "2"))
+    assert results["drafting"]["draft_tokens"] == 2 and results["drafting"]["tokens_per_forward"] >= 1.0
+    assert results["written_this_run"] == 12 and all(np.isfinite(v) for v in results["metrics"].values())

@@ -33,6 +33,7 @@ from mutor_vision.evaluation.samples import PngWriter, label_list, missing_indic
 from mutor_vision.files import atomic_write, atomic_write_json, check_stamp
 from mutor_vision.models import GPT, SamplingConfig, generate, sample_uniforms
 from mutor_vision.processes import process_state
+from mutor_vision.seeds import hash_seed
 
 log = logging.getLogger(__name__)
 Decode = Callable[[Tensor], Tensor]  # codes (B, h, w) -> uint8 images (B, 3, H, W) on the same device
@@ -60,12 +61,15 @@ def sample_and_measure(
     feature_batch_size: int,
     compile: bool = False,
     show_progress: bool = True,
+    draft_tokens: int = 1,
+    stats: dict | None = None,
 ) -> tuple[list[np.ndarray], int]:
     """Features of every sample of ``indices`` (in that order) and how many PNGs were written now.
 
     Samples whose PNG is missing or broken are sampled; sample i's random numbers derive from
     (seed, i) alone, so a rerun reproduces exactly the images an uninterrupted run would have
-    written, whatever batches they fall into.
+    written, whatever batches they fall into (with ``draft_tokens > 1``, register drafting draws its
+    own numbers per batch: the same distribution, but a refill is no longer the same image).
     """
     folder.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
@@ -75,7 +79,9 @@ def sample_and_measure(
     with PngWriter(folder) as writer:
         for start in tqdm(range(0, len(todo), batch_size), disable=not show_progress, unit="batch", desc="sampling"):
             batch = todo[start : start + batch_size]
-            images = _sample_batch(model, decode, labels[batch], batch, sampling, compile, batch_size)
+            images = _sample_batch(
+                model, decode, labels[batch], batch, sampling, compile, batch_size, draft_tokens, stats
+            )
             features = features_of(extractor, images, feature_batch_size)
             writer.submit(batch, images.permute(0, 2, 3, 1).cpu().numpy())
             rows.update({index: [f[row] for f in features] for row, index in enumerate(batch)})
@@ -92,12 +98,25 @@ def sample_and_measure(
 
 
 def _sample_batch(
-    model: GPT, decode: Decode, labels: np.ndarray, batch: list[int], sampling: SamplingConfig, compile: bool, size: int
+    model: GPT,
+    decode: Decode,
+    labels: np.ndarray,
+    batch: list[int],
+    sampling: SamplingConfig,
+    compile: bool,
+    size: int,
+    draft_tokens: int = 1,
+    stats: dict | None = None,
 ) -> Tensor:
     device = next(model.parameters()).device
-    uniform = sample_uniforms(sampling.seed, batch, model.config.num_tokens)
+    labels = torch.as_tensor(labels, device=device)
     try:
-        codes = generate(model, torch.as_tensor(labels, device=device), sampling, uniform=uniform, compile=compile)
+        if draft_tokens > 1:  # drafting draws its own numbers: seeded by (seed, the batch's first index)
+            batch_sampling = sampling.replace(seed=hash_seed(sampling.seed, batch[0]))
+            codes = generate(model, labels, batch_sampling, draft_tokens=draft_tokens, stats=stats)
+        else:
+            uniform = sample_uniforms(sampling.seed, batch, model.config.num_tokens)
+            codes = generate(model, labels, sampling, uniform=uniform, compile=compile)
         with torch.no_grad():
             return decode(codes)
     except torch.OutOfMemoryError:
@@ -131,6 +150,7 @@ def evaluate(
     extra: dict[str, Any] | None = None,
     extra_metrics=None,
     device: str = "auto",
+    draft_tokens: int = 1,
 ) -> dict[str, Any] | None:
     """Sample ``num_samples`` images across ranks, then (rank 0) compute the metrics.
 
@@ -151,6 +171,7 @@ def evaluate(
         "num_samples": num_samples,
         "per_class": per_class,
         **dataclasses.asdict(sampling),
+        "draft_tokens": draft_tokens,
         "model": {"config": to_dict(model.config), "checksum": _weights_checksum(model)},
     }
     stamp = (out_dir / SETTINGS, settings, any(samples_dir.glob("*.png")))
@@ -162,12 +183,13 @@ def evaluate(
     labels = label_list(num_samples, model.config.num_classes, per_class=per_class, seed=sampling.seed)
     mine = np.arange(num_samples)[state.process_index :: state.num_processes]
     start = time.perf_counter()
+    drafting: dict[str, int] = {}
     features, written = sample_and_measure(
         model, decode, extractor, labels, mine, samples_dir, sampling, batch_size, feature_batch_size,
-        compile=compile, show_progress=state.is_local_main_process,
+        compile=compile, show_progress=state.is_local_main_process, draft_tokens=draft_tokens, stats=drafting,
     )  # fmt: skip
     seconds = time.perf_counter() - start
-    gathered = gather_object([(mine, features, written)])
+    gathered = gather_object([(mine, features, written, drafting)])
     if not state.is_main_process:
         return None
     order = np.concatenate([g[0] for g in gathered])
@@ -177,6 +199,10 @@ def evaluate(
     features = [np.concatenate([g[1][j] for g in gathered])[inverse] for j in range(len(gathered[0][1]))]
     results = _results(gathered, num_samples, sampling, per_class, batch_size, extractor, feature_batch_size, seconds)
     results.update(extra or {})
+    if draft_tokens > 1:
+        forwards = sum(g[3].get("forwards", 0) for g in gathered)
+        tokens = sum(g[3].get("tokens", 0) for g in gathered)
+        results["drafting"] = {"draft_tokens": draft_tokens, "tokens_per_forward": tokens / max(forwards, 1)}
     pool, logits = features[0], (features[1] if len(features) > 1 else None)
     results["metrics"] = _metrics(pool, logits, labels, reference, extra_metrics)
     if reference is not None:

@@ -30,6 +30,7 @@ from mutor_vision.registers import (
     grid_layout,
     sample_offsets_1d,
     sample_offsets_2d,
+    step_mask,
 )
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,11 @@ class Attention(nn.Module):
         q, k, v = (t.view(batch, length, self.n_head, self.head_dim).transpose(1, 2) for t in self.wqkv(x).chunk(3, -1))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
+            cached = input_pos.shape[0]
+            k_all, v_all = self.kv_cache.update(input_pos, k[:, :, :cached], v[:, :, :cached])
+            if cached < length:  # registers after the cached tokens: attended by themselves only, never kept
+                k_all, v_all = torch.cat([k_all, k[:, :, cached:]], dim=2), torch.cat([v_all, v[:, :, cached:]], dim=2)
+            k, v = k_all, v_all
         out = attend(q, k, v, mask)
         return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(batch, length, dim)))
 
@@ -308,6 +313,29 @@ class GPT(nn.Module):
     def decode(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
         """tokens (B, 1) at sequence position ``input_pos`` (1,) -> logits (B, V) for the next token."""
         return self._cached_forward(self.tok_embeddings(tokens), input_pos)
+
+    def extend(
+        self, x: Tensor, input_pos: Tensor, register_anchor: Tensor, register_position: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Regular embeddings x (B, n, dim) at positions ``input_pos`` (n,) -> their logits (B, n, V), plus
+        registers anchored at ``register_anchor`` (R,) with RoPE rows ``register_position`` (R,) -> (B, R, V).
+
+        The regular tokens join the KV cache (what they attend to is the cache below them and
+        themselves); the registers follow the rule of ``mutor_vision/registers.py`` — each sees the
+        regular sequence up to its anchor and itself — and are never cached, so they change no
+        regular logit. Register drafting (``sampling.py``) uses this; needs :meth:`setup_caches`.
+        """
+        n, count = input_pos.shape[0], register_anchor.shape[0]
+        registers = self.register_embedding.to(x.dtype).expand(x.shape[0], count, -1)
+        x = torch.cat([x, registers], dim=1)
+        # Cache slots past the last fed position hold stale tokens: the rule never lets them be seen.
+        mask = step_mask(self.config.num_tokens, int(input_pos[-1]) + 1, input_pos, register_anchor)
+        positions = torch.cat([input_pos, register_position])
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, input_pos)
+        logits = self.output(self.norm(x)).float()
+        return logits[:, :n], logits[:, n:]
 
     def _cached_forward(self, x: Tensor, input_pos: Tensor) -> Tensor:
         input_pos = input_pos.to(x.device)  # a no-op in generate(), which keeps positions on the device

@@ -23,7 +23,10 @@ import torch
 from torch import Tensor
 
 from mutor_vision.config import check
+from mutor_vision.drafting import accepted_drafts, check_draft_tokens, correction
+from mutor_vision.errors import ConfigError
 from mutor_vision.models.gpt import GPT
+from mutor_vision.registers import offsets_2d_support
 from mutor_vision.seeds import hash_seed
 
 log = logging.getLogger(__name__)
@@ -149,6 +152,8 @@ def generate(
     always_guide: bool = False,
     compile: bool = False,
     use_cache: bool = True,
+    draft_tokens: int = 1,
+    stats: dict | None = None,
     **settings,
 ) -> Tensor:
     """Sample codes (B, h, w) for class ``labels`` (B,).
@@ -162,11 +167,18 @@ def generate(
     ``compile`` on CUDA runs each decode step (:func:`next_codes`) as a captured CUDA graph, one per
     (batch, settings), and keeps the KV cache allocated for the next call at that batch size
     (``model.clear_caches()`` frees it); on the CPU it is ignored (one log line).
+
+    ``draft_tokens=k`` (k >= 2) lets the trained registers draft ``k − 1`` tokens ahead and the model
+    verify them (``mutor_vision/drafting.py``): the same distribution, fewer forwards when drafts are
+    accepted. Its random numbers come from ``sampling.seed`` (``uniform`` does not apply); ``stats``
+    (a dict) receives the forwards and tokens of the run.
     """
     if sampling is None:
         sampling = SamplingConfig(**settings)
     elif settings:
         raise TypeError(f"pass either sampling or keyword settings, not both ({sorted(settings)})")
+    if draft_tokens > 1:
+        return generate_drafted(model, labels, sampling, draft_tokens, always_guide, stats)
     was_training = model.training
     model.eval()
     config = model.config
@@ -208,4 +220,99 @@ def generate(
         if not graph:
             model.clear_caches()
         model.train(was_training)
+    return codes.view(batch, config.grid_size, config.grid_size)
+
+
+def trained_raster_offsets(model: GPT) -> tuple[list[int], str]:
+    """The raster offsets the model's registers were trained on, and its register settings in words."""
+    config, registers = model.config, model.config.registers
+    if not registers.enabled:
+        raise ConfigError("draft_tokens: the model was trained without registers (registers.mode: ntp)")
+    if registers.mode == "mutor2d":
+        offsets = offsets_2d_support(registers.d_max_2d, config.grid_size)
+        return offsets, f"mode mutor2d, d_max_2d {registers.d_max_2d}, grid {config.grid_size}"
+    return list(range(1, registers.d_max + 1)), f"mode mutor1d, d_max {registers.d_max}"
+
+
+@torch.no_grad()
+def generate_drafted(
+    model: GPT,
+    labels: Tensor,
+    sampling: SamplingConfig,
+    k: int,
+    always_guide: bool = False,
+    stats: dict | None = None,
+) -> Tensor:
+    """:func:`generate` with register drafting (see ``mutor_vision/drafting.py``): codes (B, h, w)."""
+    trained, settings = trained_raster_offsets(model)
+    offsets = torch.tensor(check_draft_tokens(k, trained, settings), device=labels.device)  # d = 2..k
+    was_training = model.training
+    model.eval()
+    config, device = model.config, labels.device
+    batch, num_tokens, guided = labels.shape[0], config.num_tokens, always_guide or sampling.cfg_scale != 1.0
+    greedy = sampling.temperature == 0
+    rows = torch.cat([labels, torch.full_like(labels, config.num_classes)]) if guided else labels
+    numbers = torch.Generator().manual_seed(sampling.seed)
+
+    def target(logits: Tensor) -> Tensor:  # (rows, ..., V) -> guided, filtered (B, ..., V)
+        logits = guide(logits, sampling.cfg_scale) if guided else logits
+        if greedy:
+            return logits
+        shape = logits.shape
+        probs = filtered_probs(logits.reshape(-1, shape[-1]), sampling.temperature, sampling.top_k, sampling.top_p)
+        return probs.view(shape)
+
+    def pick(dist: Tensor, uniform: Tensor) -> Tensor:  # (B, n, V), (B, n) -> (B, n)
+        if greedy:
+            return dist.argmax(dim=-1)
+        return draw(dist.reshape(-1, dist.shape[-1]), uniform.reshape(-1)).view(uniform.shape)
+
+    codes = torch.zeros(batch, num_tokens, dtype=torch.long, device=device)
+    forwards = 0
+    try:
+        model.setup_caches(rows.shape[0])
+        # The class token, with registers anchored at it: x_1 and the drafts of x_2..x_k.
+        anchors = torch.zeros_like(offsets)
+        logits, register_logits = model.extend(
+            model.cls_embedding(rows)[:, None], torch.zeros(1, dtype=torch.long, device=device), anchors, offsets - 1
+        )
+        forwards += 1
+        u = torch.rand(batch, 2 * k - 1, generator=numbers).to(device)
+        codes[:, 0] = pick(target(logits), u[:, :1])[:, 0]
+        draft_dist = target(register_logits)  # (B, k-1, V): drafts of x_{t+1..t+k-1}, t = 1
+        drafts = pick(draft_dist, u[:, 1:k])
+        t = 1  # x_1..x_t committed; x_t (sequence position t) not yet in the cache
+        while t < num_tokens:
+            n = min(k, num_tokens - t)  # the pending token and n - 1 drafts, never past position N - 1
+            fed = torch.cat([codes[:, t - 1 : t], drafts[:, : n - 1]], dim=1)
+            positions = torch.arange(t, t + n, device=device)
+            anchors = positions.repeat_interleave(k - 1)
+            register_positions = (anchors + offsets.repeat(n) - 1).clamp(max=num_tokens - 1)  # past N: never used
+            fed_rows = torch.cat([fed, fed]) if guided else fed
+            logits, register_logits = model.extend(
+                model.tok_embeddings(fed_rows), positions, anchors, register_positions
+            )
+            forwards += 1
+            p = target(logits)  # (B, n, V): p[:, i] is the distribution of x_{t+i+1}
+            u = torch.rand(batch, 2 * k - 1, generator=numbers).to(device)
+            accepted = accepted_drafts(p[:, : n - 1], draft_dist[:, : n - 1], drafts[:, : n - 1], u[:, : n - 1], greedy)
+            m = int(accepted.min())
+            codes[:, t : t + m] = drafts[:, :m]
+            if t + m < num_tokens:  # the token after the common accepted prefix
+                rejected = accepted == m
+                if m < n - 1:
+                    fix = correction(p[:, m], draft_dist[:, m], u[:, k - 1], greedy)
+                    codes[:, t + m] = torch.where(rejected, fix, drafts[:, m])
+                else:  # every draft accepted: the bonus token from p
+                    codes[:, t + m] = correction(p[:, m], None, u[:, k - 1], greedy)
+            # Registers anchored at the last accepted fed token (position t + m) draft the next round.
+            draft_dist = target(register_logits.view(register_logits.shape[0], n, k - 1, -1)[:, m])
+            drafts = pick(draft_dist, u[:, k:])
+            t += m + 1
+    finally:
+        model.clear_caches()
+        model.train(was_training)
+    if stats is not None:
+        forwards, tokens = stats.get("forwards", 0) + forwards, stats.get("tokens", 0) + num_tokens  # accumulates
+        stats.update(forwards=forwards, tokens=tokens, tokens_per_forward=tokens / forwards)
     return codes.view(batch, config.grid_size, config.grid_size)

@@ -68,8 +68,13 @@ def evaluate_answers(
     batch_size: int,
     out: Path,
     extra: dict[str, Any] | None = None,
+    registers=None,
+    draft_tokens: int = 1,
 ) -> dict[str, Any]:
-    """Generate an answer to every record, score it with every scorer, write ``out`` (JSON)."""
+    """Generate an answer to every record, score it with every scorer, write ``out`` (JSON).
+
+    ``draft_tokens > 1`` drafts with the export's registers (:func:`drafting_registers`): the same
+    answers, and the forwards per token are recorded."""
     missing = [i for i, r in enumerate(records) if prompt_field not in r or answer_field not in r]
     if missing:
         raise InputError(f"record {missing[0]}: needs the fields {prompt_field!r} and {answer_field!r}")
@@ -77,9 +82,11 @@ def evaluate_answers(
     if attn not in ("sdpa", "eager"):
         raise InputError(f"generation needs attn_implementation sdpa or eager, the model has {attn!r}")
     prompts = [template.format(prompt=r[prompt_field]) for r in records]
+    stats: dict[str, int] = {}
     predictions = generate_texts(
-        model, tokenizer, prompts, max_new_tokens, prompt_attention, MASK_FORMS[attn], batch_size
-    )
+        model, tokenizer, prompts, max_new_tokens, prompt_attention, MASK_FORMS[attn], batch_size,
+        registers=registers, draft_tokens=draft_tokens, stats=stats,
+    )  # fmt: skip
     rows, correct = [], dict.fromkeys(scorers, 0)
     for record, prediction in zip(records, predictions, strict=True):
         verdicts = {name: bool(score(prediction, str(record[answer_field]))) for name, score in scorers.items()}
@@ -97,6 +104,8 @@ def evaluate_answers(
         "prompt_template": template,
         "max_new_tokens": max_new_tokens,
         "batch_size": batch_size,
+        "draft_tokens": draft_tokens,
+        "tokens_per_forward": stats.get("tokens", 0) / max(stats.get("forwards", 0), 1),
         **(extra or {}),
         "samples": rows,
     }
@@ -105,3 +114,24 @@ def evaluate_answers(
     log.info("accuracy (%s) %.4f; %s", primary, results["accuracy"],
              " ".join(f"{n}={correct[n] / total:.4f}" for n in scorers))  # fmt: skip
     return results
+
+
+def drafting_registers(ckpt: Path, info: dict[str, Any], model, draft_tokens: int):
+    """The export's register vector for ``draft_tokens > 1`` (None for 1), checked against its training."""
+    if draft_tokens <= 1:
+        return None
+    from mutor_vision.drafting import check_draft_tokens
+    from mutor_vision.errors import ConfigError
+    from mutor_vision.text.adapter import RegisterEmbedding
+    from mutor_vision.text.export import read_register_vector
+
+    if info.get("name") != "mutor":
+        raise ConfigError(
+            f"--draft-tokens: {ckpt} was trained without registers (method {info.get('name', 'unknown')})"
+        )
+    d_max = int(info.get("d_max", 0))
+    check_draft_tokens(draft_tokens, range(1, d_max + 1), f"method mutor, d_max {d_max}")
+    registers = RegisterEmbedding(model.config.hidden_size)
+    with torch.no_grad():
+        registers.vector.copy_(read_register_vector(ckpt))
+    return registers.to(next(model.parameters()).device)

@@ -55,3 +55,13 @@ def read_text_info(path: Path) -> dict[str, Any] | None:
 def model_directory(path: Path, info: dict[str, Any] | None) -> Path:
     """Where the Hugging Face files are: ``<export>/model``, or ``path`` itself for a plain model."""
     return Path(path) / MODEL if info is not None else Path(path)
+
+
+def read_register_vector(path: Path) -> torch.Tensor:
+    """The trained register vector of an export (hidden,)."""
+    from safetensors.torch import load_file
+
+    file = Path(path) / REGISTERS
+    if not file.is_file():
+        raise InputError(f"{path}: no {REGISTERS} (not a train_sft.py export: nothing to draft with)")
+    return load_file(file)["vector"]

@@ -1,11 +1,18 @@
-"""Greedy generation for evaluation: batched prompts, the training prompt rule, a KV cache, EOS per row.
+"""Greedy generation for evaluation: batched prompts, the training prompt rule, a KV cache, EOS per row,
+and optionally register drafting.
 
 A model trained with ``prompt_attention: bidirectional`` must read its prompt the same way at
-inference, so the prefill uses the register core's rule (``prompt_answer_layout`` without
-registers): right-padded prompts, each read causally or bidirectionally, padding never attended.
-Decoding then appends one token per row per step at a shared cache index; each row's keys are its
-own prompt and its own tokens, and its position ids continue from its prompt length, so a row's
-output does not depend on the other rows of its batch.
+inference, so the prefill uses the register core's rule (right-padded prompts, each read causally
+or bidirectionally, padding never attended). Each later round feeds one pending token per row at a
+shared cache index; a row's keys are its own prompt and its own tokens, and its position ids
+continue from its prompt length, so a row's output does not depend on the other rows of its batch.
+
+With ``draft_tokens = k > 1`` the trained register vector drafts ``k − 1`` tokens per round
+(``mutor_vision/drafting.py``): registers anchored at the last prompt token (in the prefill) or at
+every fed token (in a round) predict the next tokens, the round feeds them after the pending token,
+and the longest prefix equal to the model's own greedy choice is kept — the output is exactly
+plain greedy decoding, in fewer forwards when drafts are right. Registers and rejected drafts are
+cut from the KV cache after each forward. ``k = 1`` is plain greedy decoding, through the same loop.
 """
 
 from __future__ import annotations
@@ -13,11 +20,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mutor_vision.registers import Offsets, prompt_answer_layout
-from mutor_vision.text.adapter import as_mask_form
+from mutor_vision.registers import RegisterLayout, step_mask
+from mutor_vision.text.adapter import RegisterEmbedding, as_mask_form
 
 
 @torch.no_grad()
@@ -29,55 +36,93 @@ def greedy_generate_batch(
     prompt_attention: str = "causal",
     mask_form: str = "bool",
     pad_token_id: int = 0,
+    registers: RegisterEmbedding | None = None,
+    draft_tokens: int = 1,
+    stats: dict | None = None,
 ) -> list[list[int]]:
     """The greedy continuation of every prompt (without the prompt), up to and including EOS."""
     from transformers import DynamicCache
 
     if mask_form not in ("bool", "float"):
         raise ValueError(f"generation takes the sdpa or eager attention implementation (mask form {mask_form!r})")
-    device = next(model.parameters()).device
+    if draft_tokens > 1 and registers is None:
+        raise ValueError("draft_tokens > 1 needs the trained register vector (registers=...)")
+    k, device = draft_tokens, next(model.parameters()).device
+    embedding = model.get_input_embeddings()
+    dtype = embedding.weight.dtype
     batch = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     width = int(lengths.max())
     ids = torch.full((batch, width), pad_token_id, dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):
         ids[row, : len(prompt)] = torch.tensor(list(prompt), device=device)
-    layout = prompt_answer_layout(
-        Offsets(torch.ones(batch, dtype=torch.long, device=device)),
-        lengths,
-        torch.zeros(batch, dtype=torch.long, device=device),
-        seq_len=width,
-        prompt_attention=prompt_attention,
-    )
-    dtype = model.get_input_embeddings().weight.dtype
-    positions = torch.arange(width, device=device).expand(batch, -1)
-    out = model(
-        input_ids=ids,
-        attention_mask=as_mask_form(layout.dense_mask(size=width), mask_form, dtype),
-        position_ids=positions,
-        past_key_values=DynamicCache(),
-        use_cache=True,
-    )
-    rows = torch.arange(batch, device=device)
-    token = out.logits[rows, lengths - 1].argmax(dim=-1)  # each row's last prompt position
-    keys = torch.arange(width, device=device)[None] < lengths[:, None]  # (B, keys so far): prompt, no padding
-    generated = torch.empty(batch, 0, dtype=torch.long, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        generated = torch.cat([generated, token[:, None]], dim=1)
-        finished |= token == eos_token_id
-        if bool(finished.all()) or step + 1 == max_new_tokens:
-            break
-        keys = torch.cat([keys, torch.ones(batch, 1, dtype=torch.bool, device=device)], dim=1)
+    offsets = torch.arange(2, k + 1, device=device)  # register offsets d = 2..k
+    cache = DynamicCache()
+
+    def forward(embeds: Tensor, allowed: Tensor, positions: Tensor) -> Tensor:
         out = model(
-            input_ids=token[:, None],
-            attention_mask=as_mask_form(keys[:, None, None, :], mask_form, dtype),
-            position_ids=(lengths + step)[:, None],
-            past_key_values=out.past_key_values,
-            use_cache=True,
+            inputs_embeds=embeds, attention_mask=as_mask_form(allowed, mask_form, dtype), position_ids=positions,
+            past_key_values=cache, use_cache=True,
+        )  # fmt: skip
+        return out.logits
+
+    def with_registers(embeds: Tensor, count: int) -> Tensor:
+        return embeds if count == 0 else torch.cat([embeds, registers(embedding, batch, count, dtype)], dim=1)
+
+    # Prefill: the prompts, and registers anchored at each row's last prompt token (drafts of tokens 2..k).
+    anchor = (lengths - 1)[:, None].expand(batch, k - 1)
+    valid = torch.ones_like(anchor, dtype=torch.bool)
+    prefill = RegisterLayout(
+        anchor=anchor, target=anchor + offsets, position=anchor + offsets - 1, valid=valid,
+        offset=torch.ones_like(lengths), seq_len=width, length=lengths,
+        prefix_len=lengths if prompt_attention == "bidirectional" else torch.zeros_like(lengths),
+    )  # fmt: skip
+    positions = torch.cat([torch.arange(width, device=device).expand(batch, -1), prefill.position], dim=1)
+    logits = forward(with_registers(embedding(ids), k - 1), prefill.dense_mask(), positions)
+    _keep(cache, width)  # the registers' keys and values go: nobody attends to a register
+    rows = torch.arange(batch, device=device)
+    pending = logits[rows, lengths - 1].argmax(dim=-1)  # the first generated token
+    drafts = logits[:, width:].argmax(dim=-1)  # (B, k - 1): the next ones, drafted
+    keys = torch.arange(width, device=device)[None] < lengths[:, None]  # cache slots holding this row's tokens
+    generated, forwards = pending[:, None], 1
+    finished = pending == eos_token_id
+    while generated.shape[1] < max_new_tokens and not bool(finished.all()):
+        cached, done = keys.shape[1], generated.shape[1]
+        n = min(k, max_new_tokens - done)  # the pending token and n - 1 drafts
+        fed = torch.cat([pending[:, None], drafts[:, : n - 1]], dim=1)
+        fed_positions = (lengths + done - 1)[:, None] + torch.arange(n, device=device)  # (B, n)
+        anchor = torch.arange(n, device=device).repeat_interleave(k - 1)  # fed index each register follows
+        register_positions = fed_positions[:, anchor] + offsets.repeat(n) - 1
+        allowed = step_mask(cached + n, cached + n, cached + torch.arange(n, device=device), cached + anchor)
+        allowed = (
+            allowed
+            & torch.cat([keys, torch.ones(batch, n + anchor.shape[0], dtype=torch.bool, device=device)], 1)[
+                :, None, None
+            ]
         )
-        token = out.logits[:, -1].argmax(dim=-1)
-    return [_until_eos(row.tolist(), eos_token_id) for row in generated]
+        logits = forward(
+            with_registers(embedding(fed), anchor.shape[0]), allowed, torch.cat([fed_positions, register_positions], 1)
+        )
+        forwards += 1
+        choice = logits[:, :n].argmax(dim=-1)  # (B, n): the model's token after each fed one
+        agree = (drafts[:, : n - 1] == choice[:, : n - 1]).long().cumprod(dim=1).sum(dim=1)
+        m = int(torch.where(finished, n - 1, agree).min())  # finished rows never hold the others back
+        generated = torch.cat([generated, drafts[:, :m], choice[:, m : m + 1]], dim=1)
+        _keep(cache, cached + 1 + m)  # the pending token and the accepted drafts stay
+        keys = torch.cat([keys, torch.ones(batch, 1 + m, dtype=torch.bool, device=device)], dim=1)
+        pending = choice[:, m]
+        drafts = logits[:, n + m * (k - 1) : n + (m + 1) * (k - 1)].argmax(dim=-1)
+        finished |= (generated[:, done:] == eos_token_id).any(dim=1)
+    if stats is not None:  # tokens: how far the batch advanced (per row); forwards: the model calls it took
+        stats.update(forwards=stats.get("forwards", 0) + forwards, tokens=stats.get("tokens", 0) + generated.shape[1])
+    return [_until_eos(row.tolist()[:max_new_tokens], eos_token_id) for row in generated]
+
+
+def _keep(cache, length: int) -> None:
+    """Cut a Hugging Face cache to its first ``length`` positions (transformers 5: crop takes a negative count)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
 
 
 def _until_eos(tokens: list[int], eos_token_id: int) -> list[int]:
@@ -105,8 +150,11 @@ def generate_texts(
     mask_form: str = "bool",
     batch_size: int = 32,
     show_progress: bool = True,
+    registers: RegisterEmbedding | None = None,
+    draft_tokens: int = 1,
+    stats: dict | None = None,
 ) -> list[str]:
-    """Decoded greedy continuations of text prompts, ``batch_size`` at a time (longest prompts together)."""
+    """Decoded greedy continuations of text prompts, ``batch_size`` at a time (similar lengths together)."""
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths: little padding
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -116,7 +164,7 @@ def generate_texts(
         chunk = order[start : start + batch_size]
         outputs = greedy_generate_batch(
             model, [encoded[i] for i in chunk], max_new_tokens, tokenizer.eos_token_id, prompt_attention,
-            mask_form, pad,
+            mask_form, pad, registers, draft_tokens, stats,
         )  # fmt: skip
         for index, tokens in zip(chunk, outputs, strict=True):
             texts[index] = tokenizer.decode(tokens, skip_special_tokens=True)

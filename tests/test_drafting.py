@@ -1,0 +1,110 @@
+"""Register drafting (self-speculative decoding): exact greedy output, the model's own distribution,
+registers that never change a next-token logit, and clear errors for what was never trained."""
+
+import pytest
+import torch
+from scipy.stats import chi2_contingency
+
+from mutor_vision.drafting import accepted_drafts, check_draft_tokens, correction
+from mutor_vision.errors import ConfigError
+from mutor_vision.models import GPT, GPTConfig, RegisterConfig, SamplingConfig, generate
+
+
+def model_with(registers: RegisterConfig, grid: int = 4, vocab: int = 12, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    config = GPTConfig(
+        size=None, n_layer=2, n_head=2, dim=32, vocab_size=vocab, num_classes=5, grid_size=grid,
+        token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0, class_dropout=0.0, registers=registers,
+    )  # fmt: skip
+    model = GPT(config).eval()
+    torch.nn.init.normal_(model.output.weight, std=0.5)  # separated logits: greedy has no near-ties
+    return model
+
+
+MUTOR2D = RegisterConfig(mode="mutor2d", d_max_2d=4, num_registers=None)
+MUTOR1D = RegisterConfig(mode="mutor1d", d_max=4, num_registers=None)
+
+
+@pytest.mark.parametrize(("registers", "k"), [(MUTOR2D, 2), (MUTOR2D, 3), (MUTOR1D, 4)])
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
+def test_greedy_drafting_equals_plain_greedy(registers, k, cfg_scale):
+    for seed in range(3):
+        model = model_with(registers, seed=seed)
+        labels = torch.tensor([0, 1, 2, 3, 4, 0])
+        plain = generate(model, labels, cfg_scale=cfg_scale, temperature=0.0)
+        stats = {}
+        drafted = generate(model, labels, cfg_scale=cfg_scale, temperature=0.0, draft_tokens=k, stats=stats)
+        assert torch.equal(plain, drafted), (seed, k)
+        assert 1.0 <= stats["tokens_per_forward"] <= k and stats["forwards"] <= 16
+
+
+def test_registers_never_change_the_next_token_logits():
+    model = model_with(MUTOR2D)
+    labels = torch.tensor([1, 3])
+    tokens = torch.randint(0, 12, (2, 16), generator=torch.Generator().manual_seed(0))
+    full = model(tokens, labels).logits  # (2, 16, V): logits[:, j] predicts x_{j+1}
+    model.setup_caches(2)
+    with torch.no_grad():
+        first, _ = model.extend(
+            model.cls_embedding(labels)[:, None], torch.tensor([0]), torch.tensor([0, 0]), torch.tensor([1, 2])
+        )
+        chunk, register_logits = model.extend(
+            model.tok_embeddings(tokens[:, :3]),
+            torch.tensor([1, 2, 3]),
+            torch.tensor([1, 2, 3]),
+            torch.tensor([2, 3, 4]),
+        )
+    model.clear_caches()
+    torch.testing.assert_close(first[:, 0], full[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunk, full[:, 1:4], atol=1e-5, rtol=1e-5)
+    assert register_logits.shape == (2, 3, 12)
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
+def test_drafted_sampling_has_the_model_distribution(cfg_scale):
+    # 1,600 drafted images against 3,000 plain ones; per position, a chi-square test of the token
+    # counts. Exactness means no position differs beyond chance (p > 1e-3 everywhere). Rows of a
+    # batch advance together, so batches of 2 and a mildly peaked head (std 0.15: drafts are often
+    # accepted, often not) exercise acceptance, correction and multi-token commits alike.
+    model = model_with(MUTOR2D, grid=4, vocab=6, seed=1)
+    torch.nn.init.normal_(model.output.weight, std=0.15)
+    settings = SamplingConfig(cfg_scale=cfg_scale, temperature=1.0, top_k=5)
+    plain = generate(model, torch.zeros(3000, dtype=torch.long), settings.replace(seed=11)).view(3000, -1)
+    drafted, forwards = [], 0
+    for seed in range(800):
+        stats = {}
+        labels = torch.zeros(2, dtype=torch.long)
+        drafted.append(generate(model, labels, settings.replace(seed=seed), draft_tokens=3, stats=stats).view(2, -1))
+        forwards += stats["forwards"]
+    drafted = torch.cat(drafted)
+    assert forwards < 800 * 16 * 0.8  # many drafts accepted: the multi-token path was exercised
+    for position in range(16):
+        counts = torch.stack([torch.bincount(x[:, position], minlength=6) for x in (plain, drafted)]).numpy()
+        counts = counts[:, counts.sum(axis=0) > 0]
+        assert chi2_contingency(counts).pvalue > 1e-3, position
+
+
+def test_acceptance_rule_on_a_worked_example():
+    p = torch.tensor([[[0.5, 0.5, 0.0], [0.2, 0.8, 0.0]]])
+    q = torch.tensor([[[0.25, 0.75, 0.0], [1.0, 0.0, 0.0]]])
+    drafts = torch.tensor([[1, 0]])
+    # draft 1: p/q = 0.5/0.75 = 2/3 (accepted below u = 2/3); draft 2: p/q = 0.2 (accepted below 0.2)
+    assert accepted_drafts(p, q, drafts, torch.tensor([[0.6, 0.1]]), greedy=False).item() == 2
+    assert accepted_drafts(p, q, drafts, torch.tensor([[0.7, 0.1]]), greedy=False).item() == 0
+    assert accepted_drafts(p, q, drafts, torch.tensor([[0.6, 0.5]]), greedy=False).item() == 1
+    # The correction after rejecting draft 1 draws from max(0, p - q) = [0.25, 0, 0] renormalised: token 0.
+    assert correction(p[:, 0], q[:, 0], torch.tensor([0.99]), greedy=False).item() == 0
+    assert accepted_drafts(p, q, drafts, torch.zeros(1, 2), greedy=True).item() == 0  # argmax p = 0 != 1
+
+
+def test_what_was_never_trained_is_a_clear_error():
+    labels = torch.tensor([0])
+    with pytest.raises(ConfigError, match="trained without registers"):
+        generate(model_with(RegisterConfig(mode="ntp")), labels, draft_tokens=2)
+    expected = r"never trained on offsets \[4\] \(mode mutor2d, d_max_2d 4, grid 8\).*at most draft_tokens 3"
+    with pytest.raises(ConfigError, match=expected):  # on an 8-wide grid, offset 4 is no 2D target
+        generate(model_with(MUTOR2D, grid=8), labels, draft_tokens=4)
+    with pytest.raises(ConfigError, match=r"offsets \[2, 3\].*d_max_2d 2.*cannot draft consecutive tokens"):
+        generate(model_with(RegisterConfig(mode="mutor2d", d_max_2d=2, num_registers=None)), labels, draft_tokens=3)
+    with pytest.raises(ConfigError, match="draft_tokens must be >= 2"):
+        check_draft_tokens(1, [1, 2], "")
