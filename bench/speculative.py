@@ -67,11 +67,11 @@ def images(export: Path, repeats: int) -> list[dict]:
 
 def text(minutes_budget_steps: int, repeats: int) -> list[dict]:
     """Train a tiny Llama with MuToR-1D on a synthetic task, then draft with its registers."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from mutor_vision.config import load_yaml
     from mutor_vision.text.config import TextTrainConfig
+    from mutor_vision.text.data import word_tokenizer
     from mutor_vision.text.generate import greedy_generate_batch
     from mutor_vision.text.train import TextTask
     from mutor_vision.training import loop
@@ -81,16 +81,7 @@ def text(minutes_budget_steps: int, repeats: int) -> list[dict]:
         for b in range(2, 12):
             steps = " ".join(f"{a} + {a * i} = {a * (i + 1)} ." for i in range(1, b))
             records.append({"question": f"count by {a} to {a * b}", "answer": f"{steps} #### {a * b}"})
-    words = [r["question"] + " " + r["answer"] for r in records]
-    core = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.train_from_iterator(words, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<bos>", "<eos>"]))
-    core.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", special_tokens=[("<bos>", core.token_to_id("<bos>"))]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
+    tokenizer = word_tokenizer([r["question"] + " " + r["answer"] for r in records], split_punctuation=False)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,

@@ -104,7 +104,7 @@ def test_compiled_mutor2d_step_has_no_graph_break_or_recompile():
         return compile_fx(graph_module, example_inputs)
 
     model = small_model(attention="flex").train()
-    compiled = torch.compile(model, backend=counting_inductor)
+    compiled = torch.compile(model, backend=counting_inductor, fullgraph=True)  # a graph break would raise
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(0)
     for step in range(5):
@@ -205,18 +205,11 @@ def test_text_fsdp2_one_process_saves_resumes_and_exports(tmp_path):
     # Full fine-tuning under FSDP2 (configs/accelerate/fsdp2_text.yaml), sharded by the model's own
     # decoder-layer class; accelerate runs FSDP on CUDA only, so this lives in the GPU tier.
     from test_text import CORPUS, tiny_model
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM
 
-    core = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<bos>", "<eos>"]))
-    core.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", special_tokens=[("<bos>", core.token_to_id("<bos>"))]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
+    from mutor_vision.text.data import word_tokenizer
+
+    tokenizer = word_tokenizer(CORPUS)
     tiny_model("llama", len(tokenizer)).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     rows = [{"question": t.split(" Answer: ")[0], "answer": t.split(" Answer: ")[1]} for t in CORPUS * 5]

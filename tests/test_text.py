@@ -13,7 +13,7 @@ from mutor_vision.registers import Offsets, prompt_answer_layout
 from mutor_vision.text.adapter import MuToRAdapter, answer_labels
 from mutor_vision.text.answers import answers_match, extract_answer
 from mutor_vision.text.config import TextTrainConfig
-from mutor_vision.text.data import build_examples, collate
+from mutor_vision.text.data import build_examples, collate, word_tokenizer
 from mutor_vision.text.generate import greedy_generate
 from mutor_vision.text.train import train_text
 
@@ -28,17 +28,7 @@ CORPUS = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<bos>", "<eos>"]))
-    bos = core.token_to_id("<bos>")
-    core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
+    return word_tokenizer(CORPUS)
 
 
 def tiny_model(kind: str, vocab: int, attn: str = "sdpa", seed: int = 0):

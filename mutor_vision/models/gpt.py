@@ -299,6 +299,9 @@ class GPT(nn.Module):
             return
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(*shape, dtype, device)
+            if device.type == "cuda":  # a captured CUDA graph writes into these in place: fixed addresses
+                torch._dynamo.mark_static_address(layer.attention.kv_cache.k)
+                torch._dynamo.mark_static_address(layer.attention.kv_cache.v)
 
     def clear_caches(self) -> None:
         for layer in self.layers:

@@ -98,3 +98,20 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, Tensor]:
         "prompt_len": torch.tensor([len(e.prompt_ids) for e in examples]),
         "answer_len": torch.tensor([len(e.answer_ids) for e in examples]),
     }
+
+
+def word_tokenizer(texts: list[str], split_punctuation: bool = True):
+    """A word-level Hugging Face tokenizer trained on ``texts``: ``<bos>`` prepended, ``<eos>``, ``<pad>``
+    (id 0) and ``<unk>``. For tests, benchmarks and toy tasks: no download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace() if split_punctuation else pre_tokenizers.WhitespaceSplit()
+    core.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<bos>", "<eos>"]))
+    core.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", core.token_to_id("<bos>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )

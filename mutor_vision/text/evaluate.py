@@ -8,8 +8,10 @@ primary one gives ``accuracy``.
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +137,55 @@ def drafting_registers(ckpt: Path, info: dict[str, Any], model, draft_tokens: in
     with torch.no_grad():
         registers.vector.copy_(read_register_vector(ckpt))
     return registers.to(next(model.parameters()).device)
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """What differs between the answer benchmarks: data source and fields, template, scorers."""
+
+    name: str  # "gsm8k", "math500"
+    hf_name: str
+    hf_config: str | None
+    prompt_field: str
+    answer_field: str
+    template: str  # used when the export records none
+    scorers: dict[str, Scorer]
+    default_scoring: str
+    max_new_tokens: int
+
+
+def benchmark_parser(doc: str, bench: Benchmark) -> argparse.ArgumentParser:
+    """The command line shared by ``eval/gsm8k.py`` and ``eval/math500.py``."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", type=Path, required=True, help="a train_sft.py export or a Hugging Face model directory")
+    p.add_argument("--base-model", default=None, help="override the base model recorded in a LoRA export")
+    p.add_argument("--attn-implementation", choices=["sdpa", "eager"], default="sdpa")
+    p.add_argument("--data", default=None, help=f"a local JSONL file with {bench.prompt_field}/{bench.answer_field}")
+    p.add_argument("--hf-name", default=bench.hf_name)
+    p.add_argument("--hf-config", default=bench.hf_config)
+    p.add_argument("--split", default="test")
+    p.add_argument("--max-new-tokens", type=int, default=bench.max_new_tokens)
+    p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
+    p.add_argument("--draft-tokens", type=int, default=1, help="k > 1: the export's registers draft k - 1 tokens")
+    p.add_argument("--scoring", choices=sorted(bench.scorers), default=bench.default_scoring)
+    p.add_argument("--prompt-template", default=None, help=f"default: the export's, else {bench.template!r}")
+    p.add_argument("--limit", type=int, default=None, help="the first N problems only")
+    p.add_argument("--device", choices=["auto", "cpu"], default="auto")
+    p.add_argument("--out", type=Path, required=True)
+    return p
+
+
+def run_benchmark(bench: Benchmark, args: argparse.Namespace) -> dict[str, Any]:
+    """Data, model (and drafting registers), generation and scoring for one benchmark."""
+    from mutor_vision.text.data import read_records
+
+    records = read_records(args.data, None if args.data else args.hf_name, args.hf_config, args.split)
+    records = records[: args.limit] if args.limit else records
+    model, tokenizer, info = load_for_generation(args.ckpt, args.base_model, args.attn_implementation, args.device)
+    registers = drafting_registers(args.ckpt, info, model, args.draft_tokens)
+    return evaluate_answers(
+        model, tokenizer, records, args.prompt_template or info.get("prompt_template", bench.template),
+        bench.prompt_field, bench.answer_field, bench.scorers, args.scoring, info.get("prompt_attention", "causal"),
+        args.max_new_tokens, args.batch_size, args.out, extra={"checkpoint": str(args.ckpt), "benchmark": bench.name},
+        registers=registers, draft_tokens=args.draft_tokens,
+    )  # fmt: skip
