@@ -1,6 +1,9 @@
-"""GSM8K-style numeric answers, compared as numbers ("18.0" == "18", "1,000" == "1000", "3/4" == "0.75").
+"""Final answers pulled out of generated text and scored.
 
-The official MuToR code compared strings; that under-counts correct answers.
+GSM8K: numbers compared as numbers ("18.0" == "18", "1,000" == "1000", "3/4" == "0.75"), the
+lenient score; the authors' string comparison is kept beside it (``authors_match``) because it is
+the score the paper reports and it under-counts correct answers. MATH500: the last ``\\boxed{}``
+answer, normalised (spaces, ``\\left``/``\\right``, ``\\dfrac``, units) before comparison.
 """
 
 from __future__ import annotations
