@@ -1,6 +1,7 @@
 """Register drafting (self-speculative decoding): tokens per forward and wall-clock speed-up.
 
     python bench/speculative.py --out bench/results/speculative_cpu.json
+    python bench/speculative.py --device cuda --out bench/results/speculative_h100.json  # text model trains on CPU
     python bench/speculative.py --image-export runs/demo/mutor2d-seed0/checkpoints/step_00000600/export ...
 
 Three measurements, each against plain KV-cache decoding in the same process:
@@ -39,15 +40,17 @@ def timed(fn, repeats: int) -> float:
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def images(export: Path, repeats: int) -> list[dict]:
-    model = GPT.from_pretrained(export).eval()
+def images(export: Path, repeats: int, device: torch.device) -> list[dict]:
+    model = GPT.from_pretrained(export).to(device).eval()
     rows = []
     for batch in (1, 8):
-        labels = torch.arange(batch) % model.config.num_classes
+        labels = torch.arange(batch, device=device) % model.config.num_classes
         for temperature in (0.0, 1.0):
             for cfg in (1.0, 2.0):
                 settings = SamplingConfig(cfg_scale=cfg, temperature=temperature, seed=0)
@@ -65,8 +68,8 @@ def images(export: Path, repeats: int) -> list[dict]:
     return rows
 
 
-def text(minutes_budget_steps: int, repeats: int) -> list[dict]:
-    """Train a tiny Llama with MuToR-1D on a synthetic task, then draft with its registers."""
+def text(minutes_budget_steps: int, repeats: int, device: torch.device) -> list[dict]:
+    """Train a tiny Llama with MuToR-1D on a synthetic task (on CPU), then draft with its registers."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mutor_vision.config import load_yaml
@@ -101,8 +104,8 @@ def text(minutes_budget_steps: int, repeats: int) -> list[dict]:
         build = task.build_model
         task.build_model = lambda fresh: built.setdefault("adapter", build(fresh))
         loop.run(task, config)
-    model.eval()
-    registers = built["adapter"].registers
+    model.to(device).eval()
+    registers = built["adapter"].registers.to(device)
     test = [r for i, r in enumerate(records) if i % 7 == 0][:16]
     prompts = [tokenizer(config.data.prompt_template.format(prompt=r["question"]))["input_ids"] for r in test]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -129,20 +132,21 @@ def text(minutes_budget_steps: int, repeats: int) -> list[dict]:
 
 
 @torch.no_grad()
-def verify_cost(repeats: int) -> list[dict]:
+def verify_cost(repeats: int, device: torch.device) -> list[dict]:
     torch.manual_seed(0)
-    model = GPT(GPTConfig(size="GPT-B", registers=RegisterConfig(mode="mutor2d", d_max_2d=4))).eval()
+    model = GPT(GPTConfig(size="GPT-B", registers=RegisterConfig(mode="mutor2d", d_max_2d=4))).to(device).eval()
     rows = []
     for batch in (1, 8):
         model.setup_caches(batch)
-        labels = torch.zeros(batch, dtype=torch.long)
+        labels = torch.zeros(batch, dtype=torch.long, device=device)
         model.prefill(labels)
-        tokens = torch.zeros(batch, 3, dtype=torch.long)
-        plain = timed(lambda tokens=tokens: model.decode(tokens[:, :1], torch.tensor([10])), repeats)
+        tokens = torch.zeros(batch, 3, dtype=torch.long, device=device)
+        step = torch.tensor([10], device=device)
+        plain = timed(lambda tokens=tokens, step=step: model.decode(tokens[:, :1], step), repeats)
         for k in (2, 3):
-            positions = torch.arange(10, 10 + k)
+            positions = torch.arange(10, 10 + k, device=device)
             anchors = positions.repeat_interleave(k - 1)
-            offsets = torch.arange(2, k + 1).repeat(k)
+            offsets = torch.arange(2, k + 1, device=device).repeat(k)
             embeds = model.tok_embeddings(tokens[:, :k])
             verify = timed(
                 lambda e=embeds, p=positions, a=anchors, o=offsets: model.extend(e, p, a, a + o - 1), repeats
@@ -160,15 +164,17 @@ def main() -> None:
     parser.add_argument("--image-export", type=Path, default=default)
     parser.add_argument("--text-steps", type=int, default=600, help="training steps of the synthetic text model")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    result = {**provenance("speculative", "cpu"), "config": {k: str(v) for k, v in vars(args).items()}}
+    device = torch.device(args.device)
+    result = {**provenance("speculative", device), "config": {k: str(v) for k, v in vars(args).items()}}
     if args.image_export.is_dir():
-        result["images"] = images(args.image_export, args.repeats)
+        result["images"] = images(args.image_export, args.repeats, device)
     else:
         print(f"no image export at {args.image_export}: run `make demo` first (skipping the image rows)")
-    result["text"] = text(args.text_steps, args.repeats)
-    result["verify_cost"] = verify_cost(args.repeats)
+    result["text"] = text(args.text_steps, args.repeats, device)
+    result["verify_cost"] = verify_cost(args.repeats, device)
     save(args.out, result)
 
 
