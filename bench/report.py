@@ -106,6 +106,24 @@ def speculative_table(results: list[dict]) -> list[str]:
     return lines
 
 
+def head_loss_table(results: list[dict]) -> list[str]:
+    lines = [
+        "| file | device | config | head_chunk_size | step (s) | time ratio | peak memory (GiB) | peak ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results:
+        c = r["config"]
+        config = f"{c['size']}, R={c['registers']}, batch {c['batch_size']}, {c['dtype']}"
+        config += ", compiled" if c.get("compile") else ""
+        for row in r["rows"]:
+            chunk = row["head_chunk_size"] or "0 (whole logits)"
+            lines.append(
+                f"| {name} | {r['device']} | {config} | {chunk} | {row['step_s']:.3f} | {row['time_ratio']:.3f} | "
+                f"{row['peak_bytes'] / 2**30:.2f} | {row['peak_ratio']:.3f} |"
+            )
+    return lines
+
+
 def faults_table(results: list[dict]) -> list[str]:
     lines = ["| file | fault | trials | outcomes |", "|---|---|---|---|"]
     for name, r in results:
@@ -137,6 +155,8 @@ def render() -> str:
         "data": [],
         "eval_pipeline": [],
         "text_generate": [],
+        "speculative": [],
+        "head_loss": [],
         "faults": [],
     }
     for path in sorted(RESULTS.glob("*.json")):
@@ -160,6 +180,14 @@ def render() -> str:
     if groups["speculative"]:
         table = speculative_table(groups["speculative"])
         parts += ["**Register drafting** (`bench/speculative.py`; docs/drafting.md)", "", *table, ""]
+    if groups["head_loss"]:
+        parts += [
+            "**Head + loss in chunks** (`bench/head_loss.py`; peak memory: CUDA allocator, or the process's peak RSS "
+            "on CPU)",
+            "",
+            *head_loss_table(groups["head_loss"]),
+            "",
+        ]
     if groups["data"]:
         parts += ["**Data** (`bench/data.py`)", "", *data_table(groups["data"]), ""]
     if groups["faults"]:

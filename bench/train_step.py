@@ -32,8 +32,9 @@ def variant(name: str) -> RegisterConfig:
 
 
 def build(args: argparse.Namespace, registers: RegisterConfig) -> GPTConfig:
+    common = dict(registers=registers, attention=args.attention, head_chunk_size=args.head_chunk_size)
     if args.size:
-        return GPTConfig(size=args.size, registers=registers, attention=args.attention, grid_size=args.grid_size)
+        return GPTConfig(size=args.size, grid_size=args.grid_size, **common)
     return GPTConfig(
         size=None,
         n_layer=args.n_layer,
@@ -41,8 +42,7 @@ def build(args: argparse.Namespace, registers: RegisterConfig) -> GPTConfig:
         dim=args.dim,
         vocab_size=args.vocab_size,
         grid_size=args.grid_size,
-        registers=registers,
-        attention=args.attention,
+        **common,
     )
 
 
@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--attention", choices=["auto", "flex", "sdpa"], default="auto")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--head-chunk-size", type=int, default=0, help="head + CE in chunks (0: whole logits)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--out", default=None, help="write results JSON here (e.g. bench/results/x.json)")
     args = parser.parse_args()
@@ -85,7 +86,7 @@ def main() -> None:
             layout = model.register_layout(tokens.shape[0], generator=g, device=device)
             mask = None if layout is None else model.attention_mask(layout)  # outside the compiled forward
             with autocast:
-                loss = model.loss(tokens, forward(tokens, labels, layout, mask), layout).loss
+                loss = forward(tokens, labels, layout, mask, return_loss=True).loss.loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -85,11 +85,26 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Dotted keys whose values differ between two plain-data configs (a missing key shows as None)."""
+def config_changes(
+    old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ between two plain-data configs (a missing key shows as None).
+
+    ``defaults`` (:func:`default_values`): a key the old config lacks is unchanged when the new value
+    is its default — a key added to the code after the old config was recorded, whose default keeps
+    the old behaviour (the rule for new keys, docs/architecture.md).
+    """
     flat_old, flat_new = _flatten(json.loads(json.dumps(old))), _flatten(json.loads(json.dumps(new)))
+    for key, value in (defaults or {}).items():
+        if key not in flat_old and flat_new.get(key) == value:
+            flat_old[key] = value
     keys = sorted(set(flat_old) | set(flat_new))
     return {k: (flat_old.get(k), flat_new.get(k)) for k in keys if flat_old.get(k) != flat_new.get(k)}
+
+
+def default_values(cls: type) -> dict[str, Any]:
+    """Dotted key -> default (in JSON form) of every leaf key of config dataclass ``cls`` that has one."""
+    return {key: json.loads(shown) for key, _, shown, _ in reference(cls) if shown != "(required)"}
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -470,11 +470,13 @@ def count_compiles(model: torch.nn.Module):
     return torch.compile(model, backend=backend, fullgraph=True), graphs
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "flex"])
-def test_compiled_mutor_forward_has_no_graph_break_or_recompile_across_layouts(attention):
+@pytest.mark.parametrize(("attention", "head_chunk_size"), [("sdpa", 0), ("sdpa", 40), ("flex", 0)])
+def test_compiled_mutor_forward_has_no_graph_break_or_recompile_across_layouts(attention, head_chunk_size):
     # fullgraph=True turns any graph break into an error; fresh random layouts (new offsets, slots,
     # BlockMask closures) must reuse the one graph. Flex runs forward only here (no CPU backward).
-    model = tiny_model(attention=attention, registers=RegisterConfig(mode="mutor2d", d_max_2d=3, num_registers=6))
+    # head_chunk_size: the chunked head + CE (an autograd.Function with a loop) traces as well.
+    registers = RegisterConfig(mode="mutor2d", d_max_2d=3, num_registers=6)
+    model = tiny_model(attention=attention, registers=registers, head_chunk_size=head_chunk_size)
     model.train(attention == "sdpa")
     compiled, graphs = count_compiles(model)
     tokens, labels = batch(model.config)
@@ -483,12 +485,37 @@ def test_compiled_mutor_forward_has_no_graph_break_or_recompile_across_layouts(a
         layout = model.register_layout(3, generator=generator)
         mask = model.attention_mask(layout, requires_grad=attention == "sdpa")  # outside the compiled region
         with torch.set_grad_enabled(attention == "sdpa"):
-            out = compiled(tokens, labels, layout, mask)
+            torch.manual_seed(step)
+            out = compiled(tokens, labels, layout, mask, return_loss=True)
             if attention == "sdpa":
-                model.loss(tokens, out, layout).loss.backward()
-            reference = model(tokens, labels, layout, mask)
-        torch.testing.assert_close(out.register_logits, reference.register_logits)
+                out.loss.loss.backward()
+            torch.manual_seed(step)
+            reference = model(tokens, labels, layout, mask, return_loss=True)
+        torch.testing.assert_close(out.loss.loss, reference.loss.loss)
+        if not head_chunk_size:
+            torch.testing.assert_close(out.register_logits, reference.register_logits)
         assert len(graphs) == 1, f"recompiled at step {step}"
+
+
+@pytest.mark.parametrize("mode", ["ntp", "mutor2d"])
+def test_chunked_head_loss_equals_the_loss_of_the_logits(mode):
+    registers = RegisterConfig(mode=mode, d_max_2d=3, num_registers=6)
+    whole, chunked = tiny_model(registers=registers), tiny_model(registers=registers, head_chunk_size=7)
+    tokens, labels = batch(whole.config)
+    layout = whole.register_layout(3, generator=torch.Generator().manual_seed(1))
+    expected = whole(tokens, labels, layout, return_loss=True)
+    got = chunked(tokens, labels, layout, return_loss=True)
+    assert got.logits is None and got.register_logits is None
+    for name in ("loss", "ntp", "reg"):
+        torch.testing.assert_close(getattr(got.loss, name), getattr(expected.loss, name))
+    torch.testing.assert_close(expected.loss.loss, whole.loss(tokens, expected, layout).loss)
+    expected.loss.loss.backward()
+    got.loss.loss.backward()
+    for (name, a), b in zip(whole.named_parameters(), chunked.parameters(), strict=True):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, msg=lambda m, name=name: f"{name}: {m}")
+    with pytest.raises(ValueError, match="return_loss"):
+        chunked.loss(tokens, got, layout)
 
 
 def test_training_flop_count_worked_example():

@@ -91,7 +91,8 @@ def test_kv_cache_decode_equals_full_forward_on_cuda():
     assert (torch.stack(steps, 1) - full).abs().max().item() < 1e-3
 
 
-def test_compiled_mutor2d_step_has_no_graph_break_or_recompile():
+@pytest.mark.parametrize("head_chunk_size", [0, 1024])
+def test_compiled_mutor2d_step_has_no_graph_break_or_recompile(head_chunk_size):
     from torch._dynamo.utils import counters
     from torch._inductor.compile_fx import compile_fx
 
@@ -104,6 +105,7 @@ def test_compiled_mutor2d_step_has_no_graph_break_or_recompile():
         return compile_fx(graph_module, example_inputs)
 
     model = small_model(attention="flex").train()
+    model.config.head_chunk_size = head_chunk_size  # read at each forward
     compiled = torch.compile(model, backend=counting_inductor, fullgraph=True)  # a graph break would raise
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(0)
@@ -112,14 +114,45 @@ def test_compiled_mutor2d_step_has_no_graph_break_or_recompile():
         layout = model.register_layout(8, generator=generator, device="cuda")
         mask = model.attention_mask(layout)  # built outside the compiled region, as the trainer does
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = compiled(tokens, labels, layout, mask)
-        model.loss(tokens, out, layout).loss.backward()
+            out = compiled(tokens, labels, layout, mask, return_loss=True)
+        out.loss.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step == 0:
             warm = len(graphs)
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     assert len(graphs) == warm == 1, f"{len(graphs)} graphs compiled ({warm} at warm-up)"
+
+
+def test_chunked_head_loss_in_bf16_matches_whole_logits_and_saves_their_memory():
+    from dataclasses import replace
+
+    config = replace(small_config(), vocab_size=8192)  # logits (16, 336, 8192) float32: 176 MiB a copy
+    models = []
+    for chunk in (0, 1024):
+        torch.manual_seed(0)
+        models.append(GPT(replace(config, head_chunk_size=chunk)).cuda().train())
+    tokens, labels = small_batch(config, size=16)
+    layout = models[0].register_layout(16, generator=torch.Generator().manual_seed(1), device="cuda")
+    mask = models[0].attention_mask(layout)
+    losses, grads, peaks = [], [], []
+    for model in models:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            parts = model(tokens, labels, layout, mask, return_loss=True).loss
+        parts.loss.backward()
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - start)
+        losses.append(parts)
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    for name in ("loss", "ntp", "reg"):
+        assert relative_error(getattr(losses[1], name), getattr(losses[0], name)) < 1e-2, name
+    for name in grads[0]:
+        assert relative_error(grads[1][name], grads[0][name]) < 5e-2, name
+    logits_copy = 16 * (config.num_tokens + 80) * config.vocab_size * 4
+    assert peaks[1] < peaks[0] - logits_copy, f"peaks {peaks} bytes; one float32 logits copy is {logits_copy}"
 
 
 def test_compiled_bf16_training_learns_then_resumes(tmp_path):

@@ -331,6 +331,22 @@ def test_resume_with_another_config_is_refused_before_anything_changes(tmp_path,
     assert train_c2i.main([*base, "--resume", "auto", "steps=6", "save_every=2", "log_every=1"]) == 0
 
 
+def test_a_checkpoint_of_older_code_resumes_when_new_keys_keep_their_defaults(tmp_path, shards, capsys):
+    # Older code recorded no model.head_chunk_size (added since). At its default (0: the old
+    # behaviour) the resume goes on; set to something else it is a change like any other.
+    base = ["--config", str(TINY), f"data.root={shards}", f"out_dir={tmp_path / 'run'}", "tensorboard=false"]
+    assert train_c2i.main([*base, "steps=2", "save_every=2"]) == 0
+    state_path = tmp_path / "run" / "checkpoints" / "step_00000002" / "state.json"
+    state = json.loads(state_path.read_text())
+    del state["config"]["model"]["head_chunk_size"]
+    state_path.write_text(json.dumps(state))
+    capsys.readouterr()
+    assert train_c2i.main([*base, "--resume", "auto", "steps=2", "save_every=2", "model.head_chunk_size=16"]) == 2
+    assert "model.head_chunk_size: None -> 16" in capsys.readouterr().err
+    assert train_c2i.main([*base, "--resume", "auto", "--allow-change", "steps", "steps=4", "save_every=2"]) == 0
+    assert (tmp_path / "run" / "checkpoints" / "step_00000004").is_dir()
+
+
 # ---------------------------------------------------------------- 9. an unreadable newest checkpoint
 
 

@@ -65,6 +65,7 @@ class GPTConfig:
     class_dropout: float = 0.1  # label -> null class with this probability in training (CFG)
     init_std: float = 0.02  # N(0, std) for Linear and Embedding weights (the head starts at zero)
     attention: Literal["auto", "flex", "sdpa"] = "auto"  # auto: FlexAttention on CUDA, SDPA on CPU
+    head_chunk_size: int = 0  # training loss: head + CE over this many positions at a time; 0: whole logits
     registers: RegisterConfig = field(default_factory=RegisterConfig)
 
     def __post_init__(self) -> None:
@@ -84,6 +85,7 @@ class GPTConfig:
         check(self.vocab_size >= 2, "vocab_size", "must be >= 2")
         check(self.num_classes >= 1, "num_classes", "must be >= 1")
         check(self.grid_size >= 1, "grid_size", "must be >= 1")
+        check(self.head_chunk_size >= 0, "head_chunk_size", f"must be >= 0 (0: off), got {self.head_chunk_size}")
         for key in ("token_dropout", "resid_dropout", "ffn_dropout", "class_dropout"):
             check(0.0 <= getattr(self, key) < 1.0, key, f"must be in [0, 1), got {getattr(self, key)}")
         if self.registers.enabled and self.registers.mode == "mutor2d":

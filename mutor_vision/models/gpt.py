@@ -27,6 +27,7 @@ from mutor_vision.registers import (
     LossParts,
     RegisterLayout,
     combined_loss,
+    combined_loss_from_hidden,
     grid_layout,
     sample_offsets_1d,
     sample_offsets_2d,
@@ -87,8 +88,9 @@ def _masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 
 @dataclass
 class GPTOutput:
-    logits: Tensor  # (B, N, V) float32: logits[:, t] predicts tokens[:, t]
+    logits: Tensor | None  # (B, N, V) float32: logits[:, t] predicts tokens[:, t]; None with a chunked loss
     register_logits: Tensor | None = None  # (B, R, V) float32
+    loss: LossParts | None = None  # with return_loss=True
 
 
 class KVCache(nn.Module):
@@ -203,12 +205,19 @@ class GPT(nn.Module):
     # ---- training forward ----
 
     def forward(
-        self, tokens: Tensor, labels: Tensor, layout: RegisterLayout | None = None, mask: AttentionMask = None
+        self,
+        tokens: Tensor,
+        labels: Tensor,
+        layout: RegisterLayout | None = None,
+        mask: AttentionMask = None,
+        return_loss: bool = False,
     ) -> GPTOutput:
         """tokens (B, N) codes x_1..x_N, labels (B,) -> logits (B, N, V) (+ register logits (B, R, V)).
 
         ``mask`` is :meth:`attention_mask` of ``layout``, built here when not given. A compiled
         training step builds it outside the compiled forward (BlockMask creation does not trace).
+        ``return_loss`` adds :meth:`loss`; with ``config.head_chunk_size`` the head and CE then run
+        in chunks inside the forward (where FSDP has the head weight gathered) and no logits return.
         """
         batch, num_tokens = tokens.shape
         x = torch.cat([self.cls_embedding(labels)[:, None], self.tok_embeddings(tokens[:, :-1])], dim=1)
@@ -228,11 +237,25 @@ class GPT(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, mask, None)
         x = self.norm(x)
+        if return_loss and self.config.head_chunk_size:
+            loss = combined_loss_from_hidden(
+                x,
+                self.output.weight,
+                tokens,
+                None if layout is None else self._register_labels(tokens, layout),
+                self.config.registers.weight,
+                chunk_size=self.config.head_chunk_size,
+            )
+            return GPTOutput(None, loss=loss)
         if layout is None:
-            return GPTOutput(self.output(x).float())
-        # Split before the head: slicing (B, T, dim) is cheap, slicing (B, T, V) logits is not
-        # (their backward zero-fills and the CE runs on non-contiguous views).
-        return GPTOutput(self.output(x[:, :num_tokens]).float(), self.output(x[:, num_tokens:]).float())
+            output = GPTOutput(self.output(x).float())
+        else:
+            # Split before the head: slicing (B, T, dim) is cheap, slicing (B, T, V) logits is not
+            # (their backward zero-fills and the CE runs on non-contiguous views).
+            output = GPTOutput(self.output(x[:, :num_tokens]).float(), self.output(x[:, num_tokens:]).float())
+        if return_loss:
+            output.loss = self.loss(tokens, output, layout)
+        return output
 
     def attention_mask(self, layout: RegisterLayout, requires_grad: bool = True) -> AttentionMask:
         """The attention mask of ``[regular | registers]`` for ``layout``, on the layout's device.
@@ -274,13 +297,17 @@ class GPT(nn.Module):
         )
 
     def loss(self, tokens: Tensor, output: GPTOutput, layout: RegisterLayout | None) -> LossParts:
-        """The combined loss (1 - a)·L_ntp + a·L_reg; plain L_ntp without registers."""
-        register_labels = None
-        if layout is not None:
-            register_labels = layout.register_labels(F.pad(tokens, (1, 0)))  # sequence index 0 = class
+        """The combined loss (1 - a)·L_ntp + a·L_reg from ``output``'s logits; plain L_ntp without registers."""
+        if output.logits is None:
+            raise ValueError("output has no logits (a chunked loss); use forward(..., return_loss=True).loss")
+        register_labels = None if layout is None else self._register_labels(tokens, layout)
         return combined_loss(
             output.logits, tokens, output.register_logits, register_labels, self.config.registers.weight
         )
+
+    @staticmethod
+    def _register_labels(tokens: Tensor, layout: RegisterLayout) -> Tensor:
+        return layout.register_labels(F.pad(tokens, (1, 0)))  # sequence index 0 = the class token
 
     # ---- KV-cache inference ----
 

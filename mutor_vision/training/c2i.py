@@ -89,7 +89,7 @@ class ImageTask:
         # The mask is built outside the (maybe compiled) forward: BlockMask creation does not trace,
         # and a fresh layout then never recompiles.
         mask = None if layout is None else unwrapped.attention_mask(layout)
-        return unwrapped.loss(tokens, model(tokens, labels, layout, mask), layout)
+        return model(tokens, labels, layout, mask, return_loss=True).loss
 
     def count(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[int, int]:
         return batch[0].shape[0], batch[0].numel()

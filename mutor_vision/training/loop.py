@@ -25,7 +25,7 @@ from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
-from mutor_vision.config import to_dict
+from mutor_vision.config import default_values, to_dict
 from mutor_vision.errors import ConfigError
 from mutor_vision.files import atomic_write_text
 from mutor_vision.registers import LossParts
@@ -139,13 +139,14 @@ def run(task: Task, config: LoopConfig, resume: str | None = None, allow_change:
     out_dir = Path(config.out_dir)
     manager = CheckpointManager(out_dir / "checkpoints", config.keep_last)
     recorded = to_dict(config)
-    candidates = resume_candidates(manager, resume, recorded, allow_change, task.total_steps)
+    defaults = default_values(type(config))  # a checkpoint of older code lacks the keys added since
+    candidates = resume_candidates(manager, resume, recorded, allow_change, task.total_steps, defaults)
     trackers = (["tensorboard"] if config.tensorboard else []) + (["wandb"] if config.wandb else [])
     accelerator, accumulation = make_accelerator(
         config.mixed_precision, config.global_batch_size, config.micro_batch_size, out_dir, trackers, config.device
     )
     trainee = prepare(task, config, accelerator, fresh=not candidates)
-    step = restore(accelerator, manager, candidates, recorded, allow_change, task.total_steps)
+    step = restore(accelerator, manager, candidates, recorded, allow_change, task.total_steps, defaults)
     if accelerator.is_main_process:  # only now: nothing is written before every check passed
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(recorded, sort_keys=False))

@@ -33,6 +33,7 @@ def resume_candidates(
     config: dict[str, Any],
     allow_change: Sequence[str] = (),
     total_steps: int | None = None,
+    defaults: dict[str, Any] | None = None,
 ) -> list[Path]:
     """The checkpoints to try, newest first, after checking the first against ``config``.
 
@@ -65,7 +66,7 @@ def resume_candidates(
             log.warning("%s; trying the previous checkpoint", error)
             continue
         if not readable:
-            check_resume_config(path, state, config, allow_change, total_steps)
+            check_resume_config(path, state, config, allow_change, total_steps, defaults)
         readable.append(path)
     if candidates and not readable:
         raise CheckpointUnreadable(f"{manager.root}: no checkpoint with a readable {STATE}")
@@ -78,8 +79,13 @@ def check_resume_config(
     config: dict[str, Any],
     allow_change: Sequence[str] = (),
     total_steps: int | None = None,
+    defaults: dict[str, Any] | None = None,
 ) -> None:
-    """Refuse a resume whose config differs from the checkpoint's, except in allowed keys."""
+    """Refuse a resume whose config differs from the checkpoint's, except in allowed keys.
+
+    ``defaults``: keys the recorded config lacks (added to the code since) count as unchanged at
+    their default values (:func:`mutor_vision.config.config_changes`).
+    """
     step = int(state["step"])
     if total_steps is not None and step > total_steps:
         raise ConfigError(
@@ -89,7 +95,7 @@ def check_resume_config(
     recorded = state.get("config")
     if recorded is None:
         raise ConfigError(f"--resume: {checkpoint}/{STATE} records no config to compare with")
-    changes = config_changes(recorded, config)
+    changes = config_changes(recorded, config, defaults)
     ignored = RUN_KEYS | START_KEYS
     changes = {key: values for key, values in changes.items() if key not in ignored}
     refused = [key for key in changes if not any(key == a or key.startswith(f"{a}.") for a in allow_change)]
@@ -111,6 +117,7 @@ def restore(
     config: dict[str, Any],
     allow_change: Sequence[str] = (),
     total_steps: int | None = None,
+    defaults: dict[str, Any] | None = None,
 ) -> int:
     """Load the first loadable of ``candidates`` (all ranks, after prepare); return its step, 0 without one.
 
@@ -122,7 +129,7 @@ def restore(
     for index, path in enumerate(candidates):
         state = manager.read_state(path)
         if index:  # the first was checked before anything was built
-            check_resume_config(path, state, config, allow_change, total_steps)
+            check_resume_config(path, state, config, allow_change, total_steps, defaults)
         failure = None
         try:
             accelerator.load_state(str(path / "accelerate"))
