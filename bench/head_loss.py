@@ -8,19 +8,19 @@
 A step is forward + backward + AdamW of the full model on one batch. Times: the chunk sizes run
 interleaved in one process after warm-up (medians). Peak memory: on CUDA
 ``torch.cuda.max_memory_allocated`` over one step; on CPU each chunk size runs one warm-up and one
-step in a fresh process, whose peak resident set is reported (the whole process: weights, AdamW
+step in a fresh process, whose peak resident set (VmHWM) is reported (the whole process: weights, AdamW
 state and activations included, so the difference between rows is what the logits cost).
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from common import provenance, save  # bench/common.py (the script's folder is on sys.path)
@@ -77,6 +77,17 @@ def peak_bytes(args: argparse.Namespace, chunk: int, device: torch.device) -> in
     return int(result.stdout.strip().splitlines()[-1])
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set: VmHWM (Linux), which belongs to the process's own memory map.
+
+    Not ``getrusage().ru_maxrss``: Linux carries the parent's peak over fork + exec into it.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status: peak CPU memory is measured on Linux only")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="GPT-B")
@@ -97,10 +108,11 @@ def main() -> None:
         step = make_step(args, args.worker_peak, device)
         step()
         step()
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # KiB on Linux
+        print(peak_rss_bytes())
         return
 
     chunks = [int(c) for c in args.chunks.split(",")]
+    peaks = {chunk: peak_bytes(args, chunk, device) for chunk in chunks}
     steps = {chunk: make_step(args, chunk, device) for chunk in chunks}
     losses = {chunk: steps[chunk]() for chunk in chunks}  # the same first batch: the same loss
     for _ in range(args.warmup):
@@ -110,8 +122,6 @@ def main() -> None:
     for _ in range(args.repeats):
         for chunk in chunks:
             times[chunk].append(timed(steps[chunk], device))
-    del steps
-    peaks = {chunk: peak_bytes(args, chunk, device) for chunk in chunks}
 
     base_time, base_peak = statistics.median(times[chunks[0]]), peaks[chunks[0]]
     rows = []

@@ -186,10 +186,17 @@ def class_consistency(labels: np.ndarray, features) -> dict[str, float]:
     return {"class_consistency": float((features[1].argmax(axis=1) == labels).mean())}
 
 
+def evaluated_checkpoints(run: Path, plan: Plan) -> list[Path]:
+    """The run's checkpoints on the evaluation cadence; one saved by an interrupt is left out, so
+    every seed is compared at the same steps."""
+    complete = CheckpointManager(run / "checkpoints", 1).complete()
+    return [c for c in complete if checkpoint_step(c) % plan.eval_every == 0 or checkpoint_step(c) == plan.steps]
+
+
 def evaluate_run(run: Path, data: Path, palette: PaletteTokenizer, extractor, reference, plan: Plan) -> list[dict]:
     """Every checkpoint of a run: FID / IS / consistency / P / R on fresh samples, and the held-out NLL."""
     rows = []
-    for checkpoint in CheckpointManager(run / "checkpoints", 1).complete():
+    for checkpoint in evaluated_checkpoints(run, plan):
         step = checkpoint_step(checkpoint)
         model = GPT.from_pretrained(checkpoint / "export").eval()
         results = evaluate(

@@ -2,6 +2,7 @@
 every checkpoint, the statistics, the report; then a rerun that resumes instead of retraining."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -45,6 +46,10 @@ def test_demo_stops_on_an_interrupted_run_and_retrains_an_edited_one(tmp_path, m
         run_demo.train_run("ntp", 0, data, tmp_path, plan)
     monkeypatch.undo()
     run = run_demo.train_run("ntp", 0, data, tmp_path, plan)
+    interrupt_save = run / "checkpoints" / "step_00000003"  # as a SIGTERM between the cadence's saves
+    shutil.copytree(run / "checkpoints" / "step_00000004", interrupt_save)
+    assert [c.name for c in run_demo.evaluated_checkpoints(run, plan)] == ["step_00000002", "step_00000004"]
+    shutil.rmtree(interrupt_save)
     before = (run / "checkpoints" / "step_00000004" / "state.json").stat().st_mtime_ns
     run_demo.train_run("ntp", 0, data, tmp_path, plan)  # unchanged: kept as is
     assert (run / "checkpoints" / "step_00000004" / "state.json").stat().st_mtime_ns == before
