@@ -90,12 +90,20 @@ def fsync_tree(root: str | Path) -> None:
         fsync_dir(directory)
 
 
-def check_stamp(path: str | Path, settings: dict[str, Any], outputs_exist: bool, remedy: str, write: bool) -> None:
+def check_stamp(
+    path: str | Path,
+    settings: dict[str, Any],
+    outputs_exist: bool,
+    remedy: str,
+    write: bool,
+    defaults: dict[str, Any] | None = None,
+) -> None:
     """A settings stamp beside resumable outputs: never mix outputs made with different settings.
 
     Refuses (``ConfigError``, naming the differing keys) when ``path`` records other settings and
     outputs made with them exist; otherwise (``write``) records ``settings``. A stamp without
-    outputs (a run that failed before writing any) is simply replaced.
+    outputs (a run that failed before writing any) is simply replaced. ``defaults`` (dotted keys):
+    a key the stamp lacks — added to the code since — is unchanged at its default value.
     """
     from mutor_vision.config import config_changes
     from mutor_vision.errors import ConfigError
@@ -106,7 +114,11 @@ def check_stamp(path: str | Path, settings: dict[str, Any], outputs_exist: bool,
     if recorded == current:
         return
     if recorded is not None and outputs_exist:
-        changed = ", ".join(config_changes(recorded, current))
+        changed = ", ".join(config_changes(recorded, current, defaults))
+        if not changed:  # only keys added since, at their defaults: the stamp is brought up to date
+            if write:
+                atomic_write_json(path, current)
+            return
         raise ConfigError(f"{path.parent} holds outputs made with other settings ({changed}); {remedy}")
     if write:
         path.parent.mkdir(parents=True, exist_ok=True)

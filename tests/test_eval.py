@@ -11,6 +11,7 @@ import scipy.linalg
 import torch
 from conftest import COLORS, make_image_folder, run_two_cpu_ranks
 
+from mutor_vision.errors import ConfigError
 from mutor_vision.evaluation import (
     INCEPTION_FILE,
     frechet_distance,
@@ -244,6 +245,22 @@ def test_a_failed_run_without_samples_does_not_block_other_settings(tmp_path, ex
     assert (tmp_path / "run" / "sampling_settings.json").is_file()
     results = fid_cli.run(cli_args(export, tmp_path / "run", inception_weights, "--no-npz", "--cfg-scale", "3.0"))
     assert results["sampling"]["cfg_scale"] == 3.0 and results["written_this_run"] == 12
+
+
+def test_samples_of_older_code_are_kept_when_new_keys_keep_their_defaults(tmp_path, export, inception_weights):
+    # A stamp written before draft_tokens and model.head_chunk_size existed: same settings, kept.
+    args = cli_args(export, tmp_path / "run", inception_weights, "--no-npz")
+    fid_cli.run(args)
+    stamp = tmp_path / "run" / "sampling_settings.json"
+    recorded = json.loads(stamp.read_text())
+    del recorded["draft_tokens"], recorded["model"]["config"]["head_chunk_size"]
+    stamp.write_text(json.dumps(recorded))
+    assert fid_cli.run(args)["written_this_run"] == 0
+    assert "draft_tokens" in json.loads(stamp.read_text())  # brought up to date
+    recorded["top_k"] = 7  # a setting that did change still refuses
+    stamp.write_text(json.dumps(recorded))
+    with pytest.raises(ConfigError, match="top_k"):
+        fid_cli.run(args)
 
 
 def test_eval_cli_checks_the_checkpoint_first(tmp_path, capsys):

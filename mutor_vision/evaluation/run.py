@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mutor_vision.config import to_dict
+from mutor_vision.config import default_values, to_dict
 from mutor_vision.errors import ConfigError
 from mutor_vision.evaluation.features import Reference, extract_features, extractor_name, features_of
 from mutor_vision.evaluation.metrics import frechet_distance, inception_score, precision_recall, statistics
@@ -176,9 +176,12 @@ def evaluate(
     }
     stamp = (out_dir / SETTINGS, settings, any(samples_dir.glob("*.png")))
     remedy = "use another --out, or delete it to start over"
-    check_stamp(*stamp, remedy=remedy, write=False)  # every rank checks, the main process records
+    # Samples of older code stay valid: its stamp lacks the keys added since, at their defaults.
+    defaults = {f"model.config.{key}": value for key, value in default_values(type(model.config)).items()}
+    defaults.update(default_values(SamplingConfig), draft_tokens=1)
+    check_stamp(*stamp, remedy=remedy, write=False, defaults=defaults)  # every rank checks, the main records
     if state.is_main_process:
-        check_stamp(*stamp, remedy=remedy, write=True)
+        check_stamp(*stamp, remedy=remedy, write=True, defaults=defaults)
     state.wait_for_everyone()
     labels = label_list(num_samples, model.config.num_classes, per_class=per_class, seed=sampling.seed)
     mine = np.arange(num_samples)[state.process_index :: state.num_processes]
