@@ -7,9 +7,10 @@
 
 A step is forward + backward + AdamW of the full model on one batch. Times: the chunk sizes run
 interleaved in one process after warm-up (medians). Peak memory: on CUDA
-``torch.cuda.max_memory_allocated`` over one step; on CPU each chunk size runs one warm-up and one
-step in a fresh process, whose peak resident set (VmHWM) is reported (the whole process: weights, AdamW
-state and activations included, so the difference between rows is what the logits cost).
+``torch.cuda.max_memory_allocated`` during one step, above the allocation at its start; on CPU
+each chunk size runs one warm-up and one step in a fresh process, whose peak resident set (VmHWM)
+is reported (the whole process: weights, AdamW state and activations included, so the difference
+between rows is what the logits cost).
 """
 
 from __future__ import annotations
@@ -65,12 +66,14 @@ def timed(step, device: torch.device) -> float:
 
 def peak_bytes(args: argparse.Namespace, chunk: int, device: torch.device) -> int:
     if device.type == "cuda":
+        # Above the step's start (weights and AdamW state): what another row's leftovers cannot skew.
         step = make_step(args, chunk, device)
         step()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
         step()
-        return torch.cuda.max_memory_allocated(device)
+        return torch.cuda.max_memory_allocated(device) - start
     # CPU: a fresh process per chunk size, so one row's peak does not hide another's
     command = [sys.executable, __file__, "--worker-peak", str(chunk), *sys.argv[1:]]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -111,6 +114,7 @@ def main() -> None:
         print(peak_rss_bytes())
         return
 
+    cuda = device.type == "cuda"
     chunks = [int(c) for c in args.chunks.split(",")]
     peaks = {chunk: peak_bytes(args, chunk, device) for chunk in chunks}
     steps = {chunk: make_step(args, chunk, device) for chunk in chunks}
@@ -150,7 +154,7 @@ def main() -> None:
         {
             **provenance("head_loss", device),
             "config": {k: v for k, v in vars(args).items() if k not in ("out", "worker_peak")},
-            "peak_memory": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS",
+            "peak_memory": "CUDA allocator peak above the step's start" if cuda else "process peak RSS (VmHWM)",
             "float32_logits_gib": logits_gib,
             "rows": rows,
         },

@@ -182,8 +182,8 @@ def render() -> str:
         parts += ["**Register drafting** (`bench/speculative.py`; docs/drafting.md)", "", *table, ""]
     if groups["head_loss"]:
         parts += [
-            "**Head + loss in chunks** (`bench/head_loss.py`; peak memory: CUDA allocator, or the process's peak RSS "
-            "on CPU)",
+            "**Head + loss in chunks** (`bench/head_loss.py`; peak memory: on CUDA the allocator's peak during a "
+            "step above its start, on CPU the process's peak RSS)",
             "",
             *head_loss_table(groups["head_loss"]),
             "",
