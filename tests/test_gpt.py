@@ -99,7 +99,7 @@ def test_init_zero_head_gives_uniform_loss():
 # ---------------------------------------------------------------- RoPE
 
 
-def test_rope_table_matches_spec():
+def test_rope_table_matches_the_documented_formula():
     cos, sin = rope_2d_table(16, 64)
     assert cos.shape == (257, 32)
     assert (cos[0] == 0).all() and (sin[0] == 0).all()  # class row: all zeros, not identity
@@ -341,7 +341,7 @@ def test_inverse_cdf_draws_follow_the_distribution():
 
 
 def official_state_dict(config: GPTConfig) -> dict[str, torch.Tensor]:
-    """LlamaGen's key layout built from the spec's names and shapes (docs/llamagen.md §1)."""
+    """LlamaGen's key layout built from the documented names and shapes (docs/compatibility.md §1)."""
     d, h, v = config.dim, config.ffn_hidden, config.vocab_size
     state = {
         "cls_embedding.embedding_table.weight": torch.randn(config.num_classes + 1, d),

@@ -1,4 +1,4 @@
-"""VQ-16 (random weights), the palette tokenizer and the preprocessing of the spec."""
+"""VQ-16 (random weights), the palette tokenizer and the documented preprocessing (docs/compatibility.md)."""
 
 import numpy as np
 import pytest
@@ -17,8 +17,8 @@ def tiny_vq(seed: int = 0) -> VQ16:
     return VQ16(TINY).eval()
 
 
-def spec_vq_state_dict(c: VQ16Config) -> dict[str, torch.Tensor]:
-    """The official VQ-16 key layout, written from docs/llamagen.md §2 (not from our modules)."""
+def documented_vq_state_dict(c: VQ16Config) -> dict[str, torch.Tensor]:
+    """The official VQ-16 key layout, written from docs/compatibility.md §2 (not from our modules)."""
     state: dict[str, torch.Tensor] = {}
 
     def conv(name, cin, cout, k):
@@ -79,13 +79,13 @@ def spec_vq_state_dict(c: VQ16Config) -> dict[str, torch.Tensor]:
     return state
 
 
-def test_vq16_full_size_matches_spec():
+def test_vq16_full_size_matches_the_documented_layout():
     with torch.device("meta"):
         model = VQ16()
     assert len(model.state_dict()) == 344
     assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - 71.9) < 0.05
-    spec = {k: tuple(v.shape) for k, v in spec_vq_state_dict(VQ16Config()).items()}
-    assert spec == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    documented = {k: tuple(v.shape) for k, v in documented_vq_state_dict(VQ16Config()).items()}
+    assert documented == {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def test_vq16_encode_decode_shapes_and_nearest_code():
@@ -104,8 +104,8 @@ def test_vq16_encode_decode_shapes_and_nearest_code():
     assert vq.decode(codes).shape == (2, 3, 64, 64)
 
 
-def test_vq16_loads_spec_layout_strictly(tmp_path):
-    state = spec_vq_state_dict(TINY)
+def test_vq16_loads_the_documented_layout_strictly(tmp_path):
+    state = documented_vq_state_dict(TINY)
     torch.save({"model": state}, tmp_path / "vq.pt")
     vq = VQ16.from_pretrained(tmp_path / "vq.pt", TINY)
     for key, value in state.items():
@@ -123,7 +123,7 @@ def test_palette_round_trip_exact(tmp_path):
     images = tokenizer.decode(codes)
     assert torch.equal(tokenizer.encode(images), codes)
     uint8 = torch.from_numpy(COLORS[codes.numpy()]).permute(0, 3, 1, 2)
-    assert torch.equal(to_uint8(images), uint8)  # the spec's uint8 conversion recovers the colours
+    assert torch.equal(to_uint8(images), uint8)  # the documented uint8 conversion recovers the colours
     assert torch.equal(to_model_input(uint8.permute(0, 2, 3, 1).numpy()), images)
     tokenizer.save(tmp_path / "p.json")
     loaded = PaletteTokenizer.load(tmp_path / "p.json")
@@ -141,7 +141,7 @@ def test_palette_fit_finds_the_colours():
     assert (distance <= 6).all()
 
 
-def test_adm_center_crop_follows_the_spec():
+def test_adm_center_crop_follows_the_documented_steps():
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (800, 1200, 3), dtype=np.uint8))
     out = center_crop_adm(image, 256)

@@ -1,4 +1,4 @@
-"""Image preprocessing shared by every tokenizer (docs/llamagen.md §2, "Preprocessing").
+"""Image preprocessing shared by every tokenizer (docs/compatibility.md §2, "Preprocessing").
 
 ADM centre crop: while the short side >= 2·size, halve with BOX; resize the short side to
 ``size`` with BICUBIC; centre-crop size×size. Model inputs are in [-1, 1]; decoded images go back

@@ -1,4 +1,4 @@
-"""LlamaGen's VQ-16 image tokenizer (``vq_ds16_c2i.pt``), state-dict compatible (docs/llamagen.md §2).
+"""LlamaGen's VQ-16 image tokenizer (``vq_ds16_c2i.pt``), state-dict compatible (docs/compatibility.md §2).
 
 256×256 images in [-1, 1] -> 16×16 codes of a 16384 × 8 L2-normalised codebook, and back.
 Module names mirror the official file so it loads strictly: ``encoder.conv_blocks.{i}.res.{j}``,

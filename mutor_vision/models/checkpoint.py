@@ -1,6 +1,6 @@
 """Loading LlamaGen / mutor-vision GPT checkpoints strictly, and saving this project's format.
 
-Accepted inputs (docs/llamagen.md §1):
+Accepted inputs (docs/compatibility.md §1):
 - this project's export: a directory (or its ``model.safetensors``) with ``config.json`` beside;
 - any ``.safetensors`` file holding a GPT state dict;
 - an official LlamaGen ``.pt``: the raw state dict, or one under ``"model"`` / ``"module"`` /

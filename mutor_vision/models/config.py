@@ -7,7 +7,7 @@ from typing import Literal
 
 from mutor_vision.config import check
 
-# name -> (n_layer, n_head, dim); docs/llamagen.md §1. head_dim is 64 for every size.
+# name -> (n_layer, n_head, dim); docs/compatibility.md §1. head_dim is 64 for every size.
 SIZES: dict[str, tuple[int, int, int]] = {
     "GPT-B": (12, 12, 768),
     "GPT-L": (24, 16, 1024),

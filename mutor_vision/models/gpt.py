@@ -1,6 +1,6 @@
 """LlamaGen's class-conditional GPT with MuToR registers.
 
-State-dict compatible with LlamaGen c2i checkpoints (docs/llamagen.md §1) plus one tensor, the shared
+State-dict compatible with LlamaGen c2i checkpoints (docs/compatibility.md §1) plus one tensor, the shared
 ``register_embedding`` (dim,). With a register layout from :mod:`mutor_vision.registers`, the
 forward runs the two-block sequence ``[class, x_1..x_{N-1} | R registers]``; without one it is
 LlamaGen's training forward. Sampling uses the static KV cache below (see ``sampling.py``).

@@ -1,4 +1,4 @@
-"""LlamaGen's 2D rotary position embedding (docs/llamagen.md §1, "2D RoPE").
+"""LlamaGen's 2D rotary position embedding (docs/compatibility.md §1, "2D RoPE").
 
 The table has one row per sequence position: row 0 is the class token, rows 1..N the grid cells
 in raster order. Cell (i, j) rotates the first half of the head's pairs by the row index and the
