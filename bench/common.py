@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,3 +37,24 @@ def save(path: str | Path | None, result: dict[str, Any]) -> None:
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def wall_time(fn: Callable[[], Any]) -> float:
+    """Seconds one call of ``fn`` takes, CUDA's queued work finished before and after (launches are async)."""
+    _sync()
+    start = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - start
+
+
+def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 0) -> float:
+    """The median :func:`wall_time` of ``repeats`` calls after ``warmup`` untimed ones (compilation, caches)."""
+    for _ in range(warmup):
+        fn()
+    return statistics.median(wall_time(fn) for _ in range(repeats))
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()

@@ -19,12 +19,11 @@ import argparse
 import statistics
 import subprocess
 import sys
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from common import provenance, save  # bench/common.py (the script's folder is on sys.path)
+from common import provenance, save, wall_time  # bench/common.py (the script's folder is on sys.path)
 
 from mutor_vision.models import GPT, GPTConfig, RegisterConfig
 
@@ -52,16 +51,6 @@ def make_step(args: argparse.Namespace, chunk: int, device: torch.device):
         return loss.item()
 
     return step
-
-
-def timed(step, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def peak_bytes(args: argparse.Namespace, chunk: int, device: torch.device) -> int:
@@ -121,11 +110,11 @@ def main() -> None:
     losses = {chunk: steps[chunk]() for chunk in chunks}  # the same first batch: the same loss
     for _ in range(args.warmup):
         for chunk in chunks:
-            timed(steps[chunk], device)
+            wall_time(steps[chunk])
     times: dict[int, list[float]] = {chunk: [] for chunk in chunks}
     for _ in range(args.repeats):
         for chunk in chunks:
-            times[chunk].append(timed(steps[chunk], device))
+            times[chunk].append(wall_time(steps[chunk]))
 
     base_time, base_peak = statistics.median(times[chunks[0]]), peaks[chunks[0]]
     rows = []

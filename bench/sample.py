@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from common import provenance, save  # bench/common.py (the script's folder is on sys.path)
+from common import median_time, provenance, save  # bench/common.py (the script's folder is on sys.path)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -41,24 +39,6 @@ def build(args: argparse.Namespace, grid: int) -> GPT:
     model = GPT(config).eval()
     torch.nn.init.normal_(model.output.weight, std=0.02)
     return model
-
-
-def timed(fn, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):  # warm-up (and compile)
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync()
-        start = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -102,7 +82,8 @@ def main() -> None:
     if args.compile:
         variants["cache_cfg_compiled"] = dict(cfg_scale=2.0, compile=True)
     for name, kwargs in variants.items():
-        seconds = timed(run(**kwargs), args.repeats, args.warmup if "compiled" not in name else max(1, args.warmup))
+        warmup = args.warmup if "compiled" not in name else max(1, args.warmup)
+        seconds = median_time(run(**kwargs), args.repeats, warmup)
         rows[name] = {
             "seconds": seconds,
             "tokens_per_s": args.batch_size * tokens / seconds,

@@ -22,28 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from common import provenance, save  # bench/common.py (the script's folder is on sys.path)
+from common import median_time, provenance, save  # bench/common.py (the script's folder is on sys.path)
 
 from mutor_vision.models import GPT, GPTConfig, RegisterConfig, SamplingConfig, generate
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def images(export: Path, repeats: int, device: torch.device) -> list[dict]:
@@ -54,10 +41,10 @@ def images(export: Path, repeats: int, device: torch.device) -> list[dict]:
         for temperature in (0.0, 1.0):
             for cfg in (1.0, 2.0):
                 settings = SamplingConfig(cfg_scale=cfg, temperature=temperature, seed=0)
-                plain = timed(lambda s=settings, lab=labels: generate(model, lab, s), repeats)
+                plain = median_time(lambda s=settings, lab=labels: generate(model, lab, s), repeats)
                 for k in (2, 3):
                     stats = {}
-                    drafted = timed(lambda s=settings, lab=labels, k=k, st=stats: generate(
+                    drafted = median_time(lambda s=settings, lab=labels, k=k, st=stats: generate(
                         model, lab, s, draft_tokens=k, stats=st), repeats)  # fmt: skip
                     rows.append({
                         "batch": batch, "temperature": temperature, "cfg_scale": cfg, "draft_tokens": k,
@@ -118,11 +105,11 @@ def text(minutes_budget_steps: int, repeats: int, device: torch.device) -> list[
                 model, chunk, 64, eos, "bidirectional", "bool", pad, registers, k, stats)]  # fmt: skip
 
         reference = decode(1)
-        plain = timed(lambda decode=decode: decode(1), repeats)
+        plain = median_time(lambda decode=decode: decode(1), repeats)
         for k in (2, 3, 4):
             stats = {}
             assert decode(k, stats) == reference, f"drafted output differs at k={k}"
-            drafted = timed(lambda k=k, decode=decode: decode(k), repeats)
+            drafted = median_time(lambda k=k, decode=decode: decode(k), repeats)
             rows.append({
                 "batch": batch, "draft_tokens": k, "tokens_per_forward": stats["tokens"] / stats["forwards"],
                 "plain_s": plain, "drafted_s": drafted, "speed_up": plain / drafted, "outputs_equal_plain": True,
@@ -142,13 +129,13 @@ def verify_cost(repeats: int, device: torch.device) -> list[dict]:
         model.prefill(labels)
         tokens = torch.zeros(batch, 3, dtype=torch.long, device=device)
         step = torch.tensor([10], device=device)
-        plain = timed(lambda tokens=tokens, step=step: model.decode(tokens[:, :1], step), repeats)
+        plain = median_time(lambda tokens=tokens, step=step: model.decode(tokens[:, :1], step), repeats)
         for k in (2, 3):
             positions = torch.arange(10, 10 + k, device=device)
             anchors = positions.repeat_interleave(k - 1)
             offsets = torch.arange(2, k + 1, device=device).repeat(k)
             embeds = model.tok_embeddings(tokens[:, :k])
-            verify = timed(
+            verify = median_time(
                 lambda e=embeds, p=positions, a=anchors, o=offsets: model.extend(e, p, a, a + o - 1), repeats
             )
             rows.append({"batch": batch, "draft_tokens": k, "decode_step_s": plain, "verify_step_s": verify,

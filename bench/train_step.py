@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from contextlib import nullcontext
 
 import torch
-from common import provenance, save  # bench/common.py (the script's folder is on sys.path)
+from common import provenance, save, wall_time  # bench/common.py (the script's folder is on sys.path)
 
 from mutor_vision.models import GPT, GPTConfig, RegisterConfig
 
@@ -93,22 +92,13 @@ def main() -> None:
 
         steps[name] = (step, model.config)
 
-    def timed(step) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
     for _ in range(args.warmup):
         for name in names:
-            timed(steps[name][0])
+            wall_time(steps[name][0])
     times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.repeats):
         for name in names:
-            times[name].append(timed(steps[name][0]))
+            times[name].append(wall_time(steps[name][0]))
 
     base = statistics.median(times[names[0]])
     rows = []

@@ -416,7 +416,9 @@ def combined_loss(
     text authors' setting, optimises). Logits (B, N, V) / (B, R, V) are compared in float32; labels
     equal to ``ignore_index`` count nowhere. Without registers (next-token) the loss is plain L_ntp.
     """
-    _check_loss_args(register_weight, normalization, register_logits is not None, register_labels)
+    _check_loss_args(register_weight, normalization)
+    if register_logits is not None and register_labels is None:
+        raise ValueError("register_labels are required with register_logits")
     ntp_weights = _token_weights(ntp_labels, ignore_index, normalization)
     ntp = _weighted_ce(ntp_logits, ntp_labels, ntp_weights, ignore_index)
     ntp_count = (ntp_labels != ignore_index).sum()
@@ -443,7 +445,7 @@ def combined_loss_from_hidden(
     and the head weight (V, D), the head and CE run ``chunk_size`` positions at a time
     (``linear_ce.py``): the (B, N + R, V) logits are never materialised whole.
     """
-    _check_loss_args(register_weight, normalization, register_labels is not None, register_labels)
+    _check_loss_args(register_weight, normalization)
     batch, num_tokens = ntp_labels.shape
     ntp_weights = _token_weights(ntp_labels, ignore_index, normalization)
     labels, weights = ntp_labels, ntp_weights
@@ -466,15 +468,11 @@ def combined_loss_from_hidden(
     return LossParts(loss, ntp, reg, ntp_count, (register_labels != ignore_index).sum())
 
 
-def _check_loss_args(
-    register_weight: float, normalization: str, with_registers: bool, register_labels: Tensor | None
-) -> None:
+def _check_loss_args(register_weight: float, normalization: str) -> None:
     if not 0.0 <= register_weight <= 1.0:
         raise ValueError(f"register_weight must be in [0, 1], got {register_weight}")
     if normalization not in ("token", "sample"):
         raise ValueError(f"normalization must be 'token' or 'sample', got {normalization!r}")
-    if with_registers and register_labels is None:
-        raise ValueError("register_labels are required with register_logits")
 
 
 def _token_weights(labels: Tensor, ignore_index: int, normalization: str) -> Tensor:

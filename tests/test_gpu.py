@@ -51,6 +51,19 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
 
 
+def launch_then_resume(accelerate_config: str, script: str, args: list[str], length: tuple[str, int, int]) -> str:
+    """One-process ``accelerate launch`` of ``script`` with ``configs/accelerate/<accelerate_config>``:
+    ``key=first``, then ``key=second`` with ``--resume auto --allow-change key``; the resumed run's stderr."""
+    key, first, second = length
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    launch += [str(ROOT / "configs" / "accelerate" / accelerate_config), "--num_processes", "1", script]
+    runs = [[f"{key}={first}"], [f"{key}={second}", "--resume", "auto", "--allow-change", key]]
+    for extra in runs:
+        done = subprocess.run([*launch, *args, *extra], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-4000:]
+    return done.stderr
+
+
 @pytest.fixture(autouse=True)
 def no_tf32():
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -176,18 +189,10 @@ def test_compiled_bf16_training_learns_then_resumes(tmp_path):
 def test_fsdp2_one_process_saves_and_resumes(tmp_path):
     data = tmp_path / "shards"
     write_synthetic_shards(data, num_shards=2, per_shard=8, grid=8, vocab_size=16, num_classes=10)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-    launch += [str(ROOT / "configs" / "accelerate" / "fsdp2_xl.yaml"), "--num_processes", "1", "train_c2i.py"]
     args = ["--config", str(TINY), f"data.root={data}", f"out_dir={tmp_path / 'run'}", "device=auto"]
     args += ["mixed_precision=bf16", "save_every=2", "tensorboard=false"]
-    first = subprocess.run([*launch, *args, "steps=4"], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert first.returncode == 0, first.stderr[-4000:]
-    resumed = subprocess.run(
-        [*launch, *args, "steps=6", "--resume", "auto", "--allow-change", "steps"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-    )  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert "resumed from" in resumed.stderr and "at step 4" in resumed.stderr
+    resumed = launch_then_resume("fsdp2_xl.yaml", "train_c2i.py", args, ("steps", 4, 6))
+    assert "resumed from" in resumed and "at step 4" in resumed
     state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000006" / "state.json").read_text())
     assert state["step"] == 6
     assert GPT.from_pretrained(tmp_path / "run" / "checkpoints" / "step_00000006" / "export") is not None
@@ -247,18 +252,11 @@ def test_text_fsdp2_one_process_saves_resumes_and_exports(tmp_path):
     tokenizer.save_pretrained(tmp_path / "model")
     rows = [{"question": t.split(" Answer: ")[0], "answer": t.split(" Answer: ")[1]} for t in CORPUS * 5]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-    launch += [str(ROOT / "configs" / "accelerate" / "fsdp2_text.yaml"), "--num_processes", "1", "train_sft.py"]
     args = ["--config", str(ROOT / "configs" / "text" / "gsm8k_mutor.yaml"), f"model.name_or_path={tmp_path / 'model'}"]
     args += ["data.hf_name=null", f"data.jsonl={tmp_path / 'train.jsonl'}", f"out_dir={tmp_path / 'run'}"]
     args += ["global_batch_size=4", "micro_batch_size=2", "save_every=2", "tensorboard=false", "data.max_length=64"]
-    first = subprocess.run([*launch, *args, "epochs=1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert first.returncode == 0, first.stderr[-4000:]
-    resumed = subprocess.run(
-        [*launch, *args, "epochs=2", "--resume", "auto", "--allow-change", "epochs"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-    )  # fmt: skip
-    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-4000:]
+    resumed = launch_then_resume("fsdp2_text.yaml", "train_sft.py", args, ("epochs", 1, 2))
+    assert "resumed from" in resumed, resumed[-4000:]
     export = tmp_path / "run" / "checkpoints" / "step_00000010" / "export"
     assert AutoModelForCausalLM.from_pretrained(export / "model") is not None
     assert (export / "registers.safetensors").is_file()

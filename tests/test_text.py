@@ -215,6 +215,13 @@ def write_jsonl(path: Path, rows: int = 8) -> Path:
     return path
 
 
+def tiny_run_config(data: Path, out_dir: Path, *overrides: str) -> TextTrainConfig:
+    """The GSM8K MuToR recipe on a local JSONL with the tiny model, on CPU, without TensorBoard."""
+    common = [f"data.jsonl={data}", "data.hf_name=null", "model.name_or_path=tiny", f"out_dir={out_dir}"]
+    common += ["tensorboard=false", "data.max_length=64", "device=cpu"]
+    return load_yaml(TextTrainConfig, ROOT / "configs" / "text" / "gsm8k_mutor.yaml", [*common, *overrides])
+
+
 def test_examples_drop_over_long_and_collate(tokenizer, tmp_path):
     records = [json.loads(line) for line in write_jsonl(tmp_path / "d.jsonl").read_text().splitlines()]
     examples, dropped = build_examples(
@@ -233,14 +240,9 @@ def test_examples_drop_over_long_and_collate(tokenizer, tmp_path):
 
 def test_short_cpu_training_lowers_loss_and_generates(tokenizer, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", rows=8)
-    config = load_yaml(
-        TextTrainConfig,
-        ROOT / "configs" / "text" / "gsm8k_mutor.yaml",
-        [f"data.jsonl={data}", "data.hf_name=null", "model.name_or_path=tiny", f"out_dir={tmp_path / 'run'}",
-         "epochs=30",
-         "global_batch_size=4", "micro_batch_size=2", "optim.lr=3e-3", "optim.warmup_ratio=0.05",
-         "tensorboard=false", "save_every=1000", "method.prompt_attention=bidirectional", "data.max_length=64",
-         "device=cpu"],
+    config = tiny_run_config(
+        data, tmp_path / "run", "epochs=30", "global_batch_size=4", "micro_batch_size=2",
+        "optim.lr=3e-3", "optim.warmup_ratio=0.05", "save_every=1000", "method.prompt_attention=bidirectional"
     )  # fmt: skip
     model = tiny_model("llama", len(tokenizer))
     result = train_text(config, model=model, tokenizer=tokenizer)
@@ -352,13 +354,9 @@ def test_sample_normalization_micro_batch_ten_equals_ten_micro_batches_of_one(to
     data = write_jsonl(tmp_path / "train.jsonl", rows=10)
 
     def one_step(micro: int, normalization: str, run: str) -> dict[str, torch.Tensor]:
-        config = load_yaml(
-            TextTrainConfig,
-            ROOT / "configs" / "text" / "gsm8k_mutor.yaml",
-            [f"data.jsonl={data}", "data.hf_name=null", "model.name_or_path=tiny", f"out_dir={tmp_path / run}",
-             "epochs=1", "global_batch_size=10", f"micro_batch_size={micro}", "optim.lr=1e-2",
-             "optim.schedule=constant", "tensorboard=false", "data.max_length=64", "device=cpu",
-             f"method.loss_normalization={normalization}"],
+        config = tiny_run_config(
+            data, tmp_path / run, "epochs=1", "global_batch_size=10", f"micro_batch_size={micro}",
+            "optim.lr=1e-2", "optim.schedule=constant", f"method.loss_normalization={normalization}"
         )  # fmt: skip
         model = tiny_model("llama", len(tokenizer))
         train_text(config, model=model, tokenizer=tokenizer)
@@ -377,12 +375,9 @@ def test_text_resume_is_exact(tokenizer, tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "train.jsonl", rows=8)
 
     def cfg(run: str) -> TextTrainConfig:
-        return load_yaml(
-            TextTrainConfig,
-            ROOT / "configs" / "text" / "gsm8k_mutor.yaml",
-            [f"data.jsonl={data}", "data.hf_name=null", "model.name_or_path=tiny", f"out_dir={tmp_path / run}",
-             "epochs=2", "global_batch_size=4", "micro_batch_size=2", "tensorboard=false", "save_every=100",
-             "data.max_length=64", "optim.lr=1e-3", "device=cpu"],
+        return tiny_run_config(
+            data, tmp_path / run, "epochs=2", "global_batch_size=4",
+            "micro_batch_size=2", "save_every=100", "optim.lr=1e-3"
         )  # fmt: skip
 
     straight = train_text(cfg("a"), model=tiny_model("llama", len(tokenizer)), tokenizer=tokenizer)
@@ -409,12 +404,9 @@ def test_register_drafting_gives_exactly_greedy_output(tokenizer, tmp_path):
     from mutor_vision.text.generate import greedy_generate_batch
 
     data = write_jsonl(tmp_path / "train.jsonl", rows=8)
-    config = load_yaml(
-        TextTrainConfig,
-        ROOT / "configs" / "text" / "gsm8k_mutor.yaml",
-        [f"data.jsonl={data}", "data.hf_name=null", "model.name_or_path=tiny", f"out_dir={tmp_path / 'run'}",
-         "epochs=40", "global_batch_size=4", "micro_batch_size=4", "optim.lr=3e-3", "tensorboard=false",
-         "save_every=1000", "data.max_length=64", "device=cpu"],
+    config = tiny_run_config(
+        data, tmp_path / "run", "epochs=40", "global_batch_size=4",
+        "micro_batch_size=4", "optim.lr=3e-3", "save_every=1000"
     )  # fmt: skip
     model = tiny_model("llama", len(tokenizer))
     from mutor_vision.text.train import TextTask
