@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-gpu lint format demo demo-full clean
+.PHONY: install test test-gpu gpu-check lint format demo demo-full clean
 
 install: $(STAMP)
 
@@ -26,6 +26,13 @@ test: lint
 # The GPU tier only (tests marked gpu: FlexAttention, bf16, compile, FSDP2, CUDA sampling, eval on CUDA).
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu -rs
+
+# On a CUDA machine: the GPU tier and every GPU measure against its target, in one command
+# (bench/gpu_check.py; results in bench/results/gpu_check_<device>.json). Without CUDA it lists
+# the stages and exits. Where the packages are installed system-wide: make gpu-check PY=python3.
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 # The embedded demo: MuToR-2D vs next-token on scikit-learn's digits (16x16), 3 seeds, CPU, no downloads.
 demo: $(STAMP)

@@ -33,10 +33,10 @@ from mutor_vision.models import GPT, GPTConfig, RegisterConfig, SamplingConfig, 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def images(export: Path, repeats: int, device: torch.device) -> list[dict]:
+def images(export: Path, repeats: int, device: torch.device, batches: list[int]) -> list[dict]:
     model = GPT.from_pretrained(export).to(device).eval()
     rows = []
-    for batch in (1, 8):
+    for batch in batches:
         labels = torch.arange(batch, device=device) % model.config.num_classes
         for temperature in (0.0, 1.0):
             for cfg in (1.0, 2.0):
@@ -119,11 +119,11 @@ def text(minutes_budget_steps: int, repeats: int, device: torch.device) -> list[
 
 
 @torch.no_grad()
-def verify_cost(repeats: int, device: torch.device) -> list[dict]:
+def verify_cost(repeats: int, device: torch.device, batches: list[int]) -> list[dict]:
     torch.manual_seed(0)
     model = GPT(GPTConfig(size="GPT-B", registers=RegisterConfig(mode="mutor2d", d_max_2d=4))).to(device).eval()
     rows = []
-    for batch in (1, 8):
+    for batch in batches:
         model.setup_caches(batch)
         labels = torch.zeros(batch, dtype=torch.long, device=device)
         model.prefill(labels)
@@ -151,17 +151,23 @@ def main() -> None:
     parser.add_argument("--image-export", type=Path, default=default)
     parser.add_argument("--text-steps", type=int, default=600, help="training steps of the synthetic text model")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches", default="1,8", help="batch sizes of the image and verify-cost rows")
+    parser.add_argument("--parts", default="images,text,verify_cost", help="which measurements to run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
     result = {**provenance("speculative", device), "config": {k: str(v) for k, v in vars(args).items()}}
-    if args.image_export.is_dir():
-        result["images"] = images(args.image_export, args.repeats, device)
-    else:
+    parts, batches = args.parts.split(","), [int(b) for b in args.batches.split(",")]
+    if "images" in parts and args.image_export.is_dir():
+        result["images"] = images(args.image_export, args.repeats, device, batches)
+    elif "images" in parts:
         print(f"no image export at {args.image_export}: run `make demo` first (skipping the image rows)")
-    result["text"] = text(args.text_steps, args.repeats, device)
-    result["verify_cost"] = verify_cost(args.repeats, device)
+        result["images_skipped"] = f"no image export at {args.image_export} (make demo first)"
+    if "text" in parts:
+        result["text"] = text(args.text_steps, args.repeats, device)
+    if "verify_cost" in parts:
+        result["verify_cost"] = verify_cost(args.repeats, device, batches)
     save(args.out, result)
 
 

@@ -4,10 +4,18 @@
     python bench/train_step.py --size GPT-B --batch-size 2 --repeats 5
     python bench/train_step.py --n-layer 2 --dim 64 --vocab-size 16 --grid-size 8 --variants ntp,mutor2d:20
     python bench/train_step.py --device cuda --dtype bf16 --size GPT-B --batch-size 64 --attention flex
+    python bench/train_step.py --device cuda --dtype bf16 --size GPT-B --batch-size 128 \
+        --variants ntp,mutor2d:80+flex,mutor2d:80+sdpa,ntp+chunk8192,mutor2d:80+flex+chunk8192
 
 Each step is forward + backward + AdamW on one batch. Variants run interleaved (A B C A B C ...)
-after warm-up, and the median per variant is reported, so machine noise hits all alike. The goal
-(docs/method.md §2): step(MuToR) / step(NTP) <= 1.05 × (N + R) / N.
+after warm-up, and the median per variant is reported, so machine noise hits all alike. A variant
+may override the attention backend (``+flex``, ``+sdpa``) and the head chunk (``+chunkN``); its
+ratio is against the next-token variant with the same head chunk (else the first variant). The
+goal (docs/method.md §2): step(MuToR) / step(NTP) <= 1.05 × (N + R) / N.
+
+On CUDA each variant also reports its peak memory during one step (above the step's start, and
+in all) and, with ``--compile``, the graphs dynamo compiled at the first step and in all (a later
+graph is a recompile) and its graph breaks.
 """
 
 from __future__ import annotations
@@ -30,8 +38,22 @@ def variant(name: str) -> RegisterConfig:
     return RegisterConfig(mode=mode, num_registers=None if count in ("", "all") else int(count))
 
 
-def build(args: argparse.Namespace, registers: RegisterConfig) -> GPTConfig:
-    common = dict(registers=registers, attention=args.attention, head_chunk_size=args.head_chunk_size)
+def parse_variant(spec: str, args: argparse.Namespace) -> tuple[RegisterConfig, str, int]:
+    """``base[+flex|+sdpa|+auto][+chunkN]`` -> (registers, attention, head_chunk_size); unset parts from args."""
+    base, *options = spec.split("+")
+    attention, chunk = args.attention, args.head_chunk_size
+    for option in options:
+        if option in ("auto", "flex", "sdpa"):
+            attention = option
+        elif option.startswith("chunk") and option[5:].isdigit():
+            chunk = int(option[5:])
+        else:
+            raise SystemExit(f"--variants: unknown option {option!r} in {spec!r} (flex, sdpa, auto or chunkN)")
+    return variant(base), attention, chunk
+
+
+def build(args: argparse.Namespace, registers: RegisterConfig, attention: str, chunk: int) -> GPTConfig:
+    common = dict(registers=registers, attention=attention, head_chunk_size=chunk)
     if args.size:
         return GPTConfig(size=args.size, grid_size=args.grid_size, **common)
     return GPTConfig(
@@ -71,11 +93,13 @@ def main() -> None:
 
     names = args.variants.split(",")
     steps = {}
+    graphs: dict[str, list] = {name: [] for name in names}
     for name in names:
+        registers, attention, chunk = parse_variant(name, args)
         torch.manual_seed(0)
-        model = GPT(build(args, variant(name))).to(device).train()
+        model = GPT(build(args, registers, attention, chunk)).to(device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
-        forward = torch.compile(model) if args.compile else model
+        forward = torch.compile(model, backend=counting_backend(graphs[name])) if args.compile else model
         config = model.config
         g = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, config.vocab_size, (args.batch_size, config.num_tokens), generator=g).to(device)
@@ -92,39 +116,55 @@ def main() -> None:
 
         steps[name] = (step, model.config)
 
-    for _ in range(args.warmup):
-        for name in names:
+    # Warm-up one variant at a time, so compilation, graph breaks and memory are each its own.
+    compiled: dict[str, dict] = {}
+    memory: dict[str, dict] = {}
+    for name in names:
+        breaks_before = graph_breaks()
+        first = wall_time(steps[name][0])
+        compiled[name] = {"first_step_s": first, "graphs_at_first_step": len(graphs[name])}
+        for _ in range(args.warmup - 1):
             wall_time(steps[name][0])
+        compiled[name]["graph_breaks"] = graph_breaks() - breaks_before
+        if device.type == "cuda":
+            memory[name] = step_memory(steps[name][0])
     times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.repeats):
         for name in names:
             times[name].append(wall_time(steps[name][0]))
 
-    base = statistics.median(times[names[0]])
+    medians = {name: statistics.median(times[name]) for name in names}
     rows = []
     for name in names:
         config = steps[name][1]
         n = config.num_tokens
         r = 0 if not config.registers.enabled else (config.registers.num_registers or n)
-        median = statistics.median(times[name])
-        rows.append(
-            {
-                "variant": name,
-                "tokens": n,
-                "registers": r,
-                "step_s": median,
-                "images_per_s": args.batch_size / median,
-                "ratio": median / base,
-                "ideal": (n + r) / n,
-                "ratio_over_ideal": median / base / ((n + r) / n),
-                "all_s": times[name],
-            }
-        )
-    header = f"{'variant':<14} {'R':>4} {'step s':>8} {'img/s':>8} {'ratio':>6} {'ideal':>6} {'ratio/ideal':>11}"
+        base = baseline(name, names, steps)
+        ratio = medians[name] / medians[base]
+        row = {
+            "variant": name,
+            "attention": config.attention,
+            "head_chunk_size": config.head_chunk_size,
+            "baseline": base,
+            "tokens": n,
+            "registers": r,
+            "step_s": medians[name],
+            "images_per_s": args.batch_size / medians[name],
+            "ratio": ratio,
+            "ideal": (n + r) / n,
+            "ratio_over_ideal": ratio / ((n + r) / n),
+            "all_s": times[name],
+            **memory.get(name, {}),
+        }
+        if args.compile:
+            row.update(compiled[name], graphs=len(graphs[name]))
+            row["recompiles"] = len(graphs[name]) - compiled[name]["graphs_at_first_step"]
+        rows.append(row)
+    header = f"{'variant':<26} {'R':>4} {'step s':>8} {'img/s':>8} {'ratio':>6} {'ideal':>6} {'ratio/ideal':>11}"
     print(header)
     for row in rows:
         print(
-            f"{row['variant']:<14} {row['registers']:>4} {row['step_s']:>8.4f} {row['images_per_s']:>8.1f} "
+            f"{row['variant']:<26} {row['registers']:>4} {row['step_s']:>8.4f} {row['images_per_s']:>8.1f} "
             f"{row['ratio']:>6.3f} {row['ideal']:>6.3f} {row['ratio_over_ideal']:>11.3f}"
         )
     if args.out:
@@ -133,14 +173,46 @@ def main() -> None:
             "config": {k: v for k, v in vars(args).items() if k != "out"},
             "rows": rows,
         }
-        if args.compile:
-            from torch._dynamo.utils import counters
-
-            result["dynamo"] = {
-                "graph_breaks": dict(counters["graph_break"]),
-                "unique_graphs": counters["stats"]["unique_graphs"],
-            }
         save(args.out, result)
+
+
+def baseline(name: str, names: list[str], steps: dict) -> str:
+    """The next-token variant with ``name``'s head chunk (else the first variant): its ratio's denominator."""
+    chunk = steps[name][1].head_chunk_size
+    for other in names:
+        config = steps[other][1]
+        if not config.registers.enabled and config.head_chunk_size == chunk:
+            return other
+    return names[0]
+
+
+def counting_backend(graphs: list):
+    """Inductor, recording each graph dynamo hands it: one per compile (the first, then recompiles)."""
+
+    def backend(graph_module, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        graphs.append(graph_module)
+        return compile_fx(graph_module, example_inputs)
+
+    return backend
+
+
+def graph_breaks() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
+
+
+def step_memory(step) -> dict[str, float]:
+    """Peak CUDA memory of one step: above its start (activations, logits) and in all, GiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    return {"peak_above_start_gib": (peak - start) / 2**30, "peak_gib": peak / 2**30}
 
 
 if __name__ == "__main__":
