@@ -49,6 +49,7 @@ def llamagen_gpt_b(root: Path, dropout: float = 0.0):
 
 
 def sampling(root: Path, batches: list[int], repeats: int) -> dict[str, dict]:
+    sys.path.insert(0, str(root))
     from autoregressive.models.generate import generate as llamagen_generate
 
     torch.manual_seed(0)

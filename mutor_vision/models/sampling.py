@@ -63,15 +63,31 @@ def filtered_probs(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
-        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop_sorted = cumulative(probs) - probs >= top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits.softmax(dim=-1)
 
 
+def cumulative(probs: Tensor, block: int = 128) -> Tensor:
+    """``probs.cumsum(-1)`` for (B, V) as two short scans (within blocks of ``block``, then over blocks).
+
+    Inductor compiles a single scan over V = 16,384 as a split scan whose codegen fails on CUDA
+    (torch 2.11: ``InductorError ... list indices must be integers``; bench/results/gpu_check_h100.json),
+    which broke every compiled non-greedy sampling run. Short scans compile as plain ones.
+    """
+    v = probs.shape[-1]
+    if v <= block or v % block:
+        return probs.cumsum(dim=-1)
+    within = probs.view(*probs.shape[:-1], v // block, block).cumsum(dim=-1)
+    totals = within[..., -1]
+    before = totals.cumsum(dim=-1) - totals  # the mass of the blocks before each block
+    return (within + before.unsqueeze(-1)).view(probs.shape)
+
+
 def draw(probs: Tensor, uniform: Tensor) -> Tensor:
     """One token per row of ``probs`` (B, V) by the inverse CDF at ``uniform`` (B,) in [0, 1)."""
-    cdf = probs.cumsum(dim=-1)
+    cdf = cumulative(probs)
     target = (uniform.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
     index = torch.searchsorted(cdf, target, right=True).squeeze(-1)  # first token whose cdf passes the target
     # Rounding can put the target at the total: fall back to the last token with mass, never past it.
