@@ -12,13 +12,15 @@ Stages, in order, each in its own process (a crash or a hang in one costs only t
   train_eager    GPT-B training step, bf16, batch 128: next-token vs MuToR-2D R=80, flex vs sdpa,
                  head_chunk_size 0 vs 8192; images/s, step ratio over the ideal (N+R)/N, peak memory
   train_compiled the same compiled (next-token, MuToR-2D R=80): + graph breaks and recompiles
-  sample         GPT-B sampling, CFG 2.0, bf16, batch 32 and 64: eager vs compiled (CUDA graph), a
-                 math-attention A/B and a profile of the compiled run (GPU time per step vs wall)
+  sample         GPT-B sampling, CFG 2.0, bf16, batch 32 and 64: eager vs compiled (CUDA graph), and
+                 a profile of the compiled run at batch 64 (GPU time per step against wall time)
   eval           eval/fid.py's pipeline on 1,000 samples end to end vs raw sampling
-  draft          register drafting at batch 1, 8, 64, greedy and sampled, with and without CFG, on
-                 the demo's MuToR-2D model (make demo; skipped without it), and the verify cost at GPT-B
+  draft          register drafting at batch 1, 8, 64, greedy and sampled, CFG 2.0, on the demo's
+                 MuToR-2D model (make demo; its rows are skipped without it), and the verify cost at GPT-B
   llamagen       with LLAMAGEN_REF=DIR: bench/vs_llamagen.py (LlamaGen's generate and train step)
-  train_compiled_chunked  the compiled step with head_chunk_size 8192 (last: the least needed)
+  sample_ab      compiled sampling at batch 64 with the decode's attention on SDPA's math backend
+                 (as LlamaGen's sampling runs it) against the default backends
+  train_compiled_chunked  the compiled step with head_chunk_size 8192
 
 After every stage the whole result is rewritten to ``bench/results/gpu_check_<device>.json``
 (device, torch, commit, command, each stage's status, seconds and rows), so a run cut short keeps
@@ -79,10 +81,10 @@ B128 = ["--device", "cuda", "--dtype", "bf16", "--size", "GPT-B", "--batch-size"
 def tier_commands(out: Path) -> list[list[str]]:
     command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-rs", "-p", "no:cacheprovider"]
     command += [str(ROOT / "tests" / "test_gpu.py"), f"--junitxml={out / 'tier.xml'}"]
-    try:  # the tier's time is mostly compilation, which runs on the CPUs: 4 workers share one GPU
+    try:  # the tier's time is mostly compilation, which runs on the CPUs: 6 workers share one GPU
         import xdist  # noqa: F401
 
-        command += ["-n", "4"]
+        command += ["-n", "6"]
     except ImportError:
         pass
     return [command]
@@ -122,9 +124,17 @@ def train_compiled_commands(out: Path, chunk: int = 0) -> list[list[str]]:
 
 
 def sample_commands(out: Path) -> list[list[str]]:
-    common = ["--size", "GPT-B", "--dtype", "bf16", "--variants", "cache_cfg", "--compile", "--math-attention"]
-    return [python("sample.py", *common, "--batch-size", str(b), "--repeats", "3", "--profile",
-                   "--out", str(out / f"batch_{b}.json")) for b in (32, 64)]  # fmt: skip
+    common = ["--size", "GPT-B", "--dtype", "bf16", "--variants", "cache_cfg", "--compile", "--warmup", "1"]
+    return [
+        python("sample.py", *common, "--batch-size", "32", "--repeats", "2", "--out", str(out / "batch_32.json")),
+        python("sample.py", *common, "--batch-size", "64", "--repeats", "2", "--profile",
+               "--out", str(out / "batch_64.json")),
+    ]  # fmt: skip
+
+
+def sample_ab_commands(out: Path) -> list[list[str]]:
+    common = ["--size", "GPT-B", "--dtype", "bf16", "--variants", "", "--compile", "--math-attention"]
+    return [python("sample.py", *common, "--batch-size", "64", "--repeats", "3", "--out", str(out / "math_ab.json"))]
 
 
 def eval_commands(out: Path) -> list[list[str]]:
@@ -134,7 +144,7 @@ def eval_commands(out: Path) -> list[list[str]]:
 
 def draft_commands(out: Path) -> list[list[str]]:
     parts = "images,verify_cost" if DEMO_EXPORT.is_dir() else "verify_cost"
-    args = ["--device", "cuda", "--parts", parts, "--batches", "1,8,64", "--repeats", "2"]
+    args = ["--device", "cuda", "--parts", parts, "--batches", "1,8,64", "--cfg-scales", "2.0", "--repeats", "2"]
     return [python("speculative.py", *args, "--image-export", str(DEMO_EXPORT), "--out", str(out / "drafting.json"))]
 
 
@@ -151,26 +161,30 @@ def needs_llamagen() -> str | None:
     return None
 
 
-# Estimates: guesses until an H100 run records each stage's seconds in gpu_check_*.json.
+# Estimates: seconds the stage took on one H100 (bench/results/gpu_check_h100_20261127.json: tier 133 with 4
+# workers and 11 tests, train_eager 43, train_compiled 83, draft 48 with CFG 1 and 2,
+# train_compiled_chunked 91), rounded up; sample, eval, llamagen and sample_ab are guesses until a
+# run completes them.
 STAGES = [
-    Stage("tier", "GPU test tier (pytest -m gpu)", 150, tier_commands, read=read_tier),
+    Stage("tier", "GPU test tier (pytest -m gpu)", 130, tier_commands, read=read_tier),
     Stage(
         "train_eager",
         "GPT-B train step, eager: NTP vs MuToR-2D R=80, flex/sdpa, chunk 0/8192",
-        60,
+        50,
         train_eager_commands,
     ),
-    Stage("train_compiled", "GPT-B train step, compiled: NTP vs MuToR-2D R=80 (flex)", 150, train_compiled_commands),
-    Stage("sample", "GPT-B sampling, CFG 2.0, batch 32/64: eager vs compiled, profile", 120, sample_commands),
+    Stage("train_compiled", "GPT-B train step, compiled: NTP vs MuToR-2D R=80 (flex)", 90, train_compiled_commands),
+    Stage("sample", "GPT-B sampling, CFG 2.0, batch 32/64: eager vs compiled, profile", 110, sample_commands),
     Stage("eval", "eval/fid.py pipeline, 1,000 samples, vs raw sampling", 60, eval_commands),
-    Stage("draft", "register drafting at batch 1/8/64 (demo model) and the GPT-B verify cost", 45, draft_commands),
+    Stage("draft", "register drafting at batch 1/8/64 (demo model) and the GPT-B verify cost", 35, draft_commands),
     Stage(
         "llamagen", "LlamaGen's own generate and train step side by side", 150, llamagen_commands, needs=needs_llamagen
     ),
+    Stage("sample_ab", "GPT-B compiled sampling, batch 64: decode attention default vs math", 80, sample_ab_commands),
     Stage(
         "train_compiled_chunked",
         "GPT-B train step, compiled, head_chunk_size 8192",
-        120,
+        95,
         lambda out: train_compiled_commands(out, chunk=8192),
     ),
 ]

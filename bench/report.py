@@ -142,8 +142,22 @@ def data_table(results: Results) -> list[str]:
     return table(header, rows)
 
 
+def gpu_check_table(results: Results) -> list[str]:
+    header = ["file", "device", "torch", "commit", "measure", "target", "value", "met"]
+    rows = []
+    for name, r in results:
+        run = [name, r["device"], r["torch"], r["commit"][:10]]
+        stages = ", ".join(f"{stage} {entry['status']}" for stage, entry in r["stages"].items())
+        rows.append([*run, "stages", "", stages, ""])
+        for row in r["targets"]:
+            if row["value"] is not None:  # the unmeasured ones: their stage's status above says why
+                rows.append([*run, row["measure"], row["target"], row["value"], "yes" if row["met"] else "**no**"])
+    return table(header, rows)
+
+
 # (benchmark name in the JSON, the section's title, its table), in README order
 SECTIONS: list[tuple[str, str, Callable[[Results], list[str]]]] = [
+    ("gpu_check", "**GPU check** (`make gpu-check`; each stage's rows and status are in the file)", gpu_check_table),
     ("train_step", "**Training step** (`bench/train_step.py`; median of interleaved repeats)", train_step_table),
     ("sample", "**Sampling** (`bench/sample.py`)", sample_table),
     ("eval_pipeline", "**Evaluation** (`bench/eval_pipeline.py`)", eval_pipeline_table),

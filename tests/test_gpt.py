@@ -22,7 +22,7 @@ from mutor_vision.models import (
 )
 from mutor_vision.models.config import ffn_hidden_dim
 from mutor_vision.models.rope import apply_rope, rope_2d_table
-from mutor_vision.models.sampling import draw
+from mutor_vision.models.sampling import cumulative, draw
 from mutor_vision.registers import Offsets, grid_layout
 
 
@@ -335,6 +335,25 @@ def test_inverse_cdf_draws_follow_the_distribution():
     assert draw(probs, torch.tensor([0.0])).item() == 1
     assert draw(probs, torch.tensor([1.0 - 2**-24])).item() == 2
     assert draw(probs, torch.tensor([1.0])).item() == 2  # rounding at the total
+
+
+def test_draw_at_the_vq16_vocabulary_is_the_inverse_cdf_and_never_picks_a_zero():
+    # V = 16,384: the cdf runs as two short scans (cumulative) and the pick as a reduction, the form
+    # inductor compiles on CUDA. Against float64 searchsorted; rows differ only at rounding level.
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.rand(256, 16384, generator=generator) ** 8
+    probs[:, ::7] = 0  # filtered-out tokens
+    probs /= probs.sum(-1, keepdim=True)
+    assert torch.allclose(cumulative(probs), probs.cumsum(-1), atol=1e-5)
+    assert torch.equal(cumulative(probs[:, :1000]), probs[:, :1000].cumsum(-1))  # V not a multiple: one scan
+    uniform = torch.rand(256, generator=generator)
+    cdf = probs.double().cumsum(-1)
+    reference = torch.searchsorted(cdf, (uniform.double() * cdf[:, -1])[:, None], right=True)[:, 0]
+    picked = draw(probs, uniform)
+    assert (picked == reference).float().mean() >= 0.98
+    assert (probs.gather(1, picked[:, None]) > 0).all()
+    # A cdf whose rounding dips by an ulp at a zero token still never picks it.
+    assert draw(torch.tensor([[0.5, 0.0, 0.5]]), torch.tensor([0.5])).item() == 2
 
 
 # ---------------------------------------------------------------- checkpoints

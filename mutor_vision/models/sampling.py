@@ -73,26 +73,31 @@ def cumulative(probs: Tensor, block: int = 128) -> Tensor:
     """``probs.cumsum(-1)`` for (B, V) as two short scans (within blocks of ``block``, then over blocks).
 
     Inductor compiles a single scan over V = 16,384 as a split scan whose codegen fails on CUDA
-    (torch 2.11: ``InductorError ... list indices must be integers``; bench/results/gpu_check_h100.json),
+    (torch 2.11: ``InductorError ... list indices must be integers``; bench/results/gpu_check_h100_20261127.log),
     which broke every compiled non-greedy sampling run. Short scans compile as plain ones.
     """
     v = probs.shape[-1]
     if v <= block or v % block:
         return probs.cumsum(dim=-1)
-    within = probs.view(*probs.shape[:-1], v // block, block).cumsum(dim=-1)
-    totals = within[..., -1]
-    before = totals.cumsum(dim=-1) - totals  # the mass of the blocks before each block
-    return (within + before.unsqueeze(-1)).view(probs.shape)
+    within = probs.reshape(*probs.shape[:-1], v // block, block).cumsum(dim=-1)
+    ends = within[..., -1].cumsum(dim=-1)  # the mass up to the end of each block
+    before = torch.cat([torch.zeros_like(ends[..., :1]), ends[..., :-1]], dim=-1)
+    return (within + before.unsqueeze(-1)).reshape(probs.shape)
 
 
 def draw(probs: Tensor, uniform: Tensor) -> Tensor:
     """One token per row of ``probs`` (B, V) by the inverse CDF at ``uniform`` (B,) in [0, 1)."""
     cdf = cumulative(probs)
     target = (uniform.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
-    index = torch.searchsorted(cdf, target, right=True).squeeze(-1)  # first token whose cdf passes the target
+    # The first token with mass whose cdf passes the target: searchsorted(right=True) where the cdf
+    # rises, as a plain reduction (inductor's searchsorted lowering fails on the scan's output on
+    # CUDA, torch 2.11: bench/results/gpu_check_h100_20261127_rerun.log). Requiring mass means a cdf that a
+    # scan's rounding makes dip by an ulp can never pick a filtered-out (zero) token.
+    passes = (cdf > target) & (probs > 0)
+    index = passes.to(torch.uint8).argmax(dim=-1)  # argmax returns the first of equal maxima
     # Rounding can put the target at the total: fall back to the last token with mass, never past it.
     last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).to(torch.uint8).argmax(dim=-1)
-    return torch.minimum(index, last)
+    return torch.where(passes.any(dim=-1), index, last)
 
 
 def sample_logits(
