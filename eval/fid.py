@@ -6,11 +6,16 @@
     accelerate launch --num_processes 8 eval/fid.py ...       # ranks sample disjoint slices
     python eval/fid.py --ckpt c2i_B_256.pt --size GPT-B --trust-checkpoint ...   # an official file
 
+    python eval/fid.py --ckpt EXPORT --inception-weights random:0 --num-samples 64 --out /tmp/smoke
+                                  # a smoke test without the real files: random Inception, meaningless numbers
+
 Settings default to the paper's FID protocol: 50,000 samples (50 per class), CFG 2.0 on logits,
 temperature 1.0, top-k 0, top-p 1.0. Samples are written as PNGs as they come; a rerun with the
 same --out skips existing indices. Outputs: samples/, samples.npz (ADM ``arr_0``), labels.npy,
-grid.png, results.json. Compute FID against the ADM reference batch (ImageNet *train* statistics),
-never against the validation set.
+grid.png, results.json (every setting, the package version, and the sha256 of the Inception
+weights, the reference and the tokenizer). Compute FID against the ADM reference batch (ImageNet
+*train* statistics), never against the validation set. Every input is checked before any work;
+all problems are reported together (exit 4).
 """
 
 from __future__ import annotations
@@ -34,10 +39,11 @@ from mutor_vision.evaluation import (
     reference_from_folder,
     reference_from_npz,
 )
+from mutor_vision.evaluation.features import RANDOM_WEIGHTS, find_inception_weights
 from mutor_vision.models import GPT, SamplingConfig
-from mutor_vision.models.checkpoint import read_export_tokenizer
+from mutor_vision.models.checkpoint import read_export_data, read_export_tokenizer
 from mutor_vision.models.sampling import trained_raster_offsets
-from tokenizer import load_tokenizer
+from tokenizer import KINDS, load_tokenizer, tokenizer_kind
 from tokenizer.preprocess import center_crop_adm, to_uint8
 
 log = logging.getLogger("eval.fid")
@@ -65,27 +71,95 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--draft-tokens", type=int, default=1, help="k > 1: the model's registers draft k - 1 tokens per forward"
     )
     p.add_argument("--device", choices=["auto", "cpu"], default="auto", help="auto: CUDA when available")
-    p.add_argument("--vq-ckpt", default=None, help="vq_ds16_c2i.pt (default: the tokenizer recorded in the export)")
-    p.add_argument("--tokenizer", choices=["vq16", "palette"], default="vq16")
+    p.add_argument(
+        "--tokenizer-path",
+        "--vq-ckpt",
+        dest="tokenizer_path",
+        default=None,
+        help="the tokenizer file: LlamaGen's vq_ds16_c2i.pt or a palette .json (default: the one recorded "
+        "in the export); --vq-ckpt is the same flag",
+    )
+    p.add_argument("--tokenizer", choices=KINDS, default=None, help="its kind (default: told by the file)")
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="sample classes 0..N-1 (default: those the training data held, recorded in the export; else the model's)",
+    )
     ref = p.add_mutually_exclusive_group()
     ref.add_argument("--ref-batch", type=Path, default=None, help="ADM reference npz (mu, sigma, arr_0)")
     ref.add_argument("--ref-folder", type=Path, default=None, help="a folder of reference images")
-    p.add_argument("--ref-cache", type=Path, default=Path.home() / ".cache" / "mutor_vision" / "reference")
-    p.add_argument("--inception-weights", default=None, help="weights-inception-2015-12-05-6726825d.pth")
+    p.add_argument(
+        "--ref-cache",
+        type=Path,
+        default=Path.home() / ".cache" / "mutor_vision" / "reference",
+        help="reference features, keyed by the reference's and the weights' content (default: %(default)s)",
+    )
+    p.add_argument(
+        "--inception-weights",
+        default=None,
+        help="weights-inception-2015-12-05-6726825d.pth (default: the torch hub cache); random:SEED for a smoke "
+        "test with random weights (meaningless numbers)",
+    )
     p.add_argument("--download-inception", action="store_true", help="allow fetching the Inception weights")
     p.add_argument("--no-npz", dest="save_npz", action="store_false", help="skip the ADM samples.npz")
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args(argv)
 
 
-def resolve_tokenizer(args: argparse.Namespace) -> tuple[str, str, str | None]:
-    """(kind, path, expected checksum): the flag, else ``tokenizer.json`` recorded in an export."""
-    info = read_export_tokenizer(args.ckpt)
-    if args.vq_ckpt:
-        return args.tokenizer, args.vq_ckpt, info.get("checksum")
-    if info.get("kind") in ("vq16", "palette") and info.get("path"):
+def resolve_tokenizer(args: argparse.Namespace) -> tuple[str | None, str, str | None]:
+    """(kind or None, path, expected checksum): the flag, else ``tokenizer.json`` recorded in an export."""
+    info = read_export_tokenizer(args.ckpt) if Path(args.ckpt).is_dir() else {}
+    if args.tokenizer_path:
+        return args.tokenizer, args.tokenizer_path, info.get("checksum")
+    if info.get("kind") in KINDS and info.get("path"):
         return info["kind"], info["path"], info.get("checksum")
-    raise ConfigError("--vq-ckpt: required (no tokenizer is recorded with this checkpoint)")
+    raise ConfigError("--tokenizer-path: required (no tokenizer is recorded with this checkpoint)")
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Every input file that is missing or unreadable, reported together before any work (exit 4)."""
+    problems = []
+    if not Path(args.ckpt).exists():
+        problems.append(f"--ckpt {args.ckpt}: no such checkpoint")
+    try:
+        _, path, _ = resolve_tokenizer(args)
+        if not Path(path).is_file():
+            where = "--tokenizer-path" if args.tokenizer_path else "the tokenizer recorded in the export"
+            problems.append(
+                f"{where}: {path}: no such file" + ("" if args.tokenizer_path else " (pass --tokenizer-path)")
+            )
+    except ConfigError as error:
+        if Path(args.ckpt).exists():  # without the checkpoint, what it records is unknown
+            problems.append(str(error))
+    if args.ref_batch is not None and not args.ref_batch.is_file():
+        problems.append(f"--ref-batch {args.ref_batch}: no such file")
+    if args.ref_folder is not None and not args.ref_folder.is_dir():
+        problems.append(f"--ref-folder {args.ref_folder}: no such folder")
+    weights = args.inception_weights
+    if not (weights or "").startswith(RANDOM_WEIGHTS):
+        try:
+            find_inception_weights(weights, allow_download=args.download_inception)
+        except FileNotFoundError as error:
+            problems.append(str(error))
+    if len(problems) == 1:
+        raise InputError(problems[0])
+    if problems:
+        raise InputError(f"{len(problems)} inputs are missing or unreadable:\n  " + "\n  ".join(problems))
+
+
+def data_classes(args: argparse.Namespace, model: GPT) -> int:
+    """How many classes to sample: --num-classes, else what the export's training data held, else the model's."""
+    if args.num_classes is not None:
+        return args.num_classes
+    recorded = read_export_data(args.ckpt).get("num_classes") if Path(args.ckpt).is_dir() else None
+    if recorded and recorded < model.config.num_classes:
+        log.info(
+            "sampling classes 0..%d: the training data held %d of the model's %d classes (--num-classes to change)",
+            recorded - 1, recorded, model.config.num_classes,
+        )  # fmt: skip
+        return int(recorded)
+    return model.config.num_classes
 
 
 def run(argv: list[str] | None = None) -> dict | None:
@@ -94,16 +168,19 @@ def run(argv: list[str] | None = None) -> dict | None:
     sampling = SamplingConfig(
         cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
     )
+    check_inputs(args)
     state = evaluation_state(args.device)  # first: each rank's device (cuda:<local rank>), gloo on CPU
     device = state.device
-    # Inputs in the order a user would fix them: the checkpoint, its tokenizer, then the metric's weights.
     model = GPT.from_pretrained(args.ckpt, size=args.size, trust=args.trust_checkpoint).to(device).eval()
     if args.draft_tokens > 1:  # a model that cannot draft is refused before any work
         check_draft_tokens(args.draft_tokens, *trained_raster_offsets(model))
+    num_classes = data_classes(args, model)
     kind, path, checksum = resolve_tokenizer(args)
-    if not Path(path).is_file():
-        raise InputError(f"tokenizer {kind}: {path}: no such file (pass --vq-ckpt)")
-    tokenizer = load_tokenizer(kind, path)
+    kind = kind or tokenizer_kind(path)
+    try:
+        tokenizer = load_tokenizer(kind, path)
+    except (ValueError, InputError) as error:
+        raise InputError(f"--tokenizer-path {path}: not a readable {kind} tokenizer ({error})") from None
     if checksum and tokenizer.checksum != checksum:
         raise InputError(f"{path} is not the tokenizer the training shards were made with (checksum differs)")
     extractor = inception_extractor(args.inception_weights, allow_download=args.download_inception)
@@ -143,10 +220,12 @@ def run(argv: list[str] | None = None) -> dict | None:
         compile=args.compile,
         device=args.device,
         draft_tokens=args.draft_tokens,
+        num_classes=num_classes,
         extra={
             "checkpoint": str(args.ckpt),
-            "tokenizer": {"kind": kind, "path": str(path)},
+            "tokenizer": {"kind": kind, "path": str(path), "sha256": tokenizer.checksum},
             "precision": precision,
+            "compile": args.compile,
             "resolution": resolution,
         },
     )

@@ -2,6 +2,7 @@
 
     python eval/gsm8k.py --ckpt runs/text/gsm8k_mutor/checkpoints/step_00003735/export --out acc.json
     python eval/gsm8k.py --ckpt /models/gemma-2b --hf-name gsm8k --hf-config main --split test --out acc.json
+    python eval/gsm8k.py --ckpt /models/gemma-2b --data gsm8k_test.jsonl --out acc.json   # offline
 
 Defaults follow the authors: up to 512 new tokens, greedy, and the answer is the first
 ``#### <number>`` of the generation compared as a string with the reference's after removing

@@ -96,6 +96,14 @@ def train_main(doc: str, config_cls: type, train_fn: Callable[..., Any], argv: l
             print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
             return
         result = train_fn(config, resume=args.resume, allow_change=allow)
-        log.info("%s at step %d (checkpoint: %s)", result.reason, result.step, result.checkpoint)
+        if result.nothing_to_do:
+            log.info(
+                "already completed at step %d (checkpoint: %s); nothing to do (to train further: raise steps "
+                "and add --allow-change steps)",
+                result.step,
+                result.checkpoint,
+            )
+        else:
+            log.info("%s at step %d (checkpoint: %s)", result.reason, result.step, result.checkpoint)
 
     return run_command(name, body)

@@ -9,6 +9,7 @@ power loss too.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -88,6 +89,15 @@ def fsync_tree(root: str | Path) -> None:
         for name in names:
             fsync_file(Path(directory) / name)
         fsync_dir(directory)
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes: what keys anything derived from the file (never its name alone)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_stamp(

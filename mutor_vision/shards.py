@@ -102,16 +102,27 @@ def write_manifest(root: str | Path, manifest: dict[str, Any]) -> Manifest:
 
 
 def check_manifest(manifest: Manifest, grid_size: int, vocab_size: int, num_classes: int) -> None:
-    """Shards must match the model: grid, codebook size, class count."""
-    problems = []
-    if tuple(manifest.grid) != (grid_size, grid_size):
-        problems.append(f"grid {manifest.grid} but the model expects {grid_size}x{grid_size}")
+    """Shards must match the model: grid, codebook size, class count.
+
+    The error names the model keys that would make them match (``model.grid_size=16
+    model.vocab_size=16384`` for VQ-16 shards), as overrides to paste. Fewer data classes than the
+    model has is legitimate (the training task warns about it); more is not.
+    """
+    problems, fixes = [], []
+    height, width = manifest.grid
+    if (height, width) != (grid_size, grid_size):
+        problems.append(f"grid {height}x{width} but the model's grid_size is {grid_size}")
+        if height == width:  # the model's grid is square: a non-square one fits no key
+            fixes.append(f"model.grid_size={height}")
     if manifest.codebook_size != vocab_size:
         problems.append(f"codebook size {manifest.codebook_size} but the model's vocab_size is {vocab_size}")
+        fixes.append(f"model.vocab_size={manifest.codebook_size}")
     if manifest.num_classes is not None and manifest.num_classes > num_classes:
-        problems.append(f"{manifest.num_classes} classes but the model has {num_classes}")
+        problems.append(f"{manifest.num_classes} classes but the model's num_classes is {num_classes}")
+        fixes.append(f"model.num_classes={manifest.num_classes}")
     if problems:
-        raise ShardError(f"{manifest.path}: " + "; ".join(problems))
+        remedy = f"; to train on these shards set {' '.join(fixes)}" if fixes else ""
+        raise ShardError(f"{manifest.path}: " + "; ".join(problems) + remedy)
 
 
 @dataclass(frozen=True)
@@ -120,12 +131,13 @@ class SampleSpec:
 
     grid: tuple[int, int]
     codebook_size: int
-    num_classes: int | None  # None: only labels >= 0 are checked
+    num_classes: int | None  # the manifest's classes; None: only labels >= 0 (and model_classes) are checked
+    model_classes: int | None = None  # model.num_classes: a label at or above it has no embedding row
 
     @classmethod
     def of(cls, manifest: Manifest, num_classes: int | None = None) -> SampleSpec:
-        """The manifest's spec; ``num_classes`` (the model's) bounds labels when the manifest has none."""
-        return cls(manifest.grid, manifest.codebook_size, manifest.num_classes or num_classes)
+        """The manifest's spec; ``num_classes`` (the model's ``model.num_classes``) bounds labels too."""
+        return cls(manifest.grid, manifest.codebook_size, manifest.num_classes, num_classes)
 
 
 def encode_sample(key: str, tokens: np.ndarray, label: int) -> dict[str, Any]:
@@ -161,9 +173,15 @@ def decode_sample(sample: dict[str, Any], spec: SampleSpec, where: str) -> tuple
         raise DataMismatch(
             f"{where}: sample {key}: token ids span [{low}, {high}], outside the codebook [0, {spec.codebook_size})"
         )
+    if spec.model_classes is not None and label >= spec.model_classes:
+        raise DataMismatch(
+            f"{where}: sample {key}: class {label} outside [0, {spec.model_classes}) (model.num_classes: "
+            f"{spec.model_classes}; index num_classes is the CFG null class, never a data label); "
+            "set model.num_classes above the largest label"
+        )
     if label < 0 or (spec.num_classes is not None and label >= spec.num_classes):
         raise DataMismatch(
-            f"{where}: sample {key}: class {label} outside [0, {spec.num_classes}) "
+            f"{where}: sample {key}: class {label} outside [0, {spec.num_classes}) of the manifest's num_classes "
             "(index num_classes is the CFG null class, never a data label)"
         )
     return tokens, label

@@ -170,3 +170,35 @@ def test_webdataset_tar_input(tmp_path, image_folder, palette_file):
     assert manifest["input"]["kind"] == "webdataset"
     batches = list(token_loader(tmp_path / "shards", batch_size=4, num_batches=3, seed=0, num_workers=0))
     assert len(batches) == 3 and batches[0][0].shape == (4, 64)
+
+
+def test_cpu_encoding_counts_progress_per_image(tmp_path, image_folder, palette_file, monkeypatch):
+    # On the CPU each image goes through the tokenizer alone and moves the bar by one: a batch of
+    # 64 VQ-16 images would otherwise hold it still for minutes.
+    import tqdm
+
+    calls, steps = [], []
+    encode_images = PaletteTokenizer.encode
+    update = tqdm.tqdm.update
+    monkeypatch.setattr(PaletteTokenizer, "encode", lambda self, x: calls.append(len(x)) or encode_images(self, x))
+    monkeypatch.setattr(tqdm.tqdm, "update", lambda self, n=1: steps.append(n) or update(self, n))
+    (image_folder / "n00000001" / "broken.jpg").write_bytes(b"not an image")
+    manifest = encode(image_folder, tmp_path / "shards", palette_file, "--device", "cpu")  # --batch-size 3
+    assert manifest["num_samples"] == 15 and calls == [2] * 15  # two crops (adm-flip) of one image per call
+    assert sum(steps) == 16 and set(steps) <= {0, 1}  # every image counted once, the broken one too
+
+
+def test_encoder_ctrl_c_is_one_line_and_exit_130(tmp_path, image_folder, palette_file, monkeypatch, capsys):
+    from tokenizer import encode_imagenet
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(encode_imagenet, "encode_shard", interrupted)
+    argv = ["--input", str(image_folder), "--out", str(tmp_path / "out"), "--tokenizer", "palette"]
+    assert encode_imagenet.main([*argv, "--tokenizer-path", str(palette_file), "--image-size", "8"]) == 130
+    err = capsys.readouterr().err  # the progress bar, then one line
+    assert err.strip().splitlines()[-1] == (
+        "encode_imagenet: interrupted (Ctrl-C); finished shards are kept, the same command resumes"
+    )
+    assert "Traceback" not in err and err.count("encode_imagenet:") == 1

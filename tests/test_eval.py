@@ -10,8 +10,9 @@ import pytest
 import scipy.linalg
 import torch
 from conftest import COLORS, make_image_folder, run_two_cpu_ranks
+from PIL import Image
 
-from mutor_vision.errors import ConfigError
+from mutor_vision.errors import ConfigError, InputError
 from mutor_vision.evaluation import (
     INCEPTION_FILE,
     frechet_distance,
@@ -156,7 +157,7 @@ def test_interrupted_eval_resumes_every_index_once(tmp_path, export, inception_w
     assert (tmp_path / "run" / "grid.png").is_file()
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["sampling"]["cfg_scale"] == 1.5 and saved["tokenizer"]["kind"] == "palette"
-    assert list((tmp_path / "cache").glob("reference-*-8px-adm-center-crop-inception-v3-compat.npz"))
+    assert len(list((tmp_path / "cache").glob("reference-*.npz"))) == 1
     # Other settings into the same folder: refused, never mixed.
     with pytest.raises(ValueError, match="cfg_scale"):  # argparse keeps the last --cfg-scale
         fid_cli.run(cli_args(export, tmp_path / "run", inception_weights, "--cfg-scale", "3.0"))
@@ -263,11 +264,161 @@ def test_samples_of_older_code_are_kept_when_new_keys_keep_their_defaults(tmp_pa
         fid_cli.run(args)
 
 
-def test_eval_cli_checks_the_checkpoint_first(tmp_path, capsys):
+def test_eval_cli_reports_every_missing_input_together_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # no Inception in the hub cache
     argv = ["--ckpt", str(tmp_path / "nonexistent"), "--out", str(tmp_path / "out")]
+    argv += ["--ref-batch", str(tmp_path / "ref.npz"), "--tokenizer-path", str(tmp_path / "vq.pt")]
     assert fid_cli.main(argv) == 4
     err = capsys.readouterr().err
-    assert "nonexistent: no such checkpoint" in err and "Inception" not in err and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines[0] == "eval/fid.py: 4 inputs are missing or unreadable:", err
+    assert "--ckpt" in lines[1] and "nonexistent: no such checkpoint" in lines[1]
+    assert "--tokenizer-path" in lines[2] and "vq.pt: no such file" in lines[2]
+    assert "--ref-batch" in lines[3] and "ref.npz: no such file" in lines[3]
+    assert "--inception-weights" in lines[4] and len(lines) == 5
+    assert "Traceback" not in err and not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_a_lone_missing_input_is_one_line(tmp_path, export, inception_weights, capsys):
+    argv = cli_args(export, tmp_path / "run", inception_weights, "--tokenizer-path", str(tmp_path / "none.json"))
+    assert fid_cli.main(argv) == 4
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--tokenizer-path" in err and "none.json: no such file" in err
+
+
+def test_a_non_adm_npz_names_the_flag_and_what_it_lacks(tmp_path, export, inception_weights, capsys):
+    np.savez(tmp_path / "images.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    argv = cli_args(export, tmp_path / "run", inception_weights)
+    argv[argv.index("--ref-folder") : argv.index("--ref-folder") + 2] = ["--ref-batch", str(tmp_path / "images.npz")]
+    assert fid_cli.main(argv) == 4
+    err = capsys.readouterr().err
+    assert "--ref-batch" in err and "lacks mu and sigma" in err and "arr_0" in err and "Traceback" not in err
+
+
+class TinyExtractor(torch.nn.Module):
+    """A stand-in feature extractor (random projection of the pixels): the cache logic is the same, in ms."""
+
+    name = "tiny"  # every instance has the same name: only its weights tell two apart
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.projection = torch.nn.Parameter(torch.randn(3 * 8 * 8, 16, generator=torch.Generator().manual_seed(seed)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.float().flatten(1) @ self.projection
+
+
+def reference(folder: Path, extractor, cache: Path):
+    from mutor_vision.evaluation import reference_from_folder
+    from tokenizer import center_crop_adm
+
+    return reference_from_folder(folder, 8, center_crop_adm, extractor, 16, "cpu", cache)
+
+
+def test_other_weights_or_other_images_never_reuse_cached_reference_features(tmp_path, export):
+    folder = tmp_path / "reference"
+    shutil.copytree(export / "reference", folder)
+    cache = tmp_path / "cache"
+    w0, w1 = TinyExtractor(0), TinyExtractor(1)
+    first = reference(folder, w0, cache)
+    again = reference(folder, w0, cache)  # from the cache: the same features
+    assert np.array_equal(first.features, again.features) and len(list(cache.iterdir())) == 1
+    other = reference(folder, w1, cache)  # other weights, same extractor name: computed anew
+    assert len(list(cache.iterdir())) == 2
+    assert np.array_equal(other.features, reference(folder, w1, tmp_path / "fresh").features)
+    assert not np.allclose(other.features, first.features)
+    with torch.no_grad():  # weights changed in place: a miss too
+        w0.projection[0, 0] += 1
+    assert not np.array_equal(reference(folder, w0, cache).features, first.features)
+    assert len(list(cache.iterdir())) == 3
+    # The same file names and sizes, other pixels: the reference's content decides, not its listing.
+    image = next(folder.rglob("*.png"))
+    pixels = np.asarray(Image.open(image)).copy()
+    pixels[0, 0] = 255 - pixels[0, 0]
+    Image.fromarray(pixels).save(image)
+    changed = reference(folder, w1, cache)
+    assert changed.sha256 != other.sha256 and len(list(cache.iterdir())) == 4
+    # A cache file whose recorded key is not this evaluation's (renamed, or a hash collision) is not served.
+    for entry in cache.iterdir():
+        entry.unlink()
+    reference(folder, w1, cache)
+    (entry,) = cache.iterdir()
+    np.savez(entry, features=np.zeros((6, 16), np.float32), key=np.array("{}"), skipped=np.array(0))
+    assert np.array_equal(reference(folder, w1, cache).features, changed.features)
+
+
+def test_results_record_weights_reference_tokenizer_package_and_skipped_images(
+    tmp_path, export, inception_weights, caplog
+):
+    from mutor_vision import __version__
+    from mutor_vision.files import file_sha256
+
+    # A reference folder with an unreadable image: skipped, named in the log and counted.
+    folder = tmp_path / "mine" / "reference"
+    shutil.copytree(export / "reference", folder)
+    (folder / "n00000000" / "broken.png").write_bytes(b"not a png")
+    shutil.copytree(export / "export", tmp_path / "mine" / "export")
+    with caplog.at_level("WARNING"):
+        results = fid_cli.run(cli_args(tmp_path / "mine", tmp_path / "run", inception_weights))
+    assert "broken.png" in caplog.text and all(np.isfinite(v) for v in results["metrics"].values())
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert saved["package"] == {"name": "mutor-vision", "version": __version__}
+    features = saved["features"]
+    assert features["weights_sha256"] == file_sha256(inception_weights) and features["random_weights"] is False
+    assert len(features["state_dict_sha256"]) == 64 and features["features_version"] >= 2
+    assert saved["reference"]["skipped_images"] == 1 and len(saved["reference"]["sha256"]) == 64
+    assert saved["tokenizer"]["sha256"] == PaletteTokenizer(COLORS).checksum
+    assert saved["sampling"] | {"cfg_scale": 1.5, "temperature": 1.0, "num_classes": 3} == saved["sampling"]
+    assert "warning" not in saved
+
+
+def test_random_inception_weights_run_the_pipeline_and_say_the_numbers_mean_nothing(tmp_path, export, caplog):
+    argv = cli_args(export, tmp_path / "run", Path("unused"))
+    argv[argv.index("--inception-weights") + 1] = "random:0"
+    with caplog.at_level("WARNING"):
+        results = fid_cli.run(argv)
+    assert results["features"]["random_weights"] is True and results["features"]["weights"] == "random:0"
+    assert "meaningless" in results["warning"] and "RANDOM" in caplog.text
+    assert all(np.isfinite(v) for v in results["metrics"].values())
+    argv[argv.index("--inception-weights") + 1] = "random:x"
+    assert fid_cli.main(argv) == 2
+
+
+def test_the_tokenizer_kind_is_told_by_its_file(tmp_path, export, inception_weights):
+    from tokenizer import load_tokenizer, tokenizer_kind
+
+    # An export without a tokenizer record: --vq-ckpt (the old name) given a palette file works unaided.
+    model = GPT.from_pretrained(export / "export")
+    save_export(tmp_path / "bare" / "export", model.state_dict(), model.config)
+    shutil.copytree(export / "reference", tmp_path / "bare" / "reference")
+    palette = str(export / "palette.json")
+    args = fid_cli.parse_args(cli_args(tmp_path / "bare", tmp_path / "run", inception_weights, "--vq-ckpt", palette))
+    fid_cli.check_inputs(args)
+    kind, path, _ = fid_cli.resolve_tokenizer(args)
+    assert kind is None and path == palette and tokenizer_kind(path) == "palette"
+    assert isinstance(load_tokenizer(None, path), PaletteTokenizer)
+    assert tokenizer_kind(inception_weights) == "vq16"  # a PyTorch checkpoint
+    with pytest.raises(InputError, match="--tokenizer-path: required"):
+        fid_cli.run(cli_args(tmp_path / "bare", tmp_path / "run2", inception_weights))
+
+
+def test_evaluation_samples_the_classes_the_training_data_held(tmp_path, export, inception_weights):
+    # The model has 3 classes; its training data held 2 (recorded in the export): labels 0 and 1 only.
+    model = GPT.from_pretrained(export / "export")
+    record = json.loads((export / "export" / "tokenizer.json").read_text())
+    data = {"num_classes": 2, "classes": ["n0", "n1"]}
+    save_export(tmp_path / "two" / "export", model.state_dict(), model.config, tokenizer=record, data=data)
+    shutil.copytree(export / "reference", tmp_path / "two" / "reference")
+    argv = cli_args(tmp_path / "two", tmp_path / "run", inception_weights, "--num-samples", "4")
+    del argv[argv.index("--ref-folder") : argv.index("--ref-folder") + 2]  # labels are the point here
+    results = fid_cli.run(argv)
+    assert results["sampling"]["num_classes"] == 2
+    assert np.array_equal(np.load(tmp_path / "run" / "labels.npy"), np.arange(4) % 2)
+    argv = cli_args(tmp_path / "two", tmp_path / "run", inception_weights, "--num-classes", "3")
+    assert fid_cli.data_classes(fid_cli.parse_args(argv), model) == 3  # the flag wins
+    with pytest.raises(ConfigError, match="num_classes 4"):
+        fid_cli.run(cli_args(tmp_path / "two", tmp_path / "run4", inception_weights, "--num-classes", "4"))
 
 
 def test_eval_with_register_drafting(tmp_path, export, inception_weights, capsys):

@@ -408,3 +408,42 @@ def test_exports_are_readable_by_others_under_the_umask(tmp_path):
     for name in ("model.safetensors", "config.json"):
         mode = stat.S_IMODE((tmp_path / "export" / name).stat().st_mode)
         assert mode == 0o666 & ~umask, (name, oct(mode))  # not the 0600 of a private temp file
+
+
+# ---------------------------------------------------------------- 13. shards vs model: the keys to set
+
+
+def test_vq16_shards_on_the_tiny_config_name_the_overrides(tmp_path, capsys):
+    vq = tmp_path / "vq"
+    write_synthetic_shards(vq, num_shards=1, per_shard=2, grid=16, vocab_size=16384, num_classes=10)
+    assert train_c2i.main(["--config", str(TINY), f"data.root={vq}", f"out_dir={tmp_path / 'r'}"]) == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("to train on these shards set model.grid_size=16 model.vocab_size=16384")
+    assert "grid 16x16 but the model's grid_size is 8" in err[0] and not (tmp_path / "r").exists()
+
+
+def test_a_label_beyond_the_model_classes_names_model_num_classes(tmp_path):
+    # A manifest without classes (webdataset input, no classes.txt): the model's count bounds labels.
+    good = [(f"ok{i}", np.ones((1, 2, 2), np.int64), 1) for i in range(3)]
+    root = one_shard(tmp_path / "shards", [*good, ("too_big", np.ones((1, 2, 2), np.int64), 3)], num_classes=None)
+    expect = dict(grid_size=2, vocab_size=6, num_classes=3)
+    with pytest.raises(DataMismatch, match=r"too_big: class 3 outside \[0, 3\) \(model\.num_classes: 3;"):
+        list(token_loader(root, 2, 2, seed=0, num_workers=0, shuffle_buffer=1, expect=expect))
+    write_manifest(root, {**read_manifest(root).raw, "num_classes": 5})  # more data classes than the model
+    with pytest.raises(ShardError, match=r"5 classes but the model's num_classes is 3; .* set model\.num_classes=5"):
+        token_loader(root, 2, 2, seed=0, num_workers=0, expect=expect)
+
+
+def test_inception_score_below_its_splits_is_null_with_a_reason(caplog):
+    import logging
+
+    from mutor_vision.evaluation.metrics import inception_score_metrics
+
+    caplog.set_level(logging.INFO)
+    few = inception_score_metrics(np.random.default_rng(0).normal(size=(4, 1008)), splits=10)
+    assert few["inception_score"] is None and few["inception_score_std"] is None
+    assert few["inception_score_note"] == "left out: 4 samples, IS with 10 splits needs more than 10"
+    assert "Inception Score left out: 4 samples" in caplog.text
+    assert inception_score_metrics(np.zeros((10, 1008)))["inception_score"] is None  # one image per split: 1.0
+    enough = inception_score_metrics(np.random.default_rng(0).normal(size=(20, 1008)) * 3, splits=10)
+    assert enough["inception_score"] > 1.0 and "inception_score_note" not in enough

@@ -1,7 +1,10 @@
 """The 1D text adapter on tiny random Llama and Gemma models with a tokenizer trained here."""
 
 import json
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from mutor_vision.text.answers import answers_match, extract_answer
 from mutor_vision.text.config import TextTrainConfig
 from mutor_vision.text.data import build_examples, collate, word_tokenizer
 from mutor_vision.text.generate import greedy_generate
+from mutor_vision.text.tiny import tiny_causal_lm
 from mutor_vision.text.train import train_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,28 +35,6 @@ def tokenizer():
     return word_tokenizer(CORPUS)
 
 
-def tiny_model(kind: str, vocab: int, attn: str = "sdpa", seed: int = 0):
-    from transformers import (
-        GemmaConfig,
-        GemmaForCausalLM,
-        LlamaConfig,
-        LlamaForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
-
-    torch.manual_seed(seed)
-    common = dict(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, attn_implementation=attn, pad_token_id=0,
-    )  # fmt: skip
-    if kind == "gemma":
-        return GemmaForCausalLM(GemmaConfig(head_dim=8, **common)).eval()
-    if kind == "qwen2":
-        return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
-    return LlamaForCausalLM(LlamaConfig(**common)).eval()
-
-
 def worked_batch():
     # Q = 3, A = 5 (docs/method.md §4): ids 10 11 12 | 20 21 22 23 24, plus a padded second row.
     input_ids = torch.tensor([[10, 11, 12, 20, 21, 22, 23, 24], [10, 11, 20, 21, 22, 0, 0, 0]])
@@ -60,7 +42,7 @@ def worked_batch():
 
 
 def test_worked_example_through_the_adapter():
-    model = tiny_model("llama", 32)
+    model = tiny_causal_lm(32)
     adapter = MuToRAdapter(model, d_max=2)
     input_ids, prompt_len, answer_len = worked_batch()
     layout = prompt_answer_layout(Offsets(torch.tensor([2, 2])), prompt_len, answer_len, seq_len=8)
@@ -77,7 +59,7 @@ def test_worked_example_through_the_adapter():
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("prompt_attention", ["causal", "bidirectional"])
 def test_regular_logits_unchanged_by_registers(kind, attn, prompt_attention):
-    model = tiny_model(kind, 32, attn)
+    model = tiny_causal_lm(32, kind, attn)
     input_ids, prompt_len, answer_len = worked_batch()
     with_registers = MuToRAdapter(model, "mutor", d_max=3, prompt_attention=prompt_attention)
     without = MuToRAdapter(model, "ntp", prompt_attention=prompt_attention)
@@ -88,12 +70,12 @@ def test_regular_logits_unchanged_by_registers(kind, attn, prompt_attention):
 
 
 def test_gemma_register_is_scaled_like_embeddings():
-    model = tiny_model("gemma", 32)
+    model = tiny_causal_lm(32, "gemma")
     adapter = MuToRAdapter(model)
     embedding = model.get_input_embeddings()
     out = adapter.registers(embedding, 1, 1, torch.float32)[0, 0]
     torch.testing.assert_close(out, adapter.registers.vector * 32**0.5)
-    llama = MuToRAdapter(tiny_model("llama", 32))
+    llama = MuToRAdapter(tiny_causal_lm(32))
     torch.testing.assert_close(
         llama.registers(llama.model.get_input_embeddings(), 1, 1, torch.float32)[0, 0], llama.registers.vector
     )
@@ -101,7 +83,7 @@ def test_gemma_register_is_scaled_like_embeddings():
 
 def test_padded_batch_equals_samples_alone():
     # Batch loss = (1-a)·(Σ s_i)/(Σ n_i) + a·(Σ r_i)/(Σ m_i): compare with per-sample sums (a = 0 and 1).
-    model = tiny_model("llama", 32)
+    model = tiny_causal_lm(32)
     input_ids, prompt_len, answer_len = worked_batch()
     d = torch.tensor([2, 1])
     layout = prompt_answer_layout(Offsets(d), prompt_len, answer_len, seq_len=8)
@@ -138,7 +120,7 @@ def test_padded_batch_equals_samples_alone():
 
 
 def test_answer_shorter_than_d_gives_finite_loss():
-    model = tiny_model("llama", 32)
+    model = tiny_causal_lm(32)
     adapter = MuToRAdapter(model, d_max=4)
     input_ids = torch.tensor([[10, 11, 12, 20]])
     layout = prompt_answer_layout(Offsets(torch.tensor([4])), torch.tensor([3]), torch.tensor([1]))
@@ -155,8 +137,8 @@ def test_answer_shorter_than_d_gives_finite_loss():
 
 @pytest.mark.filterwarnings("ignore:.*flex_attention.*")
 def test_flex_attention_block_mask_form():
-    model_sdpa = tiny_model("llama", 32, "sdpa")
-    model_flex = tiny_model("llama", 32, "flex_attention")
+    model_sdpa = tiny_causal_lm(32, "llama", "sdpa")
+    model_flex = tiny_causal_lm(32, "llama", "flex_attention")
     input_ids, prompt_len, answer_len = worked_batch()
     layout = prompt_answer_layout(Offsets(torch.tensor([2, 3])), prompt_len, answer_len, seq_len=8)
     sdpa, flex = MuToRAdapter(model_sdpa), MuToRAdapter(model_flex)
@@ -178,7 +160,7 @@ def test_lora_trains_only_adapter_and_register(tokenizer):
         ROOT / "configs" / "text" / "gsm8k_mutor.yaml",
         ["lora.enabled=true", "model.name_or_path=x", "data.jsonl=x", "data.hf_name=null"],
     )
-    adapter = build_adapter(tiny_model("llama", len(tokenizer)), config)
+    adapter = build_adapter(tiny_causal_lm(len(tokenizer)), config)
     trainable = {name for name, p in adapter.named_parameters() if p.requires_grad}
     assert "registers.vector" in trainable
     assert trainable - {"registers.vector"} and all("lora_" in name for name in trainable - {"registers.vector"})
@@ -244,7 +226,7 @@ def test_short_cpu_training_lowers_loss_and_generates(tokenizer, tmp_path):
         data, tmp_path / "run", "epochs=30", "global_batch_size=4", "micro_batch_size=2",
         "optim.lr=3e-3", "optim.warmup_ratio=0.05", "save_every=1000", "method.prompt_attention=bidirectional"
     )  # fmt: skip
-    model = tiny_model("llama", len(tokenizer))
+    model = tiny_causal_lm(len(tokenizer))
     result = train_text(config, model=model, tokenizer=tokenizer)
     assert result.step == 60 and result.reason == "completed"
     assert sum(result.losses[-5:]) / 5 < 0.5 * sum(result.losses[:5]) / 5
@@ -258,7 +240,7 @@ def test_short_cpu_training_lowers_loss_and_generates(tokenizer, tmp_path):
 
 def test_gsm8k_eval_cli_on_a_trained_export(tokenizer, tmp_path):
     data = write_jsonl(tmp_path / "test.jsonl", rows=4)
-    model = tiny_model("llama", len(tokenizer))
+    model = tiny_causal_lm(len(tokenizer))
     model.save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
     sys.path.insert(0, str(ROOT / "eval"))
@@ -278,7 +260,7 @@ def test_math500_eval_cli(tokenizer, tmp_path):
     rows = [{"problem": "Tom has 3 apples and buys 4 more. How many apples?", "answer": "7"}] * 3
     data = tmp_path / "math.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    model = tiny_model("llama", len(tokenizer))
+    model = tiny_causal_lm(len(tokenizer))
     model.save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
     sys.path.insert(0, str(ROOT / "eval"))
@@ -301,7 +283,7 @@ def test_batched_greedy_equals_one_prompt_at_a_time(tokenizer, kind, attn):
     # Bidirectional prompts: each row equals the same prompt decoded alone (no padding).
     from mutor_vision.text.generate import greedy_generate_batch
 
-    model = tiny_model(kind, len(tokenizer), attn=attn, seed=3)
+    model = tiny_causal_lm(len(tokenizer), kind, attn, seed=3)
     torch.nn.init.normal_(model.get_output_embeddings().weight, std=0.5)  # separated logits: no near-ties
     texts = [CORPUS[i].split(" Answer: ")[0] + " Answer:" for i in range(4)] + ["Question: 1,000 minus"]
     prompts = [tokenizer(t)["input_ids"] for t in texts]
@@ -326,7 +308,7 @@ def test_train_sft_config_errors_name_the_key(capsys):
     assert "method.d_maxx" in capsys.readouterr().err
     assert train_sft.main(["--config", config, "method.weight=1.5"]) == 2
     assert "weight" in capsys.readouterr().err
-    for path in sorted((ROOT / "configs" / "text").glob("*.yaml")):
+    for path in sorted((ROOT / "configs" / "text").glob("gsm8k_*.yaml")):  # tiny_cpu.yaml: its own test
         loaded = load_yaml(TextTrainConfig, path)
         assert loaded.method.d_max == 4
         # The MuToR authors' recipe: AdamW (0.9, 0.999), eps 1e-6, no weight decay, warm-up 10 % then
@@ -358,7 +340,7 @@ def test_sample_normalization_micro_batch_ten_equals_ten_micro_batches_of_one(to
             data, tmp_path / run, "epochs=1", "global_batch_size=10", f"micro_batch_size={micro}",
             "optim.lr=1e-2", "optim.schedule=constant", f"method.loss_normalization={normalization}"
         )  # fmt: skip
-        model = tiny_model("llama", len(tokenizer))
+        model = tiny_causal_lm(len(tokenizer))
         train_text(config, model=model, tokenizer=tokenizer)
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -380,7 +362,7 @@ def test_text_resume_is_exact(tokenizer, tmp_path, monkeypatch):
             "micro_batch_size=2", "save_every=100", "optim.lr=1e-3"
         )  # fmt: skip
 
-    straight = train_text(cfg("a"), model=tiny_model("llama", len(tokenizer)), tokenizer=tokenizer)
+    straight = train_text(cfg("a"), model=tiny_causal_lm(len(tokenizer)), tokenizer=tokenizer)
     original, calls = MuToRAdapter.loss, {"n": 0}
 
     def loss(self, *args, **kwargs):
@@ -390,10 +372,10 @@ def test_text_resume_is_exact(tokenizer, tmp_path, monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(MuToRAdapter, "loss", loss)
-    first = train_text(cfg("b"), model=tiny_model("llama", len(tokenizer)), tokenizer=tokenizer)
+    first = train_text(cfg("b"), model=tiny_causal_lm(len(tokenizer)), tokenizer=tokenizer)
     monkeypatch.undo()
     assert first.reason == "terminated" and first.step == 2
-    second = train_text(cfg("b"), resume="auto", model=tiny_model("llama", len(tokenizer)), tokenizer=tokenizer)
+    second = train_text(cfg("b"), resume="auto", model=tiny_causal_lm(len(tokenizer)), tokenizer=tokenizer)
     assert second.step == straight.step == 4
     assert first.losses + second.losses == straight.losses
 
@@ -408,7 +390,7 @@ def test_register_drafting_gives_exactly_greedy_output(tokenizer, tmp_path):
         data, tmp_path / "run", "epochs=40", "global_batch_size=4",
         "micro_batch_size=4", "optim.lr=3e-3", "save_every=1000"
     )  # fmt: skip
-    model = tiny_model("llama", len(tokenizer))
+    model = tiny_causal_lm(len(tokenizer))
     from mutor_vision.text.train import TextTask
     from mutor_vision.training.loop import run
 
@@ -430,3 +412,134 @@ def test_register_drafting_gives_exactly_greedy_output(tokenizer, tmp_path):
         ]
         assert single == plain, k
     assert stats["forwards"] < max(len(row) for row in plain)  # drafts were accepted
+
+
+# ---------------------------------------------------------------- offline: local paths first-class, hub names fail fast
+
+COMMANDS = {  # (argv, the key or flag of the model, of the local data) with hub names for both
+    "train_sft": lambda model, data, out: (
+        ["train_sft.py", "--config", "configs/text/gsm8k_mutor.yaml", f"model.name_or_path={model}",
+         f"data.hf_name={data}", f"out_dir={out}"],
+        "model.name_or_path", "data.jsonl",
+    ),
+    "eval/gsm8k.py": lambda model, data, out: (
+        ["eval/gsm8k.py", "--ckpt", model, "--hf-name", data, "--out", f"{out}.json"], "--ckpt", "--data"
+    ),
+    "eval/math500.py": lambda model, data, out: (
+        ["eval/math500.py", "--ckpt", model, "--hf-name", data, "--out", f"{out}.json"], "--ckpt", "--data"
+    ),
+}  # fmt: skip
+NOT_CACHED = ("mutor-vision-tests/no-such-model", "mutor-vision-tests/no-such-data")
+
+
+def run_offline(argv: list[str], tmp_path: Path, **env: str) -> tuple[int, str, float]:
+    """Run a command as a new user would, with an empty Hugging Face cache: (exit code, stderr, seconds)."""
+    clean = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE") and "PROXY" not in k.upper()}
+    clean |= {"HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": str(ROOT), **env}
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, *argv], cwd=ROOT, env=clean, capture_output=True, text=True, timeout=120)
+    return done.returncode, done.stderr, time.perf_counter() - start
+
+
+def one_line_error(stderr: str, command: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith(f"{command}: ")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_hub_names_offline_stop_at_once_naming_the_keys(command, tmp_path):
+    # HF_HUB_OFFLINE=1 and names not in the (empty) cache: exit 4 in seconds, one line naming each
+    # key or flag to set, no retries and no traceback (the libraries alone take 25-50 s, then a traceback).
+    argv, model_key, data_key = COMMANDS[command](*NOT_CACHED, tmp_path / "run")
+    code, stderr, seconds = run_offline(argv, tmp_path, HF_HUB_OFFLINE="1")
+    line = one_line_error(stderr, command)
+    assert code == 4 and seconds < 20, (code, seconds, stderr)
+    assert model_key in line and data_key in line and "HF_HUB_OFFLINE=1" in line, line
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.json").exists()
+
+
+def test_no_connection_is_found_in_seconds_without_the_offline_variable(tmp_path):
+    # No HF_HUB_OFFLINE, and the hub unreachable (here: through a proxy that refuses connections):
+    # one short connect decides, then the same one-line error.
+    import socket
+
+    with socket.socket() as probe:  # a local port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = COMMANDS["train_sft"](*NOT_CACHED, tmp_path / "run")[0]
+    code, stderr, seconds = run_offline(argv, tmp_path, HTTPS_PROXY=f"http://127.0.0.1:{port}")
+    line = one_line_error(stderr, "train_sft")
+    assert code == 4 and seconds < 20 and f"no connection to 127.0.0.1:{port}" in line, (code, seconds, line)
+    assert "model.name_or_path" in line and "data.jsonl" in line
+
+
+def test_missing_local_paths_are_one_line_naming_the_key(tmp_path, capsys):
+    import train_sft
+
+    config = str(ROOT / "configs" / "text" / "tiny_cpu.yaml")
+    missing = [f"model.name_or_path={tmp_path / 'no_model'}", f"data.jsonl={tmp_path / 'no.jsonl'}"]
+    assert train_sft.main(["--config", config, *missing, f"out_dir={tmp_path / 'run'}"]) == 4
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.name_or_path" in err and "data.jsonl" in err, err
+    (tmp_path / "empty").mkdir()  # a directory without a model in it
+    write_jsonl(tmp_path / "d.jsonl")
+    local = [f"model.name_or_path={tmp_path / 'empty'}", f"data.jsonl={tmp_path / 'd.jsonl'}"]
+    assert train_sft.main(["--config", config, *local, f"model.tokenizer={tmp_path / 'no_tok'}"]) == 4
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.tokenizer" in err, err
+    assert train_sft.main(["--config", config, *local, f"out_dir={tmp_path / 'run'}"]) == 4
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.name_or_path" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_tiny_builder_and_config_train_then_evaluate_offline(tmp_path, capsys):
+    # The documented offline path: python -m mutor_vision.text.tiny, train_sft.py with
+    # configs/text/tiny_cpu.yaml, eval/gsm8k.py on the export (here with HF_HUB_OFFLINE=1).
+    import train_sft
+    from mutor_vision.text import tiny
+
+    assert tiny.main(["--out", str(tmp_path / "tiny")]) == 0
+    assert "model:" in capsys.readouterr().out
+    assert {p.name for p in (tmp_path / "tiny").iterdir()} == {"model", "train.jsonl", "test.jsonl"}
+    config = load_yaml(TextTrainConfig, ROOT / "configs" / "text" / "tiny_cpu.yaml")
+    assert (config.model.name_or_path, config.data.jsonl, config.data.hf_name) == (
+        "runs/text/tiny/model", "runs/text/tiny/train.jsonl", None
+    )  # fmt: skip
+    paths = [f"model.name_or_path={tmp_path / 'tiny' / 'model'}", f"data.jsonl={tmp_path / 'tiny' / 'train.jsonl'}"]
+    argv = ["--config", str(ROOT / "configs" / "text" / "tiny_cpu.yaml"), *paths, f"out_dir={tmp_path / 'run'}"]
+    assert train_sft.main([*argv, "epochs=1"]) == 0
+    export = tmp_path / "run" / "checkpoints" / "step_00000008" / "export"
+    assert (export / "registers.safetensors").is_file()
+    out = tmp_path / "gsm8k.json"
+    evaluate = ["eval/gsm8k.py", "--ckpt", str(export), "--data", str(tmp_path / "tiny" / "test.jsonl")]
+    evaluate += ["--max-new-tokens", "8", "--device", "cpu", "--out", str(out)]
+    code, stderr, _ = run_offline(evaluate, tmp_path, HF_HUB_OFFLINE="1")
+    assert code == 0, stderr
+    results = json.loads(out.read_text())
+    assert results["total"] == 16 and results["prompt_attention"] == "bidirectional"
+
+
+def test_a_hub_name_in_the_local_cache_loads_offline(tokenizer, tmp_path, monkeypatch):
+    # Offline, a hub name that is in the local Hugging Face cache is used from there (no network).
+    from huggingface_hub import constants
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mutor_vision.errors import InputError
+    from mutor_vision.text.hub import from_pretrained, locate_model
+
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--mutor-vision-tests--cached"
+    tiny_causal_lm(len(tokenizer)).save_pretrained(repo / "snapshots" / commit)
+    tokenizer.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source = locate_model("mutor-vision-tests/cached", "model.name_or_path")
+    assert source.local_files_only
+    assert from_pretrained(AutoModelForCausalLM, source).config.vocab_size == len(tokenizer)
+    assert len(from_pretrained(AutoTokenizer, source)) == len(tokenizer)
+    with pytest.raises(InputError, match=r"model.name_or_path 'mutor-vision-tests/other'.*HF_HUB_OFFLINE=1"):
+        locate_model("mutor-vision-tests/other", "model.name_or_path")

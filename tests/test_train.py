@@ -59,6 +59,9 @@ def test_tiny_config_learns_a_small_dataset(tmp_path):
     assert list((run / "logs").rglob("events.out.tfevents.*"))  # TensorBoard scalars written
     model = GPT.from_pretrained(run / "checkpoints" / "step_00000060" / "export")
     assert model.config.registers.mode == "mutor2d"
+    # The export records the classes its data held, so eval/fid.py samples those by default.
+    data = json.loads((run / "checkpoints" / "step_00000060" / "export" / "data.json").read_text())
+    assert data["num_classes"] == 10
 
 
 def stop_after(monkeypatch, calls: int) -> None:
@@ -221,3 +224,38 @@ def test_explicit_resume_of_an_older_checkpoint_sets_newer_ones_aside(tmp_path, 
 def test_register_vector_is_frozen_without_registers(tmp_path, shards):
     assert not GPT(config(tmp_path, shards, "model.registers.mode=ntp").model).register_embedding.requires_grad
     assert GPT(config(tmp_path, shards).model).register_embedding.requires_grad
+
+
+def test_startup_summary_class_warning_and_a_finished_resume(tmp_path, caplog, capsys):
+    import logging
+    import sys
+
+    two = tmp_path / "two_classes"
+    write_synthetic_shards(two, num_shards=2, per_shard=8, grid=8, vocab_size=16, num_classes=2)
+    args = ["--config", str(TINY), f"data.root={two}", f"out_dir={tmp_path / 'run'}", "tensorboard=false"]
+    args += ["steps=2", "save_every=2", "log_every=1"]
+    caplog.set_level(logging.INFO)
+    console = logging.StreamHandler(sys.stderr)  # as setup_logging's, on the stderr pytest captures
+    console.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger().addHandler(console)
+    try:
+        assert train_c2i.main(args) == 0
+        err = capsys.readouterr().err
+        assert train_c2i.main([*args, "--resume", "auto"]) == 0
+    finally:
+        logging.getLogger().removeHandler(console)
+    assert f"start-up data: {two}: 16 samples in 2 shards, 2 classes, grid 8x8, codebook 16" in caplog.text
+    assert "start-up model: GPT (custom size: 2 layers, 2 heads, dim 64), 10 classes, registers mutor2d" in caplog.text
+    assert (
+        "start-up run: steps 0 -> 2 (2 to train); global batch 16 = micro 8 x 1 rank x 2 accumulation; "
+        "device cpu, precision fp32, compile off"
+    ) in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(w.startswith("the model has 10 classes (model.num_classes), the data 2") for w in warnings)
+    # Log lines start their own line (tqdm.write), never glued to the progress bar.
+    logged = [line.split("\r")[-1] for line in err.splitlines() if "loss_ntp=" in line]
+    assert len(logged) == 2 and all(line.startswith("step ") for line in logged), logged
+    # Resuming the finished run says so, with the checkpoint it ended with.
+    finished = f"already completed at step 2 (checkpoint: {tmp_path / 'run' / 'checkpoints' / 'step_00000002'})"
+    assert finished in caplog.text and "checkpoint: None" not in caplog.text
+    assert "start-up run: steps 2 -> 2 (nothing left to train)" in caplog.text

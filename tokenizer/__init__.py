@@ -6,15 +6,38 @@ resolves. The library (``mutor_vision``) never imports it: tokenizers produce to
 library consumes them.
 """
 
+from pathlib import Path
+
 from tokenizer.palette import PaletteTokenizer
 from tokenizer.preprocess import center_crop_adm, crops, to_model_input, to_uint8
 from tokenizer.vq16 import VQ16, VQ16Config
 
-__all__ = ["VQ16", "PaletteTokenizer", "VQ16Config", "center_crop_adm", "crops", "to_model_input", "to_uint8"]
+__all__ = [
+    "KINDS",
+    "VQ16",
+    "PaletteTokenizer",
+    "VQ16Config",
+    "center_crop_adm",
+    "crops",
+    "load_tokenizer",
+    "to_model_input",
+    "to_uint8",
+    "tokenizer_kind",
+]
 
 
-def load_tokenizer(kind: str, path: str):
-    """A tokenizer by kind (``vq16`` | ``palette``) from its file."""
+KINDS = ("vq16", "palette")
+
+
+def tokenizer_kind(path: str | Path) -> str:
+    """``palette`` for a palette JSON file (it starts with ``{``), else ``vq16`` (a PyTorch checkpoint)."""
+    with open(path, "rb") as handle:
+        return "palette" if handle.read(64).lstrip().startswith(b"{") else "vq16"
+
+
+def load_tokenizer(kind: str | None, path: str | Path):
+    """A tokenizer by kind (``vq16`` | ``palette``; None: told by the file) from its file."""
+    kind = kind or tokenizer_kind(path)
     if kind == "vq16":
         return VQ16.from_pretrained(path)
     if kind == "palette":

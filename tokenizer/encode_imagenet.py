@@ -16,7 +16,8 @@ output is byte-identical either way. ``encode_settings.json`` records what decid
 (input listing, crop, size, tokenizer checksum, ``--maxcount``): a rerun with other settings into a
 folder that holds finished shards is refused instead of mixing two datasets. An unreadable image
 is logged, counted in the manifest and skipped; a run in which no image could be read fails
-(exit 4) and writes no manifest.
+(exit 4) and writes no manifest. The progress bar counts images (on the CPU each image goes
+through the tokenizer alone, see ``encoder_calls``); Ctrl-C stops with one line and exit 130.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 from mutor_vision.cli import run_command, setup_logging
 from mutor_vision.errors import InputError
 from mutor_vision.files import atomic_write_json, check_stamp
+from mutor_vision.processes import process_state
 from mutor_vision.shards import write_manifest, write_shard
 from tokenizer import load_tokenizer
 from tokenizer.preprocess import CropMode, crops, num_crops, to_model_input
@@ -154,6 +156,17 @@ def read_members(items: list[Item]) -> dict[str, bytes]:
         return {m.name: archive.extractfile(m).read() for m in archive if m.name in wanted}
 
 
+def encoder_calls(good: list, device: torch.device) -> list[list]:
+    """How a decoded batch goes through the tokenizer: whole on a GPU, one image per call on the CPU.
+
+    On the CPU batching buys little (VQ-16 took as long per image one at a time as in one batch;
+    docs/imagenet.md) while a 64-image batch holds the progress bar still for minutes: one image
+    per call moves it per image. Same device, same calls: a resumed run's output stays identical.
+    """
+    size = len(good) if device.type == "cuda" else 1
+    return [good[i : i + size] for i in range(0, len(good), size)] if good else []
+
+
 def shard_name(index: int) -> str:
     return f"train-{index:06d}"
 
@@ -182,14 +195,15 @@ def encode_shard(
                 if isinstance(c, str):
                     log.warning("skipping unreadable image %s%s: %s", it.path, f"::{it.member}" if it.member else "", c)
                     skipped.append({"path": it.path, "member": it.member, "error": c})
-            if good:
-                images = to_model_input([im for _, cs in good for im in cs]).to(device)
+            progress.update(len(chunk) - len(good))
+            for part in encoder_calls(good, device):
+                images = to_model_input([im for _, cs in part for im in cs]).to(device)
                 with torch.no_grad():
                     codes = tokenizer.encode(images).cpu().numpy()
-                codes = codes.reshape(len(good), per_image, *codes.shape[1:])
-                for (item, _), grid in zip(good, codes, strict=True):
+                codes = codes.reshape(len(part), per_image, *codes.shape[1:])
+                for (item, _), grid in zip(part, codes, strict=True):
                     yield item.key, grid, item.label
-            progress.update(len(chunk))
+                progress.update(len(part))
 
     count = write_shard(out_dir / f"{shard_name(index)}.tar", samples())
     sidecar = {"shard": f"{shard_name(index)}.tar", "count": count, "skipped": skipped}
@@ -262,17 +276,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--maxcount", type=int, default=1000, help="images per output shard (ImageFolder input)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per encoder batch")
     parser.add_argument("--workers", type=int, default=8, help="threads decoding images")
+    parser.add_argument(
+        "--device", choices=["auto", "cpu"], default="auto", help="auto: CUDA when available; cpu pins the CPU"
+    )
     parser.add_argument("--limit-shards", type=int, default=None, help=argparse.SUPPRESS)  # tests: stop early
     return parser.parse_args(argv)
 
 
 def run(argv: list[str] | None = None) -> dict | None:
     """Encode per the command line; return the manifest on the main process (None elsewhere)."""
-    from accelerate import PartialState
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     args = parse_args(argv)
-    state = PartialState(cpu=not torch.cuda.is_available())  # CPU ranks need gloo, not NCCL
+    state = process_state(args.device)  # CPU ranks need gloo, not NCCL
     source = open_source(args.input, args.maxcount)
     tokenizer = load_tokenizer(args.tokenizer, str(args.tokenizer_path))
     finished = {i for i in range(len(source.shards)) if (args.out / f"{shard_name(i)}.json").is_file()}
@@ -296,6 +313,7 @@ def run(argv: list[str] | None = None) -> dict | None:
     with (
         ThreadPoolExecutor(args.workers) as pool,
         tqdm(total=total, unit="img", disable=not state.is_local_main_process) as progress,
+        logging_redirect_tqdm(tqdm_class=tqdm),  # warnings (a skipped image) print above the bar, not into it
     ):
         for i in todo:
             encode_shard(source.shards[i], args.out, i, tokenizer, args, state.device, pool, progress)
@@ -314,10 +332,21 @@ def run(argv: list[str] | None = None) -> dict | None:
     return None
 
 
+EXIT_INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The command line; exit codes as in ``mutor_vision/cli.py`` (4: unreadable input, no images)."""
+    """The command line; exit codes as in ``mutor_vision/cli.py`` (4: unreadable input, no images; 130: Ctrl-C)."""
     setup_logging()
-    return run_command("encode_imagenet", lambda: run(argv))
+    try:
+        return run_command("encode_imagenet", lambda: run(argv))
+    except KeyboardInterrupt:
+        # Shards are written atomically with their sidecar last: what finished is kept, the rest resumes.
+        print(
+            "encode_imagenet: interrupted (Ctrl-C); finished shards are kept, the same command resumes",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

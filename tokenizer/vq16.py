@@ -7,7 +7,6 @@ Module names mirror the official file so it loads strictly: ``encoder.conv_block
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mutor_vision.files import file_sha256
 from mutor_vision.models.checkpoint import check_state_dict, read_state_dict
 
 
@@ -236,10 +236,6 @@ class VQ16(nn.Module):
         return model.eval()
 
 
-def file_checksum(path: str | Path, chunk: int = 1 << 20) -> str:
+def file_checksum(path: str | Path) -> str:
     """sha256 of a file (recorded in shard manifests so shards and tokenizer stay paired)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path)

@@ -8,9 +8,13 @@ from each set to itself) against the reference set, as ADM's evaluator.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 
 def statistics(features: Tensor | np.ndarray) -> dict[str, np.ndarray]:
@@ -40,6 +44,22 @@ def inception_score(logits: Tensor | np.ndarray, splits: int = 10) -> tuple[floa
 
     result = isc_features_to_metric(torch.as_tensor(np.asarray(logits)), splits=splits, shuffle=False)
     return result[KEY_METRIC_ISC_MEAN], result[KEY_METRIC_ISC_STD]
+
+
+def inception_score_metrics(logits: Tensor | np.ndarray, splits: int = 10) -> dict[str, float | str | None]:
+    """The IS entries of the results: ``inception_score`` and ``inception_score_std``.
+
+    With no more samples than splits, every split holds at most one image, and one image scores
+    exactly 1 against itself (fewer give NaN): the entries are then null, with the reason in
+    ``inception_score_note`` and in the log, rather than a number that means nothing.
+    """
+    count = len(logits)
+    if count <= splits:
+        note = f"left out: {count} samples, IS with {splits} splits needs more than {splits}"
+        log.info("Inception Score %s", note)
+        return {"inception_score": None, "inception_score_std": None, "inception_score_note": note}
+    mean, std = inception_score(logits, splits=splits)
+    return {"inception_score": mean, "inception_score_std": std}
 
 
 def precision_recall(

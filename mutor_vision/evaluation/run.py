@@ -25,10 +25,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mutor_vision import __version__
 from mutor_vision.config import default_values, to_dict
 from mutor_vision.errors import ConfigError
-from mutor_vision.evaluation.features import Reference, extract_features, extractor_name, features_of
-from mutor_vision.evaluation.metrics import frechet_distance, inception_score, precision_recall, statistics
+from mutor_vision.evaluation.features import Reference, extract_features, extractor_record, features_of
+from mutor_vision.evaluation.metrics import frechet_distance, inception_score_metrics, precision_recall, statistics
 from mutor_vision.evaluation.samples import PngWriter, label_list, missing_indices, read_pngs, save_grid, write_npz
 from mutor_vision.files import atomic_write, atomic_write_json, check_stamp
 from mutor_vision.models import GPT, SamplingConfig, generate, sample_uniforms
@@ -38,6 +39,10 @@ from mutor_vision.seeds import hash_seed
 log = logging.getLogger(__name__)
 Decode = Callable[[Tensor], Tensor]  # codes (B, h, w) -> uint8 images (B, 3, H, W) on the same device
 SETTINGS = "sampling_settings.json"
+RANDOM_WARNING = (
+    "the Inception weights are RANDOM (--inception-weights random:SEED): a smoke test of the pipeline; "
+    "every metric of this run is meaningless and must not be reported"
+)
 
 
 def evaluation_state(device: str = "auto"):
@@ -151,13 +156,15 @@ def evaluate(
     extra_metrics=None,
     device: str = "auto",
     draft_tokens: int = 1,
+    num_classes: int | None = None,
 ) -> dict[str, Any] | None:
     """Sample ``num_samples`` images across ranks, then (rank 0) compute the metrics.
 
     Returns the results (also written to ``out_dir/results.json``) on rank 0, None elsewhere.
     ``extra_metrics(labels, features)`` may add entries (the demo's class-consistency accuracy).
     Samples already in ``out_dir/samples`` must come from the same model and settings
-    (``sampling_settings.json``); a rerun samples only the missing or broken ones.
+    (``sampling_settings.json``); a rerun samples only the missing or broken ones. Labels are
+    classes ``0 .. num_classes - 1`` (default: all the model's classes).
     """
     from accelerate.utils import gather_object
 
@@ -165,11 +172,18 @@ def evaluate(
     if num_samples < state.num_processes:
         raise ConfigError(f"num_samples ({num_samples}) must be at least the number of ranks ({state.num_processes})")
     model = model.to(state.device)
+    num_classes = num_classes or model.config.num_classes
+    if not 1 <= num_classes <= model.config.num_classes:
+        raise ConfigError(f"num_classes {num_classes}: the model has classes 0..{model.config.num_classes - 1}")
+    random_weights = extractor_record(extractor)["random_weights"]
+    if random_weights:
+        log.warning(RANDOM_WARNING)
     out_dir = Path(out_dir)
     samples_dir = out_dir / "samples"
     settings = {
         "num_samples": num_samples,
         "per_class": per_class,
+        "num_classes": num_classes,
         **dataclasses.asdict(sampling),
         "draft_tokens": draft_tokens,
         "model": {"config": to_dict(model.config), "checksum": _weights_checksum(model)},
@@ -178,12 +192,12 @@ def evaluate(
     remedy = "use another --out, or delete it to start over"
     # Samples of older code stay valid: its stamp lacks the keys added since, at their defaults.
     defaults = {f"model.config.{key}": value for key, value in default_values(type(model.config)).items()}
-    defaults.update(default_values(SamplingConfig), draft_tokens=1)
+    defaults.update(default_values(SamplingConfig), draft_tokens=1, num_classes=model.config.num_classes)
     check_stamp(*stamp, remedy=remedy, write=False, defaults=defaults)  # every rank checks, the main records
     if state.is_main_process:
         check_stamp(*stamp, remedy=remedy, write=True, defaults=defaults)
     state.wait_for_everyone()
-    labels = label_list(num_samples, model.config.num_classes, per_class=per_class, seed=sampling.seed)
+    labels = label_list(num_samples, num_classes, per_class=per_class, seed=sampling.seed)
     mine = np.arange(num_samples)[state.process_index :: state.num_processes]
     start = time.perf_counter()
     drafting: dict[str, int] = {}
@@ -201,7 +215,10 @@ def evaluate(
         raise RuntimeError("ranks did not cover every sample index exactly once")
     features = [np.concatenate([g[1][j] for g in gathered])[inverse] for j in range(len(gathered[0][1]))]
     results = _results(gathered, num_samples, sampling, per_class, batch_size, extractor, feature_batch_size, seconds)
+    results["sampling"]["num_classes"] = num_classes
     results.update(extra or {})
+    if random_weights:
+        results["warning"] = RANDOM_WARNING
     if draft_tokens > 1:
         forwards = sum(g[3].get("forwards", 0) for g in gathered)
         tokens = sum(g[3].get("tokens", 0) for g in gathered)
@@ -209,19 +226,22 @@ def evaluate(
     pool, logits = features[0], (features[1] if len(features) > 1 else None)
     results["metrics"] = _metrics(pool, logits, labels, reference, extra_metrics)
     if reference is not None:
-        results["reference"] = reference.source
+        results["reference"] = reference.record()
     atomic_write(out_dir / "labels.npy", lambda tmp: _save_npy(tmp, labels))
     if save_npz:
         write_npz(samples_dir, num_samples, out_dir / "samples.npz")
     save_grid(read_pngs(samples_dir, range(min(num_samples, 64))), out_dir / "grid.png")
     atomic_write_json(out_dir / "results.json", results)
     log.info("metrics: %s", json.dumps(results["metrics"]))
+    if random_weights:
+        log.warning(RANDOM_WARNING)
     return results
 
 
 def _results(gathered, num_samples, sampling, per_class, batch_size, extractor, feature_batch_size, seconds) -> dict:
     """What ``results.json`` records besides the metrics: counts per rank, every setting, timing."""
     return {
+        "package": {"name": "mutor-vision", "version": __version__},
         "num_samples": num_samples,
         "written_this_run": int(sum(g[2] for g in gathered)),
         "per_rank": [len(g[0]) for g in gathered],
@@ -231,7 +251,7 @@ def _results(gathered, num_samples, sampling, per_class, batch_size, extractor, 
             "labels": "per-class" if per_class else "random",
             "batch_size": batch_size,
         },
-        "features": {"extractor": extractor_name(extractor), "batch_size": feature_batch_size, "tf32": False},
+        "features": {**extractor_record(extractor), "batch_size": feature_batch_size, "tf32": False},
         "sample_and_measure_seconds_this_run": seconds,
     }
 
@@ -242,8 +262,8 @@ def _metrics(pool, logits, labels, reference: Reference | None, extra_metrics) -
         metrics["fid"] = frechet_distance(statistics(pool), {"mu": reference.mu, "sigma": reference.sigma})
         if reference.features is not None:
             metrics["precision"], metrics["recall"] = precision_recall(pool, reference.features, k=3)
-    if logits is not None and len(pool) >= 10:
-        metrics["inception_score"], metrics["inception_score_std"] = inception_score(logits, splits=10)
+    if logits is not None:
+        metrics.update(inception_score_metrics(logits, splits=10))  # null, with a note, for <= 10 samples
     if extra_metrics is not None:
         metrics.update(extra_metrics(labels, (pool, logits)))
     return metrics

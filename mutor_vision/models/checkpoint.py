@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 TOKENIZER_NAME = "tokenizer.json"
+DATA_NAME = "data.json"
 REGISTER_KEY = "register_embedding"
 _CONTAINER_KEYS = ("model", "module", "state_dict")
 _PREFIXES = ("module.", "_orig_mod.")
@@ -64,12 +65,15 @@ def save_export(
     state: dict[str, torch.Tensor],
     config: GPTConfig,
     tokenizer: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
 ) -> None:
-    """An export directory: ``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``), each atomically.
+    """An export directory: ``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``, ``data.json``),
+    each atomically.
 
     ``state`` may come from a wrapped or compiled model (keys are normalised). ``tokenizer`` records
     the tokenizer the training tokens were made with (kind, path, checksum), read back by
-    :func:`read_export_tokenizer`.
+    :func:`read_export_tokenizer`; ``data`` what the training data held (``num_classes``: its labels
+    are ``0 .. num_classes - 1``; ``classes``: their names), read back by :func:`read_export_data`.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -78,11 +82,22 @@ def save_export(
     atomic_write_json(directory / CONFIG_NAME, to_dict(config))
     if tokenizer is not None:
         atomic_write_json(directory / TOKENIZER_NAME, tokenizer)
+    if data is not None:
+        atomic_write_json(directory / DATA_NAME, data)
 
 
 def read_export_tokenizer(path: str | Path) -> dict[str, Any]:
     """The tokenizer record of an export directory ({} when there is none, e.g. an official file)."""
-    record = Path(path) / TOKENIZER_NAME
+    return _read_record(path, TOKENIZER_NAME)
+
+
+def read_export_data(path: str | Path) -> dict[str, Any]:
+    """The training-data record of an export directory ({} when there is none: older exports, official files)."""
+    return _read_record(path, DATA_NAME)
+
+
+def _read_record(path: str | Path, name: str) -> dict[str, Any]:
+    record = Path(path) / name
     if not Path(path).is_dir() or not record.is_file():
         return {}
     try:

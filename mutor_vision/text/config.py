@@ -14,7 +14,8 @@ GSM8K_ANSWER = " {answer}"
 
 @dataclass
 class TextModelConfig:
-    name_or_path: str = ""  # a local directory (offline) or a hub name
+    name_or_path: str = ""  # a local model directory (works offline) or a hub name (downloaded, or the local cache)
+    tokenizer: str | None = None  # a local tokenizer directory or a hub name; null: the one of name_or_path
     attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"  # the register mask comes in its form
     dtype: Literal["float32", "bfloat16"] = "bfloat16"  # CPU always loads float32
 
@@ -24,8 +25,8 @@ class TextModelConfig:
 
 @dataclass
 class TextDataConfig:
-    jsonl: str | None = None  # local JSON lines with the two fields below
-    hf_name: str | None = None  # or a Hugging Face dataset (e.g. gsm8k, config main)
+    jsonl: str | None = None  # a local JSON-lines file with the two fields below (works offline)
+    hf_name: str | None = None  # or a Hugging Face dataset (e.g. gsm8k, config main; downloaded, or the local cache)
     hf_config: str | None = None  # the dataset config name (gsm8k: main)
     split: str = "train"  # the dataset split (hf_name)
     prompt_field: str = "question"  # the record field with the prompt

@@ -23,12 +23,23 @@ class Example:
     prompt_text: str
 
 
-def read_records(jsonl: str | None, hf_name: str | None, hf_config: str | None, split: str) -> list[dict]:
-    """Rows from a local JSONL file or a Hugging Face dataset (``datasets``, in the ``[text]`` extra)."""
+def read_records(
+    jsonl: str | None,
+    hf_name: str | None,
+    hf_config: str | None,
+    split: str,
+    keys: tuple[str, str] = ("data.jsonl", "data.hf_name"),
+) -> list[dict]:
+    """Rows from a local JSONL file or a Hugging Face dataset (``datasets``, in the ``[text]`` extra).
+
+    ``keys`` name the two sources in messages (the config keys, or a command's flags). A hub dataset
+    that cannot be had (offline, not cached) stops within seconds naming both (``hub.load_hub_dataset``).
+    """
+    local_key, hub_key = keys
     if jsonl:
-        path = Path(jsonl)
+        path = Path(jsonl).expanduser()
         if not path.is_file():
-            raise InputError(f"data.jsonl: {path}: no such file")
+            raise InputError(f"{local_key} {jsonl!r}: no such file (a JSONL file of prompt/answer records)")
         rows = []
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if line.strip():
@@ -38,12 +49,10 @@ def read_records(jsonl: str | None, hf_name: str | None, hf_config: str | None, 
                     raise InputError(f"{path}:{number}: not a JSON line ({error})") from None
         return rows
     if hf_name:
-        try:
-            import datasets
-        except ImportError:
-            raise ImportError('data.hf_name needs the `datasets` package: pip install -e ".[text]"') from None
-        return list(datasets.load_dataset(hf_name, hf_config, split=split))
-    raise ValueError("data: set jsonl (a local file) or hf_name (a Hugging Face dataset)")
+        from mutor_vision.text.hub import load_hub_dataset
+
+        return load_hub_dataset(hf_name, hf_config, split, hub_key, local_key)
+    raise InputError(f"set {local_key} (a local JSONL file) or {hub_key} (a Hugging Face dataset)")
 
 
 def build_examples(

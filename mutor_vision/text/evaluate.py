@@ -22,36 +22,70 @@ from mutor_vision.files import atomic_write_json
 from mutor_vision.text.adapter import MASK_FORMS
 from mutor_vision.text.export import model_directory, read_text_info
 from mutor_vision.text.generate import generate_texts
+from mutor_vision.text.hub import ModelSource, from_pretrained, gather, is_hub_name, locate_model
 
 log = logging.getLogger(__name__)
 Scorer = Callable[[str, str], bool]  # (prediction, reference) -> correct
+OFFLINE_HELP = (
+    "give --ckpt a local directory and --data a local JSONL file; a hub name works only from the local "
+    "Hugging Face cache (HF_HUB_OFFLINE=1 is honoured), else the command stops at once naming the flag "
+    "(exit 4). python -m mutor_vision.text.tiny --out DIR writes a tiny model and data sets to try it."
+)
+EVAL_EXIT_CODES = (
+    "exit codes: 0 done; 1 a bug (with its traceback); 2 a bad flag; 4 missing or bad input (model, data). "
+    "Errors 2 and 4 print one line naming the flag or the file."
+)
 
 
-def load_for_generation(ckpt: Path, base_model: str | None = None, attn: str = "sdpa", device: str = "auto"):
-    """(model, tokenizer, info): a text export or a Hugging Face directory, in eval mode on the device.
+def locate_checkpoint(
+    ckpt: str | Path, base_model: str | None = None
+) -> tuple[ModelSource, ModelSource | None, dict[str, Any] | None]:
+    """(the model, the LoRA base model or None, the export's ``mutor_text.json`` or None), decided in
+    seconds: ``ckpt`` is a ``train_sft.py`` export, a Hugging Face model directory, or a hub name
+    (downloaded, or from the local cache); a LoRA export's base model is ``base_model`` or its own."""
+    if not Path(ckpt).is_dir():
+        if not is_hub_name(str(ckpt)):
+            raise InputError(
+                f"--ckpt {str(ckpt)!r}: no such directory (a train_sft.py export, a Hugging Face model "
+                "directory, or a hub name)"
+            )
+        return locate_model(str(ckpt), "--ckpt"), None, None
+    recorded = read_text_info(Path(ckpt))
+    source = ModelSource(str(model_directory(Path(ckpt), recorded)), "--ckpt", local_files_only=True)
+    base = None
+    if recorded and recorded.get("lora"):
+        base = locate_model(base_model or recorded["base_model"], "--base-model")
+    return source, base, recorded
+
+
+def load_for_generation(
+    ckpt: str | Path,
+    base_model: str | None = None,
+    attn: str = "sdpa",
+    device: str = "auto",
+    located: tuple[ModelSource, ModelSource | None, dict[str, Any] | None] | None = None,
+):
+    """(model, tokenizer, info): a text export, a Hugging Face directory or a hub name, in eval mode on
+    the device (``located``: :func:`locate_checkpoint`'s answer, when already had).
 
     Generation runs with ``sdpa`` (or ``eager``) whatever the model was trained with: the weights do
     not depend on the attention implementation, and decoding takes boolean or additive masks.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not Path(ckpt).is_dir():
-        raise InputError(f"--ckpt {ckpt}: not a directory (a train_sft.py export or a Hugging Face model)")
-    recorded = read_text_info(ckpt)
+    source, base, recorded = located or locate_checkpoint(ckpt, base_model)
     info = recorded or {}
     on_cuda = device == "auto" and torch.cuda.is_available()
     dtype = torch.bfloat16 if on_cuda else torch.float32
-    model_dir = model_directory(ckpt, recorded)
-    if info.get("lora"):
+    if base is not None:
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(
-            base_model or info["base_model"], dtype=dtype, attn_implementation=attn
+        model = PeftModel.from_pretrained(
+            from_pretrained(AutoModelForCausalLM, base, dtype=dtype, attn_implementation=attn), source.name
         )
-        model = PeftModel.from_pretrained(base, str(model_dir))
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = from_pretrained(AutoModelForCausalLM, source, dtype=dtype, attn_implementation=attn)
+    tokenizer = from_pretrained(AutoTokenizer, source)
     model.to("cuda" if on_cuda else "cpu")
     return model.eval(), tokenizer, info | {"attn_implementation": attn}
 
@@ -118,7 +152,7 @@ def evaluate_answers(
     return results
 
 
-def drafting_registers(ckpt: Path, info: dict[str, Any], model, draft_tokens: int):
+def drafting_registers(ckpt: str | Path, info: dict[str, Any], model, draft_tokens: int):
     """The export's register vector for ``draft_tokens > 1`` (None for 1), checked against its training."""
     if draft_tokens <= 1:
         return None
@@ -156,14 +190,32 @@ class Benchmark:
 
 def benchmark_parser(doc: str, bench: Benchmark) -> argparse.ArgumentParser:
     """The command line shared by ``eval/gsm8k.py`` and ``eval/math500.py``."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", type=Path, required=True, help="a train_sft.py export or a Hugging Face model directory")
-    p.add_argument("--base-model", default=None, help="override the base model recorded in a LoRA export")
+    p = argparse.ArgumentParser(
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"offline: {OFFLINE_HELP}\n\n{EVAL_EXIT_CODES}",
+    )
+    p.add_argument(
+        "--ckpt",
+        required=True,
+        help="a train_sft.py export, a local Hugging Face model directory (model + tokenizer), or a hub name",
+    )
+    p.add_argument(
+        "--base-model", default=None, help="a LoRA export's base model (local directory or hub name); default: its own"
+    )
     p.add_argument("--attn-implementation", choices=["sdpa", "eager"], default="sdpa")
-    p.add_argument("--data", default=None, help=f"a local JSONL file with {bench.prompt_field}/{bench.answer_field}")
-    p.add_argument("--hf-name", default=bench.hf_name)
-    p.add_argument("--hf-config", default=bench.hf_config)
-    p.add_argument("--split", default="test")
+    p.add_argument(
+        "--data",
+        default=None,
+        help=f"a local JSONL file of {bench.prompt_field}/{bench.answer_field} records (instead of --hf-name)",
+    )
+    p.add_argument(
+        "--hf-name",
+        default=bench.hf_name,
+        help="a Hugging Face dataset, downloaded or from the local cache (%(default)s)",
+    )
+    p.add_argument("--hf-config", default=bench.hf_config, help="its config name (%(default)s)")
+    p.add_argument("--split", default="test", help="its split (%(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=bench.max_new_tokens)
     p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
     p.add_argument("--draft-tokens", type=int, default=1, help="k > 1: the export's registers draft k - 1 tokens")
@@ -179,9 +231,16 @@ def run_benchmark(bench: Benchmark, args: argparse.Namespace) -> dict[str, Any]:
     """Data, model (and drafting registers), generation and scoring for one benchmark."""
     from mutor_vision.text.data import read_records
 
-    records = read_records(args.data, None if args.data else args.hf_name, args.hf_config, args.split)
+    records, located = gather(  # every missing input named at once, before any model is loaded
+        lambda: read_records(
+            args.data, None if args.data else args.hf_name, args.hf_config, args.split, ("--data", "--hf-name")
+        ),
+        lambda: locate_checkpoint(args.ckpt, args.base_model),
+    )
     records = records[: args.limit] if args.limit else records
-    model, tokenizer, info = load_for_generation(args.ckpt, args.base_model, args.attn_implementation, args.device)
+    model, tokenizer, info = load_for_generation(
+        args.ckpt, args.base_model, args.attn_implementation, args.device, located
+    )
     registers = drafting_registers(args.ckpt, info, model, args.draft_tokens)
     return evaluate_answers(
         model, tokenizer, records, args.prompt_template or info.get("prompt_template", bench.template),

@@ -22,25 +22,41 @@ from mutor_vision.text.adapter import MuToRAdapter
 from mutor_vision.text.config import TextModelConfig, TextTrainConfig
 from mutor_vision.text.data import Example, build_examples, collate, read_records
 from mutor_vision.text.export import write_text_export
+from mutor_vision.text.hub import ModelSource, from_pretrained, gather, locate_model
 from mutor_vision.training import loop
 from mutor_vision.training.runtime import TrainResult
 
 log = logging.getLogger(__name__)
 
 
-def load_tokenizer(config: TextModelConfig):
+def model_source(config: TextModelConfig) -> ModelSource:
+    """Where the model comes from (a local directory or a usable hub name), decided in seconds."""
+    return locate_model(config.name_or_path, "model.name_or_path")
+
+
+def tokenizer_source(config: TextModelConfig) -> ModelSource:
+    """Where the tokenizer comes from: ``model.tokenizer``, else the model's directory or hub name."""
+    if config.tokenizer:
+        return locate_model(config.tokenizer, "model.tokenizer", "tokenizer")
+    return model_source(config)
+
+
+def load_tokenizer(config: TextModelConfig, source: ModelSource | None = None):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(config.name_or_path)
+    return from_pretrained(AutoTokenizer, source or tokenizer_source(config))
 
 
-def load_model(config: TextModelConfig, on_cuda: bool):
+def load_model(config: TextModelConfig, on_cuda: bool, source: ModelSource | None = None):
     """The causal LM with the configured attention implementation, from a path or the hub."""
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if on_cuda and config.dtype == "bfloat16" else torch.float32
-    return AutoModelForCausalLM.from_pretrained(
-        config.name_or_path, dtype=dtype, attn_implementation=config.attn_implementation
+    return from_pretrained(
+        AutoModelForCausalLM,
+        source or model_source(config),
+        dtype=dtype,
+        attn_implementation=config.attn_implementation,
     )
 
 
@@ -78,11 +94,19 @@ class TextTask:
     flops_per_sample = None  # varies with each row's length; the throughput log counts tokens
 
     def __init__(self, config: TextTrainConfig, model=None, tokenizer=None) -> None:
-        """Reads and tokenises the data first: a bad data file stops before any model is loaded."""
+        """Reads and tokenises the data first: a bad data file stops before any model is loaded. The
+        data, the model and the tokenizer are all located first, and every one missing is named at once
+        (a new user offline learns each key to set from one line)."""
         self.config, self.model = config, model
         d = config.data
-        records = read_records(d.jsonl, d.hf_name, d.hf_config, d.split)
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
+        records, self.model_source, tokenizer_from = gather(
+            lambda: read_records(d.jsonl, d.hf_name, d.hf_config, d.split),
+            lambda: model_source(config.model) if model is None else None,
+            lambda: tokenizer_source(config.model) if tokenizer is None and config.model.tokenizer else None,
+        )
+        if tokenizer is None:
+            tokenizer = load_tokenizer(config.model, tokenizer_from or self.model_source)
+        self.tokenizer = tokenizer
         self.examples, dropped = build_examples(
             records, self.tokenizer, d.prompt_field, d.answer_field, d.prompt_template, d.answer_template, d.max_length
         )
@@ -97,7 +121,9 @@ class TextTask:
         log.info("%d examples (%d dropped as too long), %d steps", len(self.examples), dropped, self.total_steps)
 
     def build_model(self, fresh: bool) -> MuToRAdapter:
-        model = self.model if self.model is not None else load_model(self.config.model, use_cuda(self.config.device))
+        model = self.model
+        if model is None:
+            model = load_model(self.config.model, use_cuda(self.config.device), self.model_source)
         return build_adapter(model, self.config)
 
     def micro_batches(self, step: int, accumulation: int, rank: int, world: int) -> Iterator[dict[str, torch.Tensor]]:

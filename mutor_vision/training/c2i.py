@@ -19,7 +19,7 @@ from mutor_vision.models import GPT, GPTConfig
 from mutor_vision.models.checkpoint import load_state_dict_strict, read_state_dict, save_export
 from mutor_vision.registers import LossParts
 from mutor_vision.seeds import hash_seed
-from mutor_vision.shards import check_manifest, read_manifest
+from mutor_vision.shards import Manifest, check_manifest, read_manifest
 from mutor_vision.training import loop
 from mutor_vision.training.config import TrainConfig
 from mutor_vision.training.runtime import TrainResult
@@ -38,6 +38,7 @@ class ImageTask:
         self.config = config
         self.manifest = read_manifest(config.data.root)
         check_manifest(self.manifest, **_expectations(config.model))
+        self.warnings = class_count_warnings(self.manifest, config.model.num_classes)
         self.total_steps = config.steps
         registers = config.model.registers
         self.num_tokens = config.model.num_tokens
@@ -45,6 +46,20 @@ class ImageTask:
         self.flops_per_sample = config.model.train_flops_per_sample(self.num_tokens + num_registers)
         self._segment: int | None = None
         self._stream: Iterator | None = None
+
+    def summary(self) -> dict[str, str]:
+        """The data and model lines of the start-up summary."""
+        m, model = self.manifest, self.config.model
+        classes = f"{m.num_classes} classes" if m.num_classes else "classes not listed (labels checked as read)"
+        data = (
+            f"{m.root}: {m.num_samples:,} samples in {len(m.shards)} shards, {classes}, "
+            f"grid {m.grid[0]}x{m.grid[1]}, codebook {m.codebook_size}, {m.num_crops} crop(s) per sample"
+        )
+        registers = model.registers.mode if model.registers.enabled else "none (next-token)"
+        name = model.size or "custom size"
+        shape = f"{model.n_layer} layers, {model.n_head} heads, dim {model.dim}"
+        described = f"GPT ({name}: {shape}), {model.num_classes} classes, registers {registers}"
+        return {"data": data, "model": described}
 
     def build_model(self, fresh: bool) -> GPT:
         model = GPT(self.config.model)
@@ -95,8 +110,25 @@ class ImageTask:
         return batch[0].shape[0], batch[0].numel()
 
     def export(self, directory: Path, weights: dict[str, torch.Tensor], unwrapped: GPT) -> None:
-        # The tokenizer the shards were made with travels along, so eval/fid.py decodes without flags.
-        save_export(directory, weights, unwrapped.config, tokenizer=self.manifest.raw.get("tokenizer"))
+        # The tokenizer the shards were made with travels along, so eval/fid.py decodes without flags,
+        # and the classes they held, so it samples those by default.
+        manifest = self.manifest.raw
+        data = {"num_classes": manifest.get("num_classes"), "classes": manifest.get("classes")}
+        save_export(directory, weights, unwrapped.config, tokenizer=manifest.get("tokenizer"), data=data)
+
+
+def class_count_warnings(manifest: Manifest, num_classes: int) -> list[str]:
+    """A model with more classes than the data trains (the extra rows stay untrained): say so, never silently.
+
+    More data classes than model classes is an error already (``check_manifest``), and so is any label
+    at or above ``model.num_classes`` as it is read (``decode_sample``).
+    """
+    if manifest.num_classes is not None and manifest.num_classes != num_classes:
+        return [
+            f"the model has {num_classes} classes (model.num_classes), the data {manifest.num_classes} "
+            f"({manifest.path}): {num_classes - manifest.num_classes} class rows will never see a label"
+        ]
+    return []
 
 
 def _expectations(model: GPTConfig) -> dict[str, int]:

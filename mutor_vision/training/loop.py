@@ -24,6 +24,7 @@ import yaml
 from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mutor_vision.config import default_values, to_dict
 from mutor_vision.errors import ConfigError
@@ -70,6 +71,11 @@ class Task(Protocol):
         """Write the exported model into ``directory`` (main process; ``weights`` gathered from all ranks)."""
 
 
+# Optional, read with getattr (a task without them gets the loop's part of the start-up summary only):
+#   summary() -> dict[str, str]   lines of the start-up summary, e.g. {"data": ..., "model": ...}
+#   warnings: list[str]           what checking the inputs found worth a warning, logged once by the main process
+
+
 @dataclass
 class LogWindow:
     """Sums since the last log line: the logged loss and the progress bar show the same means."""
@@ -99,12 +105,14 @@ class Trainee:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     ema: Any  # timm ModelEmaV3 or None
     params: list[nn.Parameter]  # the prepared parameters, for clipping
+    num_parameters: tuple[int, int] = (0, 0)  # (all, trainable), counted before FSDP shards them
 
 
 def prepare(task: Task, config: LoopConfig, accelerator, fresh: bool) -> Trainee:
     """Model, AdamW, schedule, EMA and compile, prepared by accelerate and registered for checkpoints."""
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = task.build_model(fresh=fresh)
+    counts = (sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad))
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, task.total_steps)
     if config.ema.enabled and getattr(accelerator.state, "fsdp_plugin", None) is not None:
@@ -127,7 +135,7 @@ def prepare(task: Task, config: LoopConfig, accelerator, fresh: bool) -> Trainee
     elif config.compile:
         log.info("compile: true is ignored on CPU (compiling costs more than it saves on CPU runs)")
     model.train()
-    return Trainee(model, forward, unwrapped, optimizer, scheduler, ema, list(model.parameters()))
+    return Trainee(model, forward, unwrapped, optimizer, scheduler, ema, list(model.parameters()), counts)
 
 
 def run(task: Task, config: LoopConfig, resume: str | None = None, allow_change: Sequence[str] = ()) -> TrainResult:
@@ -146,8 +154,9 @@ def run(task: Task, config: LoopConfig, resume: str | None = None, allow_change:
         config.mixed_precision, config.global_batch_size, config.micro_batch_size, out_dir, trackers, config.device
     )
     trainee = prepare(task, config, accelerator, fresh=not candidates)
-    step = restore(accelerator, manager, candidates, recorded, allow_change, task.total_steps, defaults)
+    step, resumed = restore(accelerator, manager, candidates, recorded, allow_change, task.total_steps, defaults)
     if accelerator.is_main_process:  # only now: nothing is written before every check passed
+        log_startup(task, config, accelerator, accumulation, trainee, step)
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(recorded, sort_keys=False))
     if trackers:
@@ -162,9 +171,13 @@ def run(task: Task, config: LoopConfig, resume: str | None = None, allow_change:
 
     world = accelerator.num_processes
     result = TrainResult(step=step, reason="completed")
-    progress = tqdm(total=task.total_steps, initial=step, disable=not accelerator.is_main_process, unit="step")
+    if step >= task.total_steps:  # resumed a finished run: report the checkpoint it ended with
+        result.nothing_to_do, result.checkpoint = True, resumed
+    quiet = not accelerator.is_main_process or result.nothing_to_do
+    progress = tqdm(total=task.total_steps, initial=step, disable=quiet, unit="step")
     window, grad_norm = LogWindow(), float("nan")
-    with StopFlag() as stop:
+    # Log lines go above the bar (tqdm.write) instead of breaking into it.
+    with StopFlag() as stop, logging_redirect_tqdm(tqdm_class=tqdm):
         while step < task.total_steps:
             mean, samples, tokens, norm = optimizer_step(
                 task, trainee, accelerator, config, step, accumulation, manager
@@ -188,6 +201,28 @@ def run(task: Task, config: LoopConfig, resume: str | None = None, allow_change:
     result.step = step
     accelerator.end_training()
     return result
+
+
+def log_startup(task: Task, config: LoopConfig, accelerator, accumulation: int, trainee: Trainee, step: int) -> None:
+    """What this run is about to do, before the first step: data, model, steps and batches, hardware."""
+    summary = getattr(task, "summary", None)
+    lines = dict(summary()) if summary is not None else {}
+    total, trainable = trainee.num_parameters
+    params = f"{total:,} parameters ({total / 1e6:,.2f}M), {trainable:,} trainable"
+    lines["model"] = f"{lines['model']}; {params}" if "model" in lines else params
+    world = accelerator.num_processes
+    precision = {"no": "fp32"}.get(accelerator.mixed_precision, f"{accelerator.mixed_precision} autocast")
+    compiled = "on" if trainee.forward is not trainee.model else "off (ignored on CPU)" if config.compile else "off"
+    todo = "nothing left to train" if step >= task.total_steps else f"{task.total_steps - step:,} to train"
+    lines["run"] = (
+        f"steps {step:,} -> {task.total_steps:,} ({todo}); global batch {config.global_batch_size} = micro "
+        f"{config.micro_batch_size} x {world} rank{'s' if world > 1 else ''} x {accumulation} accumulation; "
+        f"device {accelerator.device}, precision {precision}, compile {compiled}"
+    )
+    for label, text in lines.items():
+        log.info("start-up %s: %s", label, text)
+    for warning in getattr(task, "warnings", ()):
+        log.warning("%s", warning)
 
 
 def optimizer_step(

@@ -118,8 +118,9 @@ def restore(
     allow_change: Sequence[str] = (),
     total_steps: int | None = None,
     defaults: dict[str, Any] | None = None,
-) -> int:
-    """Load the first loadable of ``candidates`` (all ranks, after prepare); return its step, 0 without one.
+) -> tuple[int, Path | None]:
+    """Load the first loadable of ``candidates`` (all ranks, after prepare); return its step and path
+    ((0, None) without one).
 
     A checkpoint whose files cannot be read (a truncated optimizer file, say) is set aside as
     ``unreadable-step_…`` with a warning and the previous one is tried: the ranks agree on every
@@ -150,5 +151,5 @@ def restore(
         if accelerator.is_main_process:
             manager.set_aside_after(step)
         accelerator.wait_for_everyone()
-        return step
-    return 0
+        return step, path
+    return 0, None

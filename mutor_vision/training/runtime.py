@@ -51,7 +51,8 @@ class TrainResult:
     step: int
     reason: str  # "completed" | "terminated"
     losses: list[float] = field(default_factory=list)  # this rank's mean loss per optimizer step
-    checkpoint: Path | None = None
+    checkpoint: Path | None = None  # the last one saved; on a resume with nothing to do, the one resumed
+    nothing_to_do: bool = False  # resumed at (or past) the last step: no step ran, nothing was saved
 
 
 class StopFlag:
