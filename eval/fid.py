@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: tokenizer/
 
-from mutor_vision.cli import run_command, setup_logging
+from mutor_vision.cli import FORCE_HELP, run_command, setup_logging
 from mutor_vision.drafting import check_draft_tokens
 from mutor_vision.errors import ConfigError, InputError
 from mutor_vision.evaluation import (
@@ -40,9 +40,11 @@ from mutor_vision.evaluation import (
     reference_from_npz,
 )
 from mutor_vision.evaluation.features import RANDOM_WEIGHTS, find_inception_weights
+from mutor_vision.evaluation.samples import check_space
 from mutor_vision.models import GPT, SamplingConfig
 from mutor_vision.models.checkpoint import read_export_data, read_export_tokenizer
 from mutor_vision.models.sampling import trained_raster_offsets
+from mutor_vision.processes import main_process_holds
 from tokenizer import KINDS, load_tokenizer, tokenizer_kind
 from tokenizer.preprocess import center_crop_adm, to_uint8
 
@@ -103,7 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--download-inception", action="store_true", help="allow fetching the Inception weights")
     p.add_argument("--no-npz", dest="save_npz", action="store_false", help="skip the ADM samples.npz")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="the output folder, held by one run at a time")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP.format(what="--out"))
     return p.parse_args(argv)
 
 
@@ -170,6 +173,13 @@ def run(argv: list[str] | None = None) -> dict | None:
     )
     check_inputs(args)
     state = evaluation_state(args.device)  # first: each rank's device (cuda:<local rank>), gloo on CPU
+    # One run per --out (mutor_vision/locks.py): two would write and skip each other's samples.
+    with main_process_holds(state, args.out, "--out", force=args.force):
+        return evaluate_held(args, state, sampling)
+
+
+def evaluate_held(args: argparse.Namespace, state, sampling: SamplingConfig) -> dict | None:
+    """Load, sample and measure into ``args.out`` (held by this run); the results on rank 0."""
     device = state.device
     model = GPT.from_pretrained(args.ckpt, size=args.size, trust=args.trust_checkpoint).to(device).eval()
     if args.draft_tokens > 1:  # a model that cannot draft is refused before any work
@@ -195,6 +205,8 @@ def run(argv: list[str] | None = None) -> dict | None:
         return to_uint8(tokenizer.decode(codes).float())
 
     resolution = model.config.grid_size * tokenizer.downsample
+    if state.is_main_process:  # warns, before hours of sampling, when --out cannot hold the samples
+        check_space(args.out, args.num_samples, resolution, args.save_npz)
     reference = None
     with state.main_process_first():  # rank 0 computes and caches the reference features, the rest read them
         if args.ref_batch is not None:
@@ -234,7 +246,9 @@ def run(argv: list[str] | None = None) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     """The command line; exit codes as in ``mutor_vision/cli.py``."""
     setup_logging()
-    return run_command("eval/fid.py", lambda: run(argv))
+    # A full disk: the PNGs written are kept; the same command samples only the missing ones.
+    hint = "the samples written are kept: make room (or pass --no-npz), then run the same command to go on"
+    return run_command("eval/fid.py", lambda: run(argv), storage_hint=hint)
 
 
 if __name__ == "__main__":

@@ -8,35 +8,57 @@ Exit codes of ``train_c2i.py``, ``train_sft.py``, ``eval/fid.py``, ``eval/gsm8k.
       log says "terminated"; continue with ``--resume auto``)
 1     an unexpected error: a bug, reported with its traceback
 2     a bad command line or config: an unknown key, a value out of range, a ``--resume`` that
-      does not match the run (the message names the key)
+      does not match the run (the message names the key), an output folder in use by another
+      run (the message names it; ``--force`` takes it over)
 3     training diverged (NaN/inf loss or gradient); the message names the last good checkpoint
 4     bad input: data, shards, checkpoints or weights files missing, corrupt, or not matching
       the model (the message names the file)
+5     a storage fault: a write failed for lack of room or a failing disk (ENOSPC, EFBIG under a
+      file size limit, EDQUOT, EIO); the message names the folder and the OS error (training: the
+      newest complete checkpoint and the command that resumes); the partial output is removed
 ====  ======================================================================================
 
-Errors of kinds 2–4 print one line, ``<command>: <what> (<where>)``, never a traceback.
+Errors of kinds 2–5 print one line, ``<command>: <what> (<where>)``, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shlex
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
-from mutor_vision.errors import ConfigError, InputError, TrainingDiverged
+from mutor_vision.errors import ConfigError, InputError, StorageError, TrainingDiverged
+from mutor_vision.files import storage_error
+from mutor_vision.locks import LEASE_S
 
-EXIT_OK, EXIT_BUG, EXIT_CONFIG, EXIT_DIVERGED, EXIT_INPUT = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_BUG, EXIT_CONFIG, EXIT_DIVERGED, EXIT_INPUT, EXIT_STORAGE = 0, 1, 2, 3, 4, 5
 EXIT_CODES = (
     "exit codes: 0 done (also after a clean stop on SIGTERM/SIGINT: continue with --resume auto); "
     "1 a bug (with its traceback); 2 a bad command line or config; 3 training diverged (NaN/inf); "
-    "4 bad input data or checkpoint. Errors 2-4 print one line naming the key or the file."
+    "4 bad input data or checkpoint; 5 a storage fault (disk full, file size limit, I/O error: make room, "
+    "then the same command resumes). Errors 2-5 print one line naming the key, the file or the folder."
+)
+# The output folder is held by one run at a time (mutor_vision/locks.py); --force overrides that.
+FORCE_HELP = (
+    "take {what} over from another run that holds it. Without it a second run on the same folder stops "
+    "(exit 2) naming the first. A run that died is recognised without --force (on the same machine: its pid is "
+    f"gone; on another: its lease was not renewed for {LEASE_S / 60:g} minutes): use it only for a run known "
+    "to be gone sooner"
 )
 
 
-def run_command(name: str, body: Callable[[], Any]) -> int:
-    """Run ``body`` and map the project's errors to one line on stderr and an exit code."""
+def run_command(name: str, body: Callable[[], Any], storage_hint: str | None = None) -> int:
+    """Run ``body`` and map the project's errors to one line on stderr and an exit code.
+
+    ``storage_hint`` ends the line of a storage fault: what was kept and how to go on.
+    """
+    ignore_file_size_signal()
     try:
         body()
     except ConfigError as error:
@@ -48,7 +70,25 @@ def run_command(name: str, body: Callable[[], Any]) -> int:
     except (InputError, FileNotFoundError) as error:
         _say(name, str(error))
         return EXIT_INPUT
+    except Exception as error:  # a write no owner of a format wrapped (a JSON record, a log): still exit 5
+        fault = error if isinstance(error, StorageError) else storage_error(error, _folder_of(error), "storage fault")
+        if fault is None:
+            raise
+        _say(name, f"{fault}; {storage_hint}" if storage_hint else str(fault))
+        return EXIT_STORAGE
     return EXIT_OK
+
+
+def ignore_file_size_signal() -> None:
+    """Past a file size limit (``ulimit -f``) the kernel sends SIGXFSZ, whose default kills the process
+    without a word; ignored, the write fails with EFBIG instead and is reported (exit 5)."""
+    if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # only the main thread may set a handler
+
+
+def _folder_of(error: BaseException) -> str | None:
+    filename = getattr(error, "filename", None)
+    return os.path.dirname(os.path.abspath(filename)) if isinstance(filename, str) else None
 
 
 def _say(name: str, message: str) -> None:
@@ -80,6 +120,7 @@ def train_main(doc: str, config_cls: type, train_fn: Callable[..., Any], argv: l
         metavar="KEY[,KEY]",
         help="config keys (or key prefixes) that may differ from the checkpoint's on --resume, e.g. steps",
     )
+    parser.add_argument("--force", action="store_true", help=FORCE_HELP.format(what="out_dir"))
     parser.add_argument("overrides", nargs="*", help="key=value, dotted keys into the config")
     args = parser.parse_intermixed_args(argv)  # overrides may come before and after the flags
     setup_logging()
@@ -95,7 +136,7 @@ def train_main(doc: str, config_cls: type, train_fn: Callable[..., Any], argv: l
 
             print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
             return
-        result = train_fn(config, resume=args.resume, allow_change=allow)
+        result = train_fn(config, resume=args.resume, allow_change=allow, force=args.force)
         if result.nothing_to_do:
             log.info(
                 "already completed at step %d (checkpoint: %s); nothing to do (to train further: raise steps "
@@ -106,4 +147,18 @@ def train_main(doc: str, config_cls: type, train_fn: Callable[..., Any], argv: l
         else:
             log.info("%s at step %d (checkpoint: %s)", result.reason, result.step, result.checkpoint)
 
-    return run_command(name, body)
+    return run_command(name, body, storage_hint=f"make room, then resume: {resume_command(name, argv)}")
+
+
+def resume_command(name: str, argv: list[str] | None) -> str:
+    """This command line with ``--resume auto`` (any other ``--resume`` dropped), as a shell line to paste."""
+    args, kept = list(sys.argv[1:] if argv is None else argv), []
+    while args:
+        arg = args.pop(0)
+        if arg == "--resume":
+            args = args[1:]
+        elif not arg.startswith("--resume="):
+            kept.append(arg)
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = "python" if ranks == 1 else f"accelerate launch [the same options: {ranks} processes]"
+    return f"{launcher} {shlex.join([f'{name}.py', *kept, '--resume', 'auto'])}"

@@ -90,7 +90,7 @@ class _TokenStream(torch.utils.data.IterableDataset):
                 message = f"{url}: corrupt or truncated shard ({type(error).__name__}: {error})"
                 if self.on_error == "raise":
                     raise ShardError(message + "; set data.on_error: skip to skip bad shards") from None
-                usable.remove(index)  # never drawn again in this stream (the loader of one checkpoint segment)
+                usable.remove(index)  # never drawn again in this stream (the loader of one data segment)
                 log.warning("skipping %s; %d of %d shards left", message, len(usable), len(self.urls))
                 if not usable:  # every shard bad: fail, never spin forever
                     last = f"the last: {message}"

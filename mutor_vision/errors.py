@@ -14,3 +14,19 @@ class InputError(RuntimeError):
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became NaN/inf; training stopped before the update."""
+
+
+class StorageError(RuntimeError):
+    """A write failed for lack of room or a failing disk (ENOSPC, EFBIG, EDQUOT, EIO).
+
+    Not the input's fault and not a bug: the message names the folder and the OS error, and the
+    partial file or folder is already removed, so the same command succeeds once there is room.
+    """
+
+    def __init__(
+        self, message: str, folder: str | None = None, errno: int | None = None, cause: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.folder = folder
+        self.errno = errno
+        self.cause = cause  # the OS error alone, "[Errno 28] No space left on device (12 MB free)"

@@ -9,11 +9,17 @@ notebook), so there the state is reset before each setup.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from accelerate import PartialState
 from accelerate.state import AcceleratorState, GradientState
+
+from mutor_vision.errors import ConfigError
+from mutor_vision.locks import FolderLock, acquire
 
 
 def launched() -> bool:
@@ -35,6 +41,35 @@ def process_state(device: str = "auto", timeout: timedelta | None = None) -> Par
         GradientState._reset_state()
     kwargs = {} if timeout is None else {"timeout": timeout}
     return PartialState(cpu=not use_cuda(device), **kwargs)
+
+
+@contextmanager
+def main_process_holds(
+    state: PartialState, folder: str | os.PathLike, label: str, force: bool = False
+) -> Iterator[FolderLock | None]:
+    """The main process holds ``folder``'s lock (``mutor_vision/locks.py``) for the block; other ranks hold none.
+
+    Every rank waits here until the main process has the lock, so no rank touches the folder before;
+    when it is refused, every rank stops with the same message instead of hanging in a collective.
+    """
+    lock, failure = None, None
+    if state.is_main_process:
+        try:
+            lock = acquire(Path(folder), label, force=force)
+        except Exception as error:  # any failure must reach the other ranks, or they wait for ever
+            failure = error
+    if state.num_processes > 1:
+        message = [None if failure is None else str(failure)]
+        torch.distributed.broadcast_object_list(message, src=0, device=state.device)
+        if failure is None and message[0] is not None:
+            failure = ConfigError(message[0])
+    if failure is not None:
+        raise failure
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def cpu_child_env(checkout: str | os.PathLike) -> dict[str, str]:

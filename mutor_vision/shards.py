@@ -16,6 +16,7 @@ which no skipping can repair.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from collections.abc import Iterable, Iterator
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from mutor_vision.errors import InputError
-from mutor_vision.files import atomic_write, atomic_write_json
+from mutor_vision.files import atomic_write, atomic_write_json, storage_faults
 
 MANIFEST = "manifest.json"
 TOKENS = "tokens.npy"
@@ -200,15 +201,23 @@ def write_shard(path: str | Path, samples: Iterable[tuple[str, np.ndarray, int]]
         nonlocal count
         with open(tmp, "wb") as stream:
             writer = wds.TarWriter(stream, mtime=0.0)  # fixed mtime: identical bytes when rewritten
-            for key, tokens, label in samples:
-                if key in seen:
-                    raise ValueError(f"{path}: duplicate sample key {key!r}")
-                seen.add(key)
-                writer.write(encode_sample(key, tokens, label))
-                count += 1
+            try:
+                for key, tokens, label in samples:
+                    if key in seen:
+                        raise ValueError(f"{path}: duplicate sample key {key!r}")
+                    seen.add(key)
+                    writer.write(encode_sample(key, tokens, label))
+                    count += 1
+            except BaseException:
+                # Closed now, or tarfile flushes into the closed file when collected (a full disk
+                # would print a second error); the temp file is deleted anyway.
+                with contextlib.suppress(Exception):
+                    writer.close()
+                raise
             writer.close()
 
-    atomic_write(path, write)
+    with storage_faults(Path(path).parent, f"cannot write shard {Path(path).name}"):  # a full disk: exit 5
+        atomic_write(path, write)
     return count
 
 

@@ -259,3 +259,45 @@ def test_startup_summary_class_warning_and_a_finished_resume(tmp_path, caplog, c
     finished = f"already completed at step 2 (checkpoint: {tmp_path / 'run' / 'checkpoints' / 'step_00000002'})"
     assert finished in caplog.text and "checkpoint: None" not in caplog.text
     assert "start-up run: steps 2 -> 2 (nothing left to train)" in caplog.text
+
+
+def test_save_every_changes_nothing_trained_and_a_resume_inside_a_data_segment_is_exact(tmp_path, shards, caplog):
+    # Data segments of 8 steps (re-seeded at 0, 8, 16): checkpoints every 10 or 20 steps train the same
+    # weights bit for bit, and resuming at 10 (inside the segment 8-16) replays it to the same end.
+    import logging
+
+    args = ["steps=20", "data.segment_steps=8", "global_batch_size=8", "micro_batch_size=4", "log_every=20"]
+    ten = train(config(tmp_path / "a", shards, *args, "save_every=10"))
+    twenty = train(config(tmp_path / "b", shards, *args, "save_every=20"))
+    assert ten.losses == twenty.losses
+    a, b = exported(tmp_path / "a" / "run", 20), exported(tmp_path / "b" / "run", 20)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    caplog.set_level(logging.INFO)
+    checkpoint = tmp_path / "a" / "run" / "checkpoints" / "step_00000010"
+    resumed = train(config(tmp_path / "a", shards, *args, "save_every=10"), resume=str(checkpoint))
+    assert resumed.losses == ten.losses[10:]
+    again = exported(tmp_path / "a" / "run", 20)
+    assert all(torch.equal(a[k], again[k]) for k in a)
+    assert "resumed on" not in caplog.text  # the same number of ranks: nothing to say
+
+
+def test_a_resume_on_another_number_of_ranks_says_so(tmp_path, shards, caplog):
+    import logging
+
+    from mutor_vision.training.resume import rank_change_note
+
+    cmd = ["train_c2i.py", "--config", str(TINY), f"data.root={shards}", f"out_dir={tmp_path / 'run'}", "steps=2"]
+    result = run_two_cpu_ranks([*cmd, "save_every=2", "tensorboard=false"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    caplog.set_level(logging.INFO)
+    resumed = train(config(tmp_path, shards, "steps=4", "save_every=2"), resume="auto", allow_change=["steps"])
+    assert resumed.reason == "completed" and resumed.step == 4
+    line = (
+        "resumed on 1 rank (written by 2): data order differs from an uninterrupted run; "
+        "model, optimizer and schedule exact"
+    )
+    assert [r.getMessage() for r in caplog.records].count(line) == 1
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000004" / "state.json").read_text())
+    assert state["world_size"] == 1 and state["accumulation"] == 2  # the global batch kept: 16 = 8 × 1 × 2
+    assert rank_change_note(1, 2).startswith("resumed on 2 ranks (written by 1): ")
+    assert rank_change_note(2, 2) is None and rank_change_note(None, 2) is None  # older checkpoints: unknown

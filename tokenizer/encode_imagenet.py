@@ -40,10 +40,10 @@ from PIL import Image
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mutor_vision.cli import run_command, setup_logging
+from mutor_vision.cli import FORCE_HELP, run_command, setup_logging
 from mutor_vision.errors import InputError
 from mutor_vision.files import atomic_write_json, check_stamp
-from mutor_vision.processes import process_state
+from mutor_vision.processes import main_process_holds, process_state
 from mutor_vision.shards import write_manifest, write_shard
 from tokenizer import load_tokenizer
 from tokenizer.preprocess import CropMode, crops, num_crops, to_model_input
@@ -268,7 +268,8 @@ def write_dataset_manifest(
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", type=Path, required=True, help="ImageFolder root, or a folder of .tar shards")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="the output folder, held by one run at a time")
+    parser.add_argument("--force", action="store_true", help=FORCE_HELP.format(what="--out"))
     parser.add_argument("--tokenizer", choices=["vq16", "palette"], default="vq16")
     parser.add_argument("--tokenizer-path", type=Path, required=True, help="vq_ds16_c2i.pt or a palette JSON")
     parser.add_argument("--image-size", type=int, default=256)
@@ -285,13 +286,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(argv: list[str] | None = None) -> dict | None:
     """Encode per the command line; return the manifest on the main process (None elsewhere)."""
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     args = parse_args(argv)
     state = process_state(args.device)  # CPU ranks need gloo, not NCCL
     source = open_source(args.input, args.maxcount)
     tokenizer = load_tokenizer(args.tokenizer, str(args.tokenizer_path))
+    # One run per --out (mutor_vision/locks.py): two would rewrite each other's partial shards.
+    with main_process_holds(state, args.out, "--out", force=args.force):
+        return encode_held(args, state, source, tokenizer)
+
+
+def encode_held(args: argparse.Namespace, state, source: Source, tokenizer) -> dict | None:
+    """Encode into ``args.out`` (held by this run); the manifest on the main process."""
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     finished = {i for i in range(len(source.shards)) if (args.out / f"{shard_name(i)}.json").is_file()}
     # Every rank compares; the main process records. Kept shards made with other settings refuse.
     stamp_args = (args.out / SETTINGS, settings_of(source, tokenizer, args), bool(finished))
@@ -336,10 +344,12 @@ EXIT_INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line; exit codes as in ``mutor_vision/cli.py`` (4: unreadable input, no images; 130: Ctrl-C)."""
+    """The command line; exit codes as in ``mutor_vision/cli.py`` (4: unreadable input, no images; 5: a full
+    disk; 130: Ctrl-C)."""
     setup_logging()
+    hint = "finished shards are kept: make room, then run the same command to go on"
     try:
-        return run_command("encode_imagenet", lambda: run(argv))
+        return run_command("encode_imagenet", lambda: run(argv), storage_hint=hint)
     except KeyboardInterrupt:
         # Shards are written atomically with their sidecar last: what finished is kept, the rest resumes.
         print(

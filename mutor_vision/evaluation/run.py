@@ -31,7 +31,7 @@ from mutor_vision.errors import ConfigError
 from mutor_vision.evaluation.features import Reference, extract_features, extractor_record, features_of
 from mutor_vision.evaluation.metrics import frechet_distance, inception_score_metrics, precision_recall, statistics
 from mutor_vision.evaluation.samples import PngWriter, label_list, missing_indices, read_pngs, save_grid, write_npz
-from mutor_vision.files import atomic_write, atomic_write_json, check_stamp
+from mutor_vision.files import atomic_write, atomic_write_json, check_stamp, storage_faults
 from mutor_vision.models import GPT, SamplingConfig, generate, sample_uniforms
 from mutor_vision.processes import process_state
 from mutor_vision.seeds import hash_seed
@@ -227,11 +227,12 @@ def evaluate(
     results["metrics"] = _metrics(pool, logits, labels, reference, extra_metrics)
     if reference is not None:
         results["reference"] = reference.record()
-    atomic_write(out_dir / "labels.npy", lambda tmp: _save_npy(tmp, labels))
-    if save_npz:
-        write_npz(samples_dir, num_samples, out_dir / "samples.npz")
-    save_grid(read_pngs(samples_dir, range(min(num_samples, 64))), out_dir / "grid.png")
-    atomic_write_json(out_dir / "results.json", results)
+    with storage_faults(out_dir, "cannot write the evaluation's outputs"):  # a full disk: exit 5, samples kept
+        atomic_write(out_dir / "labels.npy", lambda tmp: _save_npy(tmp, labels))
+        if save_npz:
+            write_npz(samples_dir, num_samples, out_dir / "samples.npz")
+        save_grid(read_pngs(samples_dir, range(min(num_samples, 64))), out_dir / "grid.png")
+        atomic_write_json(out_dir / "results.json", results)
     log.info("metrics: %s", json.dumps(results["metrics"]))
     if random_weights:
         log.warning(RANDOM_WARNING)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mutor_vision.files import atomic_write
+from mutor_vision.files import atomic_write, space_warning, storage_faults
 
 log = logging.getLogger(__name__)
 _IO_THREADS = 8  # PNG encode/decode releases the GIL in zlib: threads overlap it with GPU work
@@ -82,8 +82,9 @@ class PngWriter:
 
     def _raise_failures(self, wait: bool) -> None:
         done = [f for f in self.pending if wait or f.done()]
-        for future in done:
-            future.result()  # re-raises the write's exception
+        with storage_faults(self.folder, "cannot write sample PNGs"):  # a full disk: exit 5, not a traceback
+            for future in done:
+                future.result()  # re-raises the write's exception
         self.pending = [f for f in self.pending if f not in done]
 
     def __enter__(self) -> PngWriter:
@@ -108,24 +109,46 @@ def read_pngs(folder: Path, indices: Sequence[int]) -> np.ndarray:
 
 
 def write_npz(folder: Path, num_samples: int, path: Path, chunk: int = 1024) -> None:
-    """ADM sample batch: ``arr_0`` uint8 (N, H, W, 3), written through a memmap (no N-image RAM peak)."""
+    """ADM sample batch: ``arr_0`` uint8 (N, H, W, 3), streamed into the archive a chunk at a time.
+
+    No N-image RAM peak and no second copy on disk (a temp .npy would double the space it needs);
+    a failed write (a full disk) leaves no partial file and raises :class:`StorageError`.
+    """
     import zipfile
 
     first = read_pngs(folder, [0])[0]
-    npy = path.with_name(f".{path.stem}.arr_0.npy")
-    array = np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(num_samples, *first.shape))
-    for start in range(0, num_samples, chunk):
-        stop = min(num_samples, start + chunk)
-        array[start:stop] = read_pngs(folder, range(start, stop))
-    array.flush()
-    del array
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False}
+    header["shape"] = (num_samples, *first.shape)
 
     def archive(tmp: Path) -> None:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zipped:
-            zipped.write(npy, "arr_0.npy")
+        with (
+            zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zipped,
+            zipped.open("arr_0.npy", "w", force_zip64=True) as member,
+        ):
+            np.lib.format.write_array_header_1_0(member, header)
+            for start in range(0, num_samples, chunk):
+                member.write(np.ascontiguousarray(read_pngs(folder, range(start, min(num_samples, start + chunk)))))
 
-    atomic_write(path, archive)
-    npy.unlink()
+    with storage_faults(path.parent, f"cannot write {path.name}"):
+        atomic_write(path, archive)
+
+
+def samples_bytes(num_samples: int, resolution: int, missing: int, npz: bool) -> int:
+    """At most how many bytes the missing PNGs and ``samples.npz`` take (a PNG at most its raw pixels)."""
+    image = resolution * resolution * 3
+    return missing * image + (num_samples * image if npz else 0)
+
+
+def check_space(out_dir: Path, num_samples: int, resolution: int, npz: bool) -> str | None:
+    """Warn (and return the line) when ``out_dir`` cannot hold the samples still to write and the npz."""
+    folder = out_dir / "samples"
+    missing = max(num_samples - (sum(1 for _ in folder.glob("*.png")) if folder.is_dir() else 0), 0)
+    need = samples_bytes(num_samples, resolution, missing, npz)
+    what = f"{missing:,} PNGs" + (" and samples.npz" if npz else "")
+    warning = space_warning(out_dir, need, what, num_samples * resolution * resolution * 3 if npz else 0)
+    if warning:
+        log.warning("%s", warning)
+    return warning
 
 
 def save_grid(images: np.ndarray, path: Path, columns: int = 8) -> None:

@@ -28,7 +28,7 @@ from torch import nn
 
 from mutor_vision.config import from_dict, to_dict
 from mutor_vision.errors import ConfigError, InputError
-from mutor_vision.files import atomic_write, atomic_write_json
+from mutor_vision.files import atomic_write, atomic_write_json, storage_faults
 from mutor_vision.models.config import GPTConfig
 
 log = logging.getLogger(__name__)
@@ -76,14 +76,15 @@ def save_export(
     are ``0 .. num_classes - 1``; ``classes``: their names), read back by :func:`read_export_data`.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in normalise_state_dict(state).items()}
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    atomic_write_json(directory / CONFIG_NAME, to_dict(config))
-    if tokenizer is not None:
-        atomic_write_json(directory / TOKENIZER_NAME, tokenizer)
-    if data is not None:
-        atomic_write_json(directory / DATA_NAME, data)
+    with storage_faults(directory, "cannot write the export"):  # a full disk: exit 5, no partial file
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        atomic_write_json(directory / CONFIG_NAME, to_dict(config))
+        if tokenizer is not None:
+            atomic_write_json(directory / TOKENIZER_NAME, tokenizer)
+        if data is not None:
+            atomic_write_json(directory / DATA_NAME, data)
 
 
 def read_export_tokenizer(path: str | Path) -> dict[str, Any]:

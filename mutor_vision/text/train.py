@@ -1,7 +1,9 @@
 """The text task: fine-tune a Hugging Face causal LM with MuToR-1D (or next-token) through the one loop.
 
 Data order is a pure function of (seed, step): epoch e is a permutation seeded by (seed, e), step s
-takes the s-th slice of it (the last partial batch of an epoch is dropped), so resuming is exact.
+takes the s-th slice of it (the last partial batch of an epoch is dropped), so resuming is exact, costs
+no replay, and ``save_every`` changes nothing trained. On another number of ranks a step holds the same
+examples, split otherwise across the ranks (whose draws are seeded by rank).
 """
 
 from __future__ import annotations
@@ -153,10 +155,16 @@ class TextTask:
 
 
 def train_text(
-    config: TextTrainConfig, resume: str | None = None, allow_change: Sequence[str] = (), model=None, tokenizer=None
+    config: TextTrainConfig,
+    resume: str | None = None,
+    allow_change: Sequence[str] = (),
+    model=None,
+    tokenizer=None,
+    force: bool = False,
 ) -> TrainResult:
     """Train per ``config`` (``model``/``tokenizer`` may be given directly, e.g. in tests).
 
     The data file is read and the resume checked before the model is loaded or anything is written.
+    ``force``: take ``out_dir`` over from another run holding it (``mutor_vision/locks.py``).
     """
-    return loop.run(TextTask(config, model, tokenizer), config, resume, allow_change)
+    return loop.run(TextTask(config, model, tokenizer), config, resume, allow_change, force=force)

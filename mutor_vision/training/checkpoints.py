@@ -26,8 +26,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mutor_vision.errors import InputError
-from mutor_vision.files import atomic_write_json, fsync_dir, fsync_tree
+from mutor_vision.errors import InputError, StorageError
+from mutor_vision.files import (
+    atomic_write_json,
+    format_bytes,
+    fsync_dir,
+    fsync_tree,
+    space_warning,
+    storage_error,
+    storage_faults,
+)
+from mutor_vision.training.runtime import any_rank
 
 log = logging.getLogger(__name__)
 STATE = "state.json"
@@ -65,20 +74,40 @@ class CheckpointManager:
         state: dict[str, Any],
         export: Callable[[Path], None],
     ) -> Path:
-        """Save on all ranks (accelerate requires it); the main process finalises and prunes."""
+        """Save on all ranks (accelerate requires it); the main process finalises and prunes.
+
+        A storage fault (a full disk, a file size limit, EIO) on any rank stops every rank with a
+        :class:`StorageError` naming the newest complete checkpoint, after the main process removed
+        the partial one: the previous checkpoints are untouched and a resume continues from them.
+        """
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f".step_{step:08d}.tmp"
+        what = f"cannot save checkpoint {final.name}"
         if accelerator.is_main_process:
-            self.root.mkdir(parents=True, exist_ok=True)
-            self._discard(tmp)
-            tmp.mkdir()
+            with storage_faults(self.root, what):
+                self.root.mkdir(parents=True, exist_ok=True)
+                self._discard(tmp)
+                tmp.mkdir()
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp / "accelerate"))
-        export(tmp / "export")  # every rank calls it (FSDP gathers); the main process writes
-        accelerator.wait_for_everyone()
+        failure = None
+        try:
+            accelerator.save_state(str(tmp / "accelerate"))
+            export(tmp / "export")  # every rank calls it (FSDP gathers); the main process writes
+        except Exception as error:
+            failure = storage_error(error, self.root, what)
+            if failure is None:
+                raise
+        self._stop_on_failure(accelerator, failure, tmp, what)
         if accelerator.is_main_process:
-            atomic_write_json(tmp / STATE, {"step": step, **state})
-            fsync_tree(tmp)  # every byte on disk before the rename that marks the checkpoint complete
+            try:
+                atomic_write_json(tmp / STATE, {"step": step, **state})
+                fsync_tree(tmp)  # every byte on disk before the rename that marks the checkpoint complete
+            except Exception as error:
+                failure = storage_error(error, self.root, what)
+                if failure is None:
+                    raise
+        self._stop_on_failure(accelerator, failure, tmp, what)
+        if accelerator.is_main_process:
             if final.exists():
                 self._discard(final)
             os.replace(tmp, final)
@@ -86,6 +115,37 @@ class CheckpointManager:
             self._prune()
         accelerator.wait_for_everyone()
         return final
+
+    def _stop_on_failure(self, accelerator, failure: StorageError | None, tmp: Path, what: str) -> None:
+        """Every rank stops together when one failed to write (none waits for it forever)."""
+        if not any_rank(accelerator, failure is not None):
+            return
+        if accelerator.is_main_process:
+            try:
+                self._discard(tmp)
+            except OSError:  # the rename itself can fail on a full disk: delete in place
+                shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        if failure is None:
+            failure = StorageError(f"{what}: a write failed on another rank ({self.root})", folder=str(self.root))
+        latest = self.latest()
+        removed = "the partial checkpoint was removed" if not tmp.exists() else f"remove the partial {tmp}"
+        newest = f"the newest complete one is {latest}" if latest else "no complete checkpoint yet"
+        message = f"{failure}; {removed}, {newest}"
+        raise StorageError(message, folder=failure.folder, errno=failure.errno, cause=failure.cause) from failure
+
+    def check_space(self, parameters: int, trainable: int, ema: bool) -> str | None:
+        """Warn (and return the line) when the folder cannot hold ``keep_last`` checkpoints + the one being written.
+
+        Those already there count: a resumed run needs room for the ones still to come only.
+        """
+        size, largest = checkpoint_bytes(parameters, trainable, ema)
+        more = self.keep_last + 1 - min(len(self.complete()), self.keep_last)
+        what = f"{more} more checkpoint(s) (keep_last {self.keep_last} + one being saved, ~{format_bytes(size)} each)"
+        warning = space_warning(self.root, more * size, what, largest)
+        if warning:
+            log.warning("%s", warning)
+        return warning
 
     def _discard(self, path: Path) -> None:
         """Delete a directory so that a kill at any moment leaves it either whole or out of sight."""
@@ -133,6 +193,16 @@ class CheckpointManager:
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise CheckpointUnreadable(f"{path / STATE}: unreadable checkpoint state ({error})") from None
         return state
+
+
+def checkpoint_bytes(parameters: int, trainable: int, ema: bool) -> tuple[int, int]:
+    """About the bytes of one checkpoint and of its largest file, from the parameter counts.
+
+    accelerate's weights and the export hold every parameter in fp32, AdamW's state two fp32
+    moments per trainable one; EMA adds its copy and its export. (A LoRA export is smaller.)
+    """
+    weights, optimizer = 4 * parameters, 8 * trainable
+    return 2 * weights + optimizer + (2 * weights if ema else 0), max(weights, optimizer)
 
 
 class CheckpointUnreadable(InputError):

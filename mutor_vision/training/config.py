@@ -15,10 +15,12 @@ class DataConfig:
     num_workers: int = 4  # loader workers per rank
     shuffle_buffer: int = 1000  # samples held for shuffling, per loader worker
     on_error: Literal["raise", "skip"] = "raise"  # corrupt shards: stop with the shard's name, or skip
+    segment_steps: int = 1000  # the data stream is re-seeded every this many steps; a resume replays <= one segment
 
     def __post_init__(self) -> None:
         check(self.num_workers >= 0, "num_workers", "must be >= 0")
         check(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
+        check(self.segment_steps >= 1, "segment_steps", "must be >= 1")
 
 
 @dataclass
@@ -65,7 +67,7 @@ class LoopConfig:
     device: Literal["auto", "cpu"] = "auto"  # auto: CUDA when available; cpu pins the CPU (bit-exact tests)
     compile: bool = False  # torch.compile the training forward (CUDA only; ignored on CPU)
     out_dir: str = "runs/c2i"  # checkpoints/, logs/ and config.yaml
-    save_every: int = 5000  # steps between checkpoints (also where the image data stream is re-seeded)
+    save_every: int = 5000  # steps between checkpoints (never changes what is trained)
     keep_last: int = 3  # complete checkpoints kept
     log_every: int = 50  # steps between log lines and TensorBoard points (loss means over them)
     tensorboard: bool = True  # scalars under <out_dir>/logs

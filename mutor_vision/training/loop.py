@@ -6,8 +6,8 @@ the checks before anything is written, DDP/FSDP through accelerate, AdamW with i
 gradient accumulation, clipping and the NaN stop, logging, checkpoints, SIGTERM, exact resume.
 
 Exact resume: every random draw of step s (dropout, class dropout, register layouts) is seeded from
-(seed, rank, s) here, and each task's data order is a pure function of (seed, step), so N steps +
-resume + N steps equals 2N uninterrupted steps.
+(seed, rank, s) here, and each task's data order is a pure function of (seed, step, rank layout),
+never of ``save_every``, so N steps + resume + N steps equals 2N uninterrupted steps.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from mutor_vision.config import default_values, to_dict
 from mutor_vision.errors import ConfigError
 from mutor_vision.files import atomic_write_text
+from mutor_vision.processes import main_process_holds, process_state
 from mutor_vision.registers import LossParts
 from mutor_vision.seeds import hash_seed
 from mutor_vision.training.checkpoints import CheckpointManager
@@ -138,12 +139,24 @@ def prepare(task: Task, config: LoopConfig, accelerator, fresh: bool) -> Trainee
     return Trainee(model, forward, unwrapped, optimizer, scheduler, ema, list(model.parameters()), counts)
 
 
-def run(task: Task, config: LoopConfig, resume: str | None = None, allow_change: Sequence[str] = ()) -> TrainResult:
+def run(
+    task: Task, config: LoopConfig, resume: str | None = None, allow_change: Sequence[str] = (), force: bool = False
+) -> TrainResult:
     """Train ``task`` per ``config``; ``resume`` is None, ``"auto"`` (newest complete checkpoint) or a path.
 
     ``allow_change`` names config keys that may differ from the resumed checkpoint's. Nothing is
     built or written before the resume and the inputs are checked.
+
+    ``out_dir`` is held by one run at a time (``mutor_vision/locks.py``): a second run on it stops
+    with a ConfigError naming the first, before it reads or touches anything there; ``force`` takes
+    the folder over from a run that holds it.
     """
+    # The lock comes first: a second run's resume and clean-up would delete the first one's saves.
+    with main_process_holds(process_state(config.device), config.out_dir, "out_dir", force=force):
+        return _run(task, config, resume, allow_change)
+
+
+def _run(task: Task, config: LoopConfig, resume: str | None, allow_change: Sequence[str]) -> TrainResult:
     out_dir = Path(config.out_dir)
     manager = CheckpointManager(out_dir / "checkpoints", config.keep_last)
     recorded = to_dict(config)
@@ -158,6 +171,7 @@ def run(task: Task, config: LoopConfig, resume: str | None = None, allow_change:
     if accelerator.is_main_process:  # only now: nothing is written before every check passed
         log_startup(task, config, accelerator, accumulation, trainee, step)
         out_dir.mkdir(parents=True, exist_ok=True)
+        manager.check_space(*trainee.num_parameters, ema=trainee.ema is not None)  # warns: a full disk fails a save
         atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(recorded, sort_keys=False))
     if trackers:
         accelerator.init_trackers(task.name, config=flat_hparams(recorded))
@@ -176,8 +190,9 @@ def run(task: Task, config: LoopConfig, resume: str | None = None, allow_change:
     quiet = not accelerator.is_main_process or result.nothing_to_do
     progress = tqdm(total=task.total_steps, initial=step, disable=quiet, unit="step")
     window, grad_norm = LogWindow(), float("nan")
-    # Log lines go above the bar (tqdm.write) instead of breaking into it.
-    with StopFlag() as stop, logging_redirect_tqdm(tqdm_class=tqdm):
+    # Log lines go above the bar (tqdm.write) instead of breaking into it; an error closes the bar
+    # first, so its one line starts a line of its own.
+    with StopFlag() as stop, logging_redirect_tqdm(tqdm_class=tqdm), progress:
         while step < task.total_steps:
             mean, samples, tokens, norm = optimizer_step(
                 task, trainee, accelerator, config, step, accumulation, manager
@@ -197,7 +212,6 @@ def run(task: Task, config: LoopConfig, resume: str | None = None, allow_change:
             if stopping:
                 result.reason = "terminated"
                 break
-    progress.close()
     result.step = step
     accelerator.end_training()
     return result

@@ -1,7 +1,8 @@
 """Resuming a run: which checkpoint, whether its config matches, and loading it on every rank.
 
 The config given on resume is compared with the one recorded in the checkpoint before anything is
-built or written; an unreadable newest checkpoint falls back to the previous one.
+built or written; an unreadable newest checkpoint falls back to the previous one. Resuming on another
+number of ranks than the checkpoint's (its ``state.json`` records ``world_size``) works and says so once.
 """
 
 from __future__ import annotations
@@ -147,9 +148,29 @@ def restore(
             continue
         step = int(state["step"])
         log.info("resumed from %s at step %d", path, step)
+        note = rank_change_note(state.get("world_size"), accelerator.num_processes)
+        if note is not None and accelerator.is_main_process:
+            log.warning("%s", note)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             manager.set_aside_after(step)
         accelerator.wait_for_everyone()
         return step, path
     return 0, None
+
+
+def rank_change_note(written: Any, ranks: int) -> str | None:
+    """The line a resume on another number of ranks than the checkpoint's logs (None: the same number).
+
+    The global batch is kept (accumulation is recomputed) and the model, optimizer and schedule load
+    exactly, but each rank's data stream and draws are seeded by its rank, so the steps after the
+    resume see other batches than an uninterrupted run would. A checkpoint that records no world size
+    says nothing here: it cannot tell.
+    """
+    if not isinstance(written, int) or written == ranks:
+        return None
+    plural = "rank" if ranks == 1 else "ranks"
+    return (
+        f"resumed on {ranks} {plural} (written by {written}): data order differs from an uninterrupted run; "
+        "model, optimizer and schedule exact"
+    )
