@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-gpu gpu-check lint format demo demo-full clean
+.PHONY: install test test-gpu gpu-check lint format demo demo-full demo-text clean
 
 install: $(STAMP)
 
@@ -41,6 +41,10 @@ demo: $(STAMP)
 # The longer setting: 5 seeds x 3,000 steps (about an hour on 2 CPU cores; minutes on a GPU).
 demo-full: $(STAMP)
 	$(PY) demo/run_demo.py --full --out runs/demo-full
+
+# The text demo: MuToR-1D vs next-token on a small local Llama, multi-step arithmetic, 3 seeds, CPU, offline.
+demo-text: $(STAMP)
+	$(PY) demo/run_demo_text.py --out runs/demo-text
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .

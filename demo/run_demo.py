@@ -24,7 +24,6 @@ import logging
 import shutil
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from demo.digits import (  # noqa: E402
     train_classifier,
     write_image_folder,
 )
+from demo.report import cell, compare  # noqa: E402
 from mutor_vision.cli import setup_logging  # noqa: E402
 from mutor_vision.config import config_changes, default_values, load_yaml, to_dict  # noqa: E402
 from mutor_vision.evaluation import evaluate, reference_from_images  # noqa: E402
@@ -228,26 +228,11 @@ def real_floor(arrays: dict[str, np.ndarray], extractor, reference, count: int) 
 
 def summarise(final: dict[str, list[dict]]) -> dict[str, dict]:
     """Mean, std and a Welch t-test (MuToR-2D vs next-token) of every metric over seeds."""
-    from scipy.stats import ttest_ind
-
     summary = {}
     for key, _, lower_better in METRICS:
-        values = {m: np.array([row[key] for row in final[m]], dtype=float) for m in METHODS}
-        entry = {m: {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else float("nan"),
-                     "values": v.tolist()} for m, v in values.items()}  # fmt: skip
-        difference = entry["mutor2d"]["mean"] - entry["ntp"]["mean"]
-        seeds_enough = len(values["ntp"]) > 1 and len(values["mutor2d"]) > 1
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # nearly identical values: scipy warns, the p-value says it all
-            test = ttest_ind(values["mutor2d"], values["ntp"], equal_var=False) if seeds_enough else None
-        p = float(test.pvalue) if test is not None else 1.0
-        p = p if np.isfinite(p) else 1.0  # identical values on both sides: no evidence of a difference
-        better = (difference < 0) == lower_better
-        if p >= 0.05:
-            verdict = "within the seed-to-seed spread"
-        else:
-            verdict = f"MuToR-2D {'better' if better else 'worse'}, beyond the seed-to-seed spread"
-        summary[key] = {**entry, "difference": difference, "p_value": p, "verdict": verdict}
+        values = {m: [row[key] for row in final[m]] for m in METHODS}
+        entry = compare(values["mutor2d"], values["ntp"], lower_better, METHODS["mutor2d"])
+        summary[key] = {"ntp": entry.pop("baseline"), "mutor2d": entry.pop("treated"), **entry}
     return summary
 
 
@@ -336,9 +321,6 @@ def plot_samples(out: Path, arrays: dict[str, np.ndarray], plan: Plan, path: Pat
 
 def write_report(out: Path, summary: dict, floor: dict, compute: dict, plan: Plan, seconds: float) -> None:
     training_min = sum(c["step_s"] * c["steps"] for c in compute.values()) * len(plan.seeds) / 60
-
-    def cell(entry: dict) -> str:
-        return f"{entry['mean']:.3f} ± {entry['std']:.3f}" if np.isfinite(entry["std"]) else f"{entry['mean']:.3f}"
 
     lines = [
         "# mutor-vision demo: MuToR-2D vs next-token on 16×16 digits",
