@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[text,dev]"
 	touch $(STAMP)
 
+# lint-imports: the layers of mutor_vision/ ([tool.importlinter] in pyproject.toml).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 test: lint
 	$(PY) -m pytest -q

@@ -12,7 +12,8 @@ from __future__ import annotations
 import sys
 
 from mutor_vision.cli import train_main
-from mutor_vision.training import TrainConfig, train
+from mutor_vision.training.c2i import train
+from mutor_vision.training.config import TrainConfig
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,15 @@ fp32, the tiny config). The faults:
 - ``truncated_newest``: a random file of the newest checkpoint cut to a random length, then ``--resume auto``;
 - ``short_shard``: one shard cut at a random member boundary (the loader must refuse, or skip it);
 - ``eval_sigkill``: ``eval/fid.py`` killed at a random moment and rerun; every PNG must equal the
-  uninterrupted run's.
+  uninterrupted run's;
+- ``double_launch``: the same training command started again with ``--resume auto`` at a random step
+  while the first runs (a requeued job): the second must be refused (exit 2, naming the holder) and
+  the first must finish unharmed;
+- ``disk_full_save``: training under a random file-size limit (``RLIMIT_FSIZE``, below the largest
+  checkpoint file), so some save fails: exit 5, no partial folder left; the rerun without the limit
+  must end identical to an uninterrupted run;
+- ``disk_full_eval``: ``eval/fid.py`` (with its ``samples.npz``) under a random file-size limit:
+  exit 5; the rerun without it must fill in every PNG identical to an uninterrupted run's.
 
 Outcomes are counted per fault; any other outcome than the expected one is listed with its details.
 """
@@ -24,11 +32,13 @@ import argparse
 import json
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -46,6 +56,7 @@ from mutor_vision.training.checkpoints import CheckpointManager  # noqa: E402
 
 TINY = ROOT / "configs" / "c2i" / "tiny_cpu.yaml"
 EVAL_SAMPLES = 160
+LONG = 10  # double_launch: a run this many times --steps, so the second launch starts while it runs
 
 
 def env() -> dict[str, str]:
@@ -58,10 +69,16 @@ def train_cmd(shards: Path, run: Path, steps: int, *extra: str, ranks: int = 1) 
     return [*cmd, "log_every=1", "tensorboard=false", *extra]
 
 
-def start(cmd: list[str]) -> subprocess.Popen:
+def start(cmd: list[str], file_size_limit: int | None = None) -> subprocess.Popen:
+    """``cmd`` in its own process group; ``file_size_limit``: RLIMIT_FSIZE in bytes (a full disk, no root needed)."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
     return subprocess.Popen(
-        cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+        cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, preexec_fn=limit if file_size_limit else None,
+    )  # fmt: skip
 
 
 def strike_at(proc: subprocess.Popen, step: int, delay: float, sig: signal.Signals, group: bool) -> bool:
@@ -218,13 +235,91 @@ def trial_eval(work: Path, args: list[str], reference: Path, rng: random.Random)
     return {"pngs_before_rerun": before, "exit": code, "outcome": outcome}
 
 
+def trial_double_launch(work: Path, shards: Path, reference: bytes, rng: random.Random, steps: int) -> dict:
+    run = work / f"double-{rng.randrange(10**9)}"
+    extra = ["save_every=2", "keep_last=1"]
+    step = rng.randrange(1, steps // 2)
+    first = start(train_cmd(shards, run, steps, *extra))
+    if not strike_at_step(first, step):
+        return {"step": step, "outcome": "the first run ended before the second started"}
+    # Keep reading the first run's log while the second runs: a full pipe would stall it.
+    drained = threading.Thread(target=first.stderr.read, daemon=True)
+    drained.start()
+    began = time.monotonic()
+    second = start([*train_cmd(shards, run, steps, *extra), "--resume", "auto"])
+    _, message = second.communicate(timeout=300)
+    record = {"step": step, "second_exit": second.returncode, "refused_after_s": round(time.monotonic() - began, 2)}
+    try:
+        record["first_exit"] = first.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(first.pid, signal.SIGKILL)
+        record["first_exit"] = -999
+    drained.join(timeout=10)
+    if second.returncode != 2 or "in use by another run" not in message:
+        return {**record, "outcome": "second launch NOT refused", "message": message[-300:]}
+    if record["first_exit"] != 0 or leftovers(run) or export_bytes(run, steps) != reference:
+        return {**record, "outcome": "first run HARMED"}
+    return {**record, "outcome": "second refused, first unharmed and identical to uninterrupted"}
+
+
+def strike_at_step(proc: subprocess.Popen, step: int) -> bool:
+    """Wait for the log line of ``step`` (the run is then past its start-up); False if it ended first."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if f"step {step}:" in line:
+            return True
+        if not line and proc.poll() is not None:
+            return False
+    return False
+
+
+def largest_checkpoint_file(run: Path) -> int:
+    return max(f.stat().st_size for f in (run / "checkpoints").rglob("*") if f.is_file())
+
+
+def trial_disk_full_save(
+    work: Path, shards: Path, reference: bytes, largest: int, rng: random.Random, steps: int
+) -> dict:
+    run = work / f"diskfull-{rng.randrange(10**9)}"
+    extra = ["save_every=2", "keep_last=1"]
+    limit = rng.randrange(4096, largest)
+    proc = start(train_cmd(shards, run, steps, *extra), file_size_limit=limit)
+    code = finish(proc)
+    record: dict = {"limit_bytes": limit, "exit": code}
+    if code != 5:
+        return {**record, "outcome": f"exit {code}, not the storage fault's 5"}
+    record["temp_left"] = sorted(p.name for p in (run / "checkpoints").glob(".*tmp*")) if run.is_dir() else []
+    record["resume_exit"] = resume_to_end(shards, run, steps, extra)
+    if record["temp_left"] or record["resume_exit"] != 0 or leftovers(run):
+        return {**record, "outcome": "partial files left or resume failed"}
+    same = export_bytes(run, steps) == reference
+    return {**record, "outcome": "exit 5, rerun identical to uninterrupted" if same else "rerun DIFFERENT weights"}
+
+
+def trial_disk_full_eval(work: Path, args: list[str], reference: Path, rng: random.Random) -> dict:
+    out = work / f"evalfull-{rng.randrange(10**9)}"
+    with_npz = [a for a in args if a != "--no-npz"]
+    limit = rng.randrange(256, EVAL_SAMPLES * 8 * 8 * 3)  # below samples.npz's size: some write fails
+    code = finish(start([sys.executable, *with_npz, "--out", str(out)], file_size_limit=limit))
+    record = {"limit_bytes": limit, "exit": code}
+    if code != 5:
+        return {**record, "outcome": f"exit {code}, not the storage fault's 5"}
+    record["rerun_exit"] = finish(start([sys.executable, *with_npz, "--out", str(out)]))
+    names = sorted(p.name for p in (reference / "samples").glob("*.png"))
+    same = record["rerun_exit"] == 0 and all(
+        (out / "samples" / n).read_bytes() == (reference / "samples" / n).read_bytes() for n in names
+    )
+    return {**record, "outcome": "exit 5, rerun filled in every PNG identical" if same else "DIFFERENT or failed"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=10, help="trials per fault (two-rank faults: a third)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--faults", default="sigterm_group,sigterm_launcher_2ranks,sigkill,truncated_newest,"
-                        "short_shard,eval_sigkill")  # fmt: skip
+                        "short_shard,eval_sigkill,double_launch,disk_full_save,disk_full_eval")  # fmt: skip
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     rng = random.Random(args.seed)
@@ -236,20 +331,24 @@ def main() -> None:
         shards = work / "shards"
         write_synthetic_shards(shards, num_shards=4, per_shard=32, grid=8, vocab_size=16, num_classes=10)
         references = {}
-        for name, extra, ranks in [
-            ("loader", ["save_every=10", "data.num_workers=2"], 1),
-            ("saves", ["save_every=2", "keep_last=1"], 1),
-            ("two_ranks", ["save_every=10", "data.num_workers=2"], 2),
+        for name, extra, ranks, steps in [
+            ("loader", ["save_every=10", "data.num_workers=2"], 1, args.steps),
+            ("saves", ["save_every=2", "keep_last=1"], 1, args.steps),
+            ("two_ranks", ["save_every=10", "data.num_workers=2"], 2, args.steps),
+            ("long", ["save_every=2", "keep_last=1"], 1, LONG * args.steps),
         ]:
-            if name == "two_ranks" and "sigterm_launcher_2ranks" not in faults:
+            if (name == "two_ranks" and "sigterm_launcher_2ranks" not in faults) or (
+                name == "long" and "double_launch" not in faults
+            ):
                 continue
             run = work / f"reference-{name}"
-            assert finish(start(train_cmd(shards, run, args.steps, *extra, ranks=ranks))) == 0, name
-            references[name] = export_bytes(run, args.steps)
+            assert finish(start(train_cmd(shards, run, steps, *extra, ranks=ranks))) == 0, name
+            references[name] = export_bytes(run, steps)
         for fault in faults:
-            trials = max(1, args.trials // 3) if fault in ("sigterm_launcher_2ranks", "eval_sigkill") else args.trials
+            slow = ("sigterm_launcher_2ranks", "eval_sigkill", "double_launch", "disk_full_eval")
+            trials = max(1, args.trials // 3) if fault in slow else args.trials
             rows = []
-            if fault == "eval_sigkill":
+            if fault in ("eval_sigkill", "disk_full_eval") and not (work / "eval-reference").is_dir():
                 eval_args, _ = eval_fixture(work)
                 assert finish(start([sys.executable, *eval_args, "--out", str(work / "eval-reference")])) == 0
             for _ in range(trials):
@@ -262,6 +361,13 @@ def main() -> None:
                     rows.append(trial_short_shard(work, rng))
                 elif fault == "eval_sigkill":
                     rows.append(trial_eval(work, eval_args, work / "eval-reference", rng))
+                elif fault == "double_launch":
+                    rows.append(trial_double_launch(work, shards, references["long"], rng, LONG * args.steps))
+                elif fault == "disk_full_save":
+                    largest = largest_checkpoint_file(work / "reference-saves")
+                    rows.append(trial_disk_full_save(work, shards, references["saves"], largest, rng, args.steps))
+                elif fault == "disk_full_eval":
+                    rows.append(trial_disk_full_eval(work, eval_args, work / "eval-reference", rng))
                 print(fault, rows[-1], flush=True)
             results[fault] = rows
     summary = {fault: dict(Counter(r["outcome"] for r in rows)) for fault, rows in results.items()}

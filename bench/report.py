@@ -1,6 +1,6 @@
-"""Render bench/results/*.json as Markdown and write it into README.md between the bench markers.
+"""Render bench/results/*.json as Markdown and write it into docs/benchmarks.md between the bench markers.
 
-python bench/report.py            # rewrite the README section
+python bench/report.py            # rewrite the tables in docs/benchmarks.md
 python bench/report.py --print    # only print it
 """
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+TARGET = ROOT / "docs" / "benchmarks.md"  # the page that holds the tables
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 Results = list[tuple[str, dict]]  # (file name, its JSON), sorted by file name
 
@@ -155,7 +156,7 @@ def gpu_check_table(results: Results) -> list[str]:
     return table(header, rows)
 
 
-# (benchmark name in the JSON, the section's title, its table), in README order
+# (benchmark name in the JSON, the section's title, its table), in the page's order
 SECTIONS: list[tuple[str, str, Callable[[Results], list[str]]]] = [
     ("gpu_check", "**GPU check** (`make gpu-check`; each stage's rows and status are in the file)", gpu_check_table),
     ("train_step", "**Training step** (`bench/train_step.py`; median of interleaved repeats)", train_step_table),
@@ -194,13 +195,12 @@ def main() -> None:
     if args.print:
         print(text)
         return
-    readme = ROOT / "README.md"
-    content = readme.read_text()
+    content = TARGET.read_text()
     if START not in content or END not in content:
-        raise SystemExit(f"README.md has no {START} ... {END} section")
+        raise SystemExit(f"{TARGET.relative_to(ROOT)} has no {START} ... {END} section")
     head, rest = content.split(START, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+    TARGET.write_text(f"{head}{START}\n{text}\n{END}{tail}")
 
 
 if __name__ == "__main__":

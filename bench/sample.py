@@ -25,15 +25,10 @@ import argparse
 import contextlib
 import json
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 from common import median_time, provenance, save  # bench/common.py (the script's folder is on sys.path)
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 
 from mutor_vision.models import GPT, GPTConfig, RegisterConfig, generate
 

@@ -49,8 +49,9 @@ from mutor_vision.evaluation.metrics import frechet_distance, inception_score, p
 from mutor_vision.files import atomic_write_json, atomic_write_text  # noqa: E402
 from mutor_vision.models import GPT, SamplingConfig  # noqa: E402
 from mutor_vision.shards import iter_samples, read_manifest  # noqa: E402
-from mutor_vision.training import TrainConfig, train  # noqa: E402
+from mutor_vision.training.c2i import train  # noqa: E402
 from mutor_vision.training.checkpoints import CheckpointManager, checkpoint_step  # noqa: E402
+from mutor_vision.training.config import TrainConfig  # noqa: E402
 from tokenizer import PaletteTokenizer, to_uint8  # noqa: E402
 from tokenizer.encode_imagenet import run as encode  # noqa: E402
 

@@ -190,8 +190,7 @@ def heldout_nll(export: Path, test: Path) -> float:
 
 def answer(export: Path, test: Path, out: Path, draft_tokens: int = 1) -> dict:
     """``eval/gsm8k.py`` on the held-out problems (greedy, authors' scoring)."""
-    sys.path.insert(0, str(ROOT / "eval"))
-    import gsm8k
+    from eval import gsm8k  # the repo root is on sys.path (above)
 
     argv = ["--ckpt", str(export), "--data", str(test), "--max-new-tokens", "32", "--batch-size", "64"]
     return gsm8k.run([*argv, "--device", "cpu", "--draft-tokens", str(draft_tokens), "--out", str(out)])

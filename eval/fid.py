@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: tokenizer/
 
 from mutor_vision.cli import FORCE_HELP, run_command, setup_logging
-from mutor_vision.drafting import check_draft_tokens
+from mutor_vision.core.drafting import check_draft_tokens
 from mutor_vision.errors import ConfigError, InputError
 from mutor_vision.evaluation import (
     evaluate,

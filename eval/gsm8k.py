@@ -15,9 +15,6 @@ trained with a bidirectional prompt is prefilled bidirectionally.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mutor_vision.cli import run_command, setup_logging
 from mutor_vision.text.answers import answers_match, authors_match

@@ -13,9 +13,6 @@ compared as strings. Shares the generation and the command line of ``eval/gsm8k.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mutor_vision.cli import run_command, setup_logging
 from mutor_vision.text.answers import math_match

@@ -33,6 +33,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import yaml
+
+from mutor_vision.config import load_yaml, to_dict
 from mutor_vision.errors import ConfigError, InputError, StorageError, TrainingDiverged
 from mutor_vision.files import storage_error
 from mutor_vision.locks import LEASE_S
@@ -101,8 +104,6 @@ def setup_logging() -> None:
 
 def train_main(doc: str, config_cls: type, train_fn: Callable[..., Any], argv: list[str] | None, name: str) -> int:
     """The command line of ``train_c2i.py`` and ``train_sft.py``: --config, --resume, key=value overrides."""
-    from mutor_vision.config import load_yaml
-
     parser = argparse.ArgumentParser(
         prog=f"{name}.py", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXIT_CODES
     )
@@ -130,10 +131,6 @@ def train_main(doc: str, config_cls: type, train_fn: Callable[..., Any], argv: l
     def body() -> None:
         config = load_yaml(config_cls, args.config, args.overrides)
         if args.print_config:
-            import yaml
-
-            from mutor_vision.config import to_dict
-
             print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
             return
         result = train_fn(config, resume=args.resume, allow_change=allow, force=args.force)

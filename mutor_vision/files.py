@@ -24,7 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mutor_vision.errors import StorageError
+from mutor_vision.config import config_changes
+from mutor_vision.errors import ConfigError, StorageError
 
 # mkstemp-style temp files are 0600; renamed results get the mode a plain open() would give
 # (0666 minus the umask) so others on a shared cluster can read exports. Python has no getumask:
@@ -125,9 +126,6 @@ def check_stamp(
     outputs (a run that failed before writing any) is simply replaced. ``defaults`` (dotted keys):
     a key the stamp lacks — added to the code since — is unchanged at its default value.
     """
-    from mutor_vision.config import config_changes
-    from mutor_vision.errors import ConfigError
-
     path = Path(path)
     current = json.loads(json.dumps(settings))
     recorded = json.loads(path.read_text()) if path.is_file() else None

@@ -9,6 +9,8 @@ notebook), so there the state is reset before each setup.
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -83,9 +85,6 @@ def cpu_child_env(checkout: str | os.PathLike) -> dict[str, str]:
 
 def cpu_ranks_command(num_processes: int = 2) -> list[str]:
     """``accelerate launch`` of ``num_processes`` CPU ranks on a free port (parallel runs never collide)."""
-    import socket
-    import sys
-
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

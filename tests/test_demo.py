@@ -3,15 +3,10 @@ every checkpoint, the statistics, the report; then a rerun that resumes instead 
 
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from demo import run_demo  # noqa: E402
+from demo import run_demo
 
 
 def test_demo_smoke(tmp_path):
@@ -37,7 +32,7 @@ def test_demo_smoke(tmp_path):
 
 
 def test_demo_stops_on_an_interrupted_run_and_retrains_an_edited_one(tmp_path, monkeypatch):
-    from mutor_vision.training import TrainResult
+    from mutor_vision.training.runtime import TrainResult
 
     plan = run_demo.Plan((0,), 4, 2, 20, 2.0, 1, 8, ("data.num_workers=0", "data.shuffle_buffer=16"))
     data, _, _ = run_demo.prepare_data(tmp_path, plan.images_per_class)

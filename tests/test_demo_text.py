@@ -1,13 +1,7 @@
 """A few-step run of the text demo: data, local models, both methods on two seeds, evaluations at every
 checkpoint, drafting, the statistics and the report; then a rerun that reuses the trained runs."""
 
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from demo import run_demo_text  # noqa: E402
+from demo import run_demo_text
 
 
 def test_demo_text_smoke(tmp_path):

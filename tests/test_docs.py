@@ -4,7 +4,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from mutor_vision.config import reference_markdown
+from mutor_vision.configdocs import reference_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,7 +20,7 @@ def tracked(*patterns: str) -> list[Path]:
 
 
 def test_config_reference_is_current():
-    # Regenerate with `python -m mutor_vision.config` after changing a config dataclass.
+    # Regenerate with `python -m mutor_vision.configdocs` after changing a config dataclass.
     assert (ROOT / "docs" / "configs.md").read_text() == reference_markdown()
 
 
@@ -37,3 +37,52 @@ def test_cited_docs_exist_and_nothing_outside_the_repository_is_cited():
         assert not outside.search(text), f"{path.relative_to(ROOT)} cites a document outside the repository"
         for name in cited.findall(text):
             assert (ROOT / name).is_file(), f"{path.relative_to(ROOT)} cites {name}, which does not exist"
+
+
+README_LIMIT = 12 * 1024  # bytes: what a reader finishes; the rest lives in docs/ (issue 27)
+
+
+def test_readme_stays_short_and_its_docs_exist():
+    readme = ROOT / "README.md"
+    assert readme.stat().st_size <= README_LIMIT, f"README.md is {readme.stat().st_size} bytes: move detail to docs/"
+    linked = set(re.findall(r"docs/[\w.-]+\.md", readme.read_text()))
+    assert linked, "README.md links no page under docs/"
+    for name in sorted(linked):
+        assert (ROOT / name).is_file(), f"README.md links {name}, which does not exist"
+    # every page under docs/ is reachable from the README's table
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        assert f"docs/{page.name}" in linked, f"docs/{page.name} is not linked from README.md"
+
+
+def heading_anchors(text: str) -> set[str]:
+    """GitHub's anchors for the Markdown headings of ``text`` (outside code blocks)."""
+    anchors, fenced = set(), False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return anchors
+
+
+def test_markdown_links_between_the_pages_resolve():
+    # [text](path#anchor) links in the README and docs/: the file exists and so does the heading.
+    link = re.compile(r"\]\(([^()\s]+?)\)")
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in link.findall(page.read_text()):
+            if "://" in target:
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            assert file.is_file(), f"{page.relative_to(ROOT)} links {target}, which does not exist"
+            if anchor and file.suffix == ".md":
+                found = heading_anchors(file.read_text())
+                assert anchor in found, f"{page.relative_to(ROOT)} links {target}: no such heading"
+
+
+def test_benchmark_tables_live_in_docs():
+    # bench/report.py rewrites the text between these markers in docs/benchmarks.md.
+    markers = ("<!-- bench:start -->", "<!-- bench:end -->")
+    assert all(marker in (ROOT / "docs" / "benchmarks.md").read_text() for marker in markers)
+    assert not any(marker in (ROOT / "README.md").read_text() for marker in markers)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.stats import chi2_contingency
 
-from mutor_vision.drafting import accepted_drafts, check_draft_tokens, correction
+from mutor_vision.core.drafting import accepted_drafts, check_draft_tokens, correction
 from mutor_vision.errors import ConfigError
 from mutor_vision.models import GPT, GPTConfig, RegisterConfig, SamplingConfig, generate
 

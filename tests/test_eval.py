@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 from conftest import COLORS, make_image_folder, run_two_cpu_ranks
 from PIL import Image
 
+from eval import fid as fid_cli
 from mutor_vision.errors import ConfigError, InputError
 from mutor_vision.evaluation import (
     INCEPTION_FILE,
@@ -27,8 +27,6 @@ from mutor_vision.models.checkpoint import save_export
 from tokenizer import PaletteTokenizer, to_uint8
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "eval"))
-import fid as fid_cli  # noqa: E402
 
 
 def test_fid_against_own_statistics_is_zero():

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from mutor_vision.config import ConfigError, from_dict
+from mutor_vision.core.draw import cumulative, draw
+from mutor_vision.core.registers import Offsets, grid_layout
 from mutor_vision.models import (
     GPT,
     CheckpointError,
@@ -22,8 +24,6 @@ from mutor_vision.models import (
 )
 from mutor_vision.models.config import ffn_hidden_dim
 from mutor_vision.models.rope import apply_rope, rope_2d_table
-from mutor_vision.models.sampling import cumulative, draw
-from mutor_vision.registers import Offsets, grid_layout
 
 
 def tiny_config(**changes) -> GPTConfig:

@@ -170,7 +170,8 @@ def test_chunked_head_loss_in_bf16_matches_whole_logits_and_saves_their_memory()
 
 def test_compiled_bf16_training_learns_then_resumes(tmp_path):
     from mutor_vision.config import load_yaml
-    from mutor_vision.training import TrainConfig, train
+    from mutor_vision.training.c2i import train
+    from mutor_vision.training.config import TrainConfig
 
     data = tmp_path / "shards"
     write_synthetic_shards(data, num_shards=2, per_shard=4, grid=8, vocab_size=16, num_classes=10, num_crops=1)
@@ -229,9 +230,7 @@ def test_compiled_sampling_at_the_vq16_vocabulary_equals_eager(filters):
 
 
 def test_eval_fid_end_to_end_on_cuda(tmp_path):
-    sys.path.insert(0, str(ROOT / "eval"))
-    import fid as fid_cli
-
+    from eval import fid as fid_cli
     from mutor_vision.evaluation import INCEPTION_FILE, save_random_inception_weights
     from tokenizer import PaletteTokenizer
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mutor_vision.linear_ce import weighted_linear_cross_entropy
-from mutor_vision.registers import IGNORE_INDEX, combined_loss, combined_loss_from_hidden
+from mutor_vision.core.linear_ce import weighted_linear_cross_entropy
+from mutor_vision.core.loss import combined_loss, combined_loss_from_hidden
+from mutor_vision.core.registers import IGNORE_INDEX
 
 
 def reference(hidden, weight, targets, token_weights):

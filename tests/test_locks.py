@@ -22,16 +22,15 @@ from test_eval import cli_args, export  # noqa: F401  (export: a module fixture,
 from test_reliability import encode_args, shards, wait_for_line  # noqa: F401  (shards: a fixture)
 from test_train import TINY, config
 
+from eval import fid as fid_cli
 from mutor_vision import locks
 from mutor_vision.errors import ConfigError, StorageError
 from mutor_vision.locks import LEASE_S, LOCK_NAME, acquire, new_record, pid_start_time
-from mutor_vision.training import train
+from mutor_vision.training.c2i import train
 from mutor_vision.training.checkpoints import CheckpointManager
 from tokenizer.encode_imagenet import main as encode_cli
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "eval"))
-import fid as fid_cli  # noqa: E402
 
 
 def plant(folder: Path, **changes) -> dict:

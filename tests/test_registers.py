@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_mask
 
-from mutor_vision.registers import (
+from mutor_vision.core.loss import combined_loss
+from mutor_vision.core.registers import (
     IGNORE_INDEX,
     Offsets,
-    combined_loss,
     grid_layout,
     num_registers_for_fraction,
     offsets_2d_support,

@@ -35,7 +35,7 @@ from mutor_vision.shards import (
     write_synthetic_shards,
 )
 from mutor_vision.training import checkpoints as checkpoints_module
-from mutor_vision.training import train
+from mutor_vision.training.c2i import train
 from mutor_vision.training.checkpoints import CheckpointManager, CheckpointUnreadable
 from tokenizer.encode_imagenet import main as encode_cli
 from tokenizer.encode_imagenet import run as encode

@@ -28,7 +28,7 @@ from mutor_vision.files import is_storage_error, storage_error, storage_faults
 from mutor_vision.models import GPT, GPTConfig, RegisterConfig
 from mutor_vision.models.checkpoint import save_export
 from mutor_vision.shards import write_synthetic_shards
-from mutor_vision.training import train
+from mutor_vision.training.c2i import train
 from mutor_vision.training.checkpoints import CheckpointManager
 from tokenizer import PaletteTokenizer
 
@@ -147,8 +147,7 @@ def test_eval_npz_past_the_file_size_limit_exits_5_keeping_the_pngs(tmp_path, ex
 def test_eval_png_writes_on_a_full_disk_exit_5(tmp_path, export, inception, monkeypatch, capsys):
     # A full disk's ENOSPC, injected into the PNG writer threads (a limit small enough for a PNG
     # would stop the lock file first).
-    sys.path.insert(0, str(ROOT / "eval"))
-    import fid as fid_cli
+    from eval import fid as fid_cli
 
     def full(path, image):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))

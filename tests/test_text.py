@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from mutor_vision.config import load_yaml
-from mutor_vision.registers import Offsets, prompt_answer_layout
+from mutor_vision.core.registers import Offsets, prompt_answer_layout
 from mutor_vision.text.adapter import MuToRAdapter, answer_labels
 from mutor_vision.text.answers import answers_match, extract_answer
 from mutor_vision.text.config import TextTrainConfig
@@ -243,8 +243,7 @@ def test_gsm8k_eval_cli_on_a_trained_export(tokenizer, tmp_path):
     model = tiny_causal_lm(len(tokenizer))
     model.save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
-    sys.path.insert(0, str(ROOT / "eval"))
-    import gsm8k
+    from eval import gsm8k
 
     argv = ["--ckpt", str(tmp_path / "base"), "--data", str(data), "--max-new-tokens", "8", "--batch-size", "3"]
     results = gsm8k.run([*argv, "--device", "cpu", "--out", str(tmp_path / "acc.json")])
@@ -263,8 +262,7 @@ def test_math500_eval_cli(tokenizer, tmp_path):
     model = tiny_causal_lm(len(tokenizer))
     model.save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
-    sys.path.insert(0, str(ROOT / "eval"))
-    import math500
+    from eval import math500
 
     out = tmp_path / "math.json"
     results = math500.run(["--ckpt", str(tmp_path / "base"), "--data", str(data), "--max-new-tokens", "6",

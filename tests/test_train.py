@@ -11,10 +11,12 @@ from safetensors.torch import load_file
 
 import train_c2i
 from mutor_vision.config import ConfigError, load_yaml
+from mutor_vision.errors import TrainingDiverged
 from mutor_vision.models import GPT
 from mutor_vision.shards import write_synthetic_shards
-from mutor_vision.training import TrainConfig, TrainingDiverged, train
 from mutor_vision.training import checkpoints as checkpoints_module
+from mutor_vision.training.c2i import train
+from mutor_vision.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "c2i" / "tiny_cpu.yaml"

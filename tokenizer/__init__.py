@@ -1,9 +1,9 @@
 """Image tokenizers (LlamaGen VQ-16, palette) and the ImageNet -> token-shard encoder.
 
 This package lives at the repository root and is deliberately *not* installed into
-site-packages (see README, "Layout"): run from the checkout, where ``from tokenizer import ...``
-resolves. The library (``mutor_vision``) never imports it: tokenizers produce token shards, the
-library consumes them.
+site-packages (see docs/architecture.md, "Why tokenizer/ is not installed"): run from the
+checkout, where ``from tokenizer import ...`` resolves. The library (``mutor_vision``) never imports
+it: tokenizers produce token shards, the library consumes them.
 """
 
 from pathlib import Path

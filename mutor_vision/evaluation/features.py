@@ -69,6 +69,7 @@ def inception_extractor(weights: str | Path | None = None, allow_download: bool 
     meaningless, and results say so). The extractor carries ``weights_info``: where its weights
     came from, their file's sha256, and whether they are random.
     """
+    # lazy: torch-fidelity takes ~1 s to import
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     if isinstance(weights, str) and weights.startswith(RANDOM_WEIGHTS):
@@ -124,7 +125,7 @@ def save_random_inception_weights(path: str | Path, seed: int = 0) -> Path:
     For tests and benchmarks of the pipeline without the real file (no network): every number
     computed with it is meaningless and must never be reported.
     """
-    import torch_fidelity.feature_extractor_inceptionv3 as inception
+    import torch_fidelity.feature_extractor_inceptionv3 as inception  # lazy: torch-fidelity takes ~1 s to import
 
     cls = inception.FeatureExtractorInceptionV3
     saved = (inception.load_state_dict_from_url, cls.load_state_dict)

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -166,8 +167,6 @@ def evaluate(
     (``sampling_settings.json``); a rerun samples only the missing or broken ones. Labels are
     classes ``0 .. num_classes - 1`` (default: all the model's classes).
     """
-    from accelerate.utils import gather_object
-
     state = evaluation_state(device)
     if num_samples < state.num_processes:
         raise ConfigError(f"num_samples ({num_samples}) must be at least the number of ranks ({state.num_processes})")

@@ -8,6 +8,7 @@ a rerun decodes the PNGs already there once before trusting them.
 from __future__ import annotations
 
 import logging
+import zipfile
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -114,8 +115,6 @@ def write_npz(folder: Path, num_samples: int, path: Path, chunk: int = 1024) -> 
     No N-image RAM peak and no second copy on disk (a temp .npy would double the space it needs);
     a failed write (a full disk) leaves no partial file and raises :class:`StorageError`.
     """
-    import zipfile
-
     first = read_pngs(folder, [0])[0]
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False}
     header["shape"] = (num_samples, *first.shape)
@@ -153,7 +152,7 @@ def check_space(out_dir: Path, num_samples: int, resolution: int, npz: bool) -> 
 
 def save_grid(images: np.ndarray, path: Path, columns: int = 8) -> None:
     """A PNG grid of uint8 images (N, H, W, 3)."""
-    from torchvision.utils import make_grid
+    from torchvision.utils import make_grid  # lazy: torchvision takes ~1.5 s to import
 
     tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     grid = make_grid(tensor, nrow=columns, padding=2, pad_value=255)

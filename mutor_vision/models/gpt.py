@@ -1,7 +1,7 @@
 """LlamaGen's class-conditional GPT with MuToR registers.
 
 State-dict compatible with LlamaGen c2i checkpoints (docs/compatibility.md §1) plus one tensor, the shared
-``register_embedding`` (dim,). With a register layout from :mod:`mutor_vision.registers`, the
+``register_embedding`` (dim,). With a register layout from :mod:`mutor_vision.core.registers`, the
 forward runs the two-block sequence ``[class, x_1..x_{N-1} | R registers]``; without one it is
 LlamaGen's training forward. Sampling uses the static KV cache below (see ``sampling.py``).
 """
@@ -20,19 +20,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from mutor_vision.config import from_dict
+from mutor_vision.core.loss import LossParts, combined_loss, combined_loss_from_hidden
+from mutor_vision.core.registers import RegisterLayout, grid_layout, sample_offsets_1d, sample_offsets_2d, step_mask
 from mutor_vision.models import checkpoint
 from mutor_vision.models.config import GPTConfig
 from mutor_vision.models.rope import apply_rope, rope_2d_table
-from mutor_vision.registers import (
-    LossParts,
-    RegisterLayout,
-    combined_loss,
-    combined_loss_from_hidden,
-    grid_layout,
-    sample_offsets_1d,
-    sample_offsets_2d,
-    step_mask,
-)
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +343,7 @@ class GPT(nn.Module):
         registers anchored at ``register_anchor`` (R,) with RoPE rows ``register_position`` (R,) -> (B, R, V).
 
         The regular tokens join the KV cache (what they attend to is the cache below them and
-        themselves); the registers follow the rule of ``mutor_vision/registers.py`` — each sees the
+        themselves); the registers follow the rule of ``mutor_vision/core/registers.py`` — each sees the
         regular sequence up to its anchor and itself — and are never cached, so they change no
         regular logit. Register drafting (``sampling.py``) uses this; needs :meth:`setup_caches`.
         """

@@ -9,6 +9,7 @@ is the inverse CDF of the filtered distribution at that number: an exact draw fr
 ``torch.multinomial``, but a pure function of the numbers. So an image depends on its own numbers
 only — never on which other images share its batch — and evaluation derives them from (seed,
 image index): a rerun that refills half a batch reproduces the images of an uninterrupted run.
+The filtering and the draw are ``mutor_vision/core/draw.py``.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ import torch
 from torch import Tensor
 
 from mutor_vision.config import check
-from mutor_vision.drafting import accepted_drafts, check_draft_tokens, correction
+from mutor_vision.core.drafting import accepted_drafts, check_draft_tokens, correction
+from mutor_vision.core.draw import draw, filtered_probs
+from mutor_vision.core.registers import offsets_2d_support
 from mutor_vision.errors import ConfigError
 from mutor_vision.models.gpt import GPT
-from mutor_vision.registers import offsets_2d_support
 from mutor_vision.seeds import hash_seed
 
 log = logging.getLogger(__name__)
@@ -51,53 +53,6 @@ class SamplingConfig:
 
     def replace(self, **changes) -> SamplingConfig:
         return dataclasses.replace(self, **changes)
-
-
-def filtered_probs(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
-    """The distribution a draw comes from: softmax(logits / temperature) after top-k and top-p (B, V)."""
-    logits = logits.float() / temperature
-    if top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
-        drop_sorted = cumulative(probs) - probs >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits.softmax(dim=-1)
-
-
-def cumulative(probs: Tensor, block: int = 128) -> Tensor:
-    """``probs.cumsum(-1)`` for (B, V) as two short scans (within blocks of ``block``, then over blocks).
-
-    Inductor compiles a single scan over V = 16,384 as a split scan whose codegen fails on CUDA
-    (torch 2.11: ``InductorError ... list indices must be integers``; bench/results/gpu_check_h100_20261127.log),
-    which broke every compiled non-greedy sampling run. Short scans compile as plain ones.
-    """
-    v = probs.shape[-1]
-    if v <= block or v % block:
-        return probs.cumsum(dim=-1)
-    within = probs.reshape(*probs.shape[:-1], v // block, block).cumsum(dim=-1)
-    ends = within[..., -1].cumsum(dim=-1)  # the mass up to the end of each block
-    before = torch.cat([torch.zeros_like(ends[..., :1]), ends[..., :-1]], dim=-1)
-    return (within + before.unsqueeze(-1)).reshape(probs.shape)
-
-
-def draw(probs: Tensor, uniform: Tensor) -> Tensor:
-    """One token per row of ``probs`` (B, V) by the inverse CDF at ``uniform`` (B,) in [0, 1)."""
-    cdf = cumulative(probs)
-    target = (uniform.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
-    # The first token with mass whose cdf passes the target: searchsorted(right=True) where the cdf
-    # rises, as a plain reduction (inductor's searchsorted lowering fails on the scan's output on
-    # CUDA, torch 2.11: bench/results/gpu_check_h100_20261127_rerun.log). Requiring mass means a cdf that a
-    # scan's rounding makes dip by an ulp can never pick a filtered-out (zero) token.
-    passes = (cdf > target) & (probs > 0)
-    index = passes.to(torch.uint8).argmax(dim=-1)  # argmax returns the first of equal maxima
-    # Rounding can put the target at the total: fall back to the last token with mass, never past it.
-    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).to(torch.uint8).argmax(dim=-1)
-    return torch.where(passes.any(dim=-1), index, last)
 
 
 def sample_logits(
@@ -190,7 +145,7 @@ def generate(
     (``model.clear_caches()`` frees it); on the CPU it is ignored (one log line).
 
     ``draft_tokens=k`` (k >= 2) lets the trained registers draft ``k − 1`` tokens ahead and the model
-    verify them (``mutor_vision/drafting.py``): the same distribution, fewer forwards when drafts are
+    verify them (``mutor_vision/core/drafting.py``): the same distribution, fewer forwards when drafts are
     accepted. Its random numbers come from ``sampling.seed`` (``uniform`` does not apply); ``stats``
     (a dict) receives the forwards and tokens of the run.
     """
@@ -264,7 +219,7 @@ def generate_drafted(
     always_guide: bool = False,
     stats: dict | None = None,
 ) -> Tensor:
-    """:func:`generate` with register drafting (see ``mutor_vision/drafting.py``): codes (B, h, w)."""
+    """:func:`generate` with register drafting (see ``mutor_vision/core/drafting.py``): codes (B, h, w)."""
     trained, settings = trained_raster_offsets(model)
     offsets = torch.tensor(check_draft_tokens(k, trained, settings), device=labels.device)  # d = 2..k
     was_training = model.training

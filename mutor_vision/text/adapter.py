@@ -15,13 +15,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from mutor_vision.registers import (
+from mutor_vision.core.loss import LossNormalization, LossParts, combined_loss
+from mutor_vision.core.registers import (
     IGNORE_INDEX,
-    LossNormalization,
-    LossParts,
     Offsets,
     RegisterLayout,
-    combined_loss,
     num_registers_for_fraction,
     prompt_answer_layout,
     sample_offsets_1d,

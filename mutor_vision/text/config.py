@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mutor_vision.config import check
-from mutor_vision.training.config import LoopConfig, OptimConfig
+from mutor_vision.training.loop_config import LoopConfig, OptimConfig
 
 GSM8K_PROMPT = "Question: {prompt}\n\nAnswer:"  # the MuToR authors' template
 GSM8K_ANSWER = " {answer}"

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from mutor_vision.errors import InputError
+from mutor_vision.text.hub import load_hub_dataset
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,6 @@ def read_records(
                     raise InputError(f"{path}:{number}: not a JSON line ({error})") from None
         return rows
     if hf_name:
-        from mutor_vision.text.hub import load_hub_dataset
-
         return load_hub_dataset(hf_name, hf_config, split, hub_key, local_key)
     raise InputError(f"set {local_key} (a local JSONL file) or {hub_key} (a Hugging Face dataset)")
 
@@ -112,6 +111,7 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, Tensor]:
 def word_tokenizer(texts: list[str], split_punctuation: bool = True):
     """A word-level Hugging Face tokenizer trained on ``texts``: ``<bos>`` prepended, ``<eos>``, ``<pad>``
     (id 0) and ``<unk>``. For tests, benchmarks and toy tasks: no download."""
+    # lazy: the Hugging Face libraries are the optional `text` extra, and slow to import
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -17,10 +17,12 @@ from typing import Any
 
 import torch
 
-from mutor_vision.errors import InputError
+from mutor_vision.core.drafting import check_draft_tokens
+from mutor_vision.errors import ConfigError, InputError
 from mutor_vision.files import atomic_write_json
-from mutor_vision.text.adapter import MASK_FORMS
-from mutor_vision.text.export import model_directory, read_text_info
+from mutor_vision.text.adapter import MASK_FORMS, RegisterEmbedding
+from mutor_vision.text.data import read_records
+from mutor_vision.text.export import model_directory, read_register_vector, read_text_info
 from mutor_vision.text.generate import generate_texts
 from mutor_vision.text.hub import ModelSource, from_pretrained, gather, is_hub_name, locate_model
 
@@ -71,14 +73,17 @@ def load_for_generation(
     Generation runs with ``sdpa`` (or ``eager``) whatever the model was trained with: the weights do
     not depend on the attention implementation, and decoding takes boolean or additive masks.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import (  # lazy: Hugging Face libraries (the `text` extra) load only where used
+        AutoModelForCausalLM,
+        AutoTokenizer,
+    )
 
     source, base, recorded = located or locate_checkpoint(ckpt, base_model)
     info = recorded or {}
     on_cuda = device == "auto" and torch.cuda.is_available()
     dtype = torch.bfloat16 if on_cuda else torch.float32
     if base is not None:
-        from peft import PeftModel
+        from peft import PeftModel  # lazy: peft takes ~3 s to import; only LoRA exports need it
 
         model = PeftModel.from_pretrained(
             from_pretrained(AutoModelForCausalLM, base, dtype=dtype, attn_implementation=attn), source.name
@@ -156,11 +161,6 @@ def drafting_registers(ckpt: str | Path, info: dict[str, Any], model, draft_toke
     """The export's register vector for ``draft_tokens > 1`` (None for 1), checked against its training."""
     if draft_tokens <= 1:
         return None
-    from mutor_vision.drafting import check_draft_tokens
-    from mutor_vision.errors import ConfigError
-    from mutor_vision.text.adapter import RegisterEmbedding
-    from mutor_vision.text.export import read_register_vector
-
     if info.get("name") != "mutor":
         raise ConfigError(
             f"--draft-tokens: {ckpt} was trained without registers (method {info.get('name', 'unknown')})"
@@ -229,8 +229,6 @@ def benchmark_parser(doc: str, bench: Benchmark) -> argparse.ArgumentParser:
 
 def run_benchmark(bench: Benchmark, args: argparse.Namespace) -> dict[str, Any]:
     """Data, model (and drafting registers), generation and scoring for one benchmark."""
-    from mutor_vision.text.data import read_records
-
     records, located = gather(  # every missing input named at once, before any model is loaded
         lambda: read_records(
             args.data, None if args.data else args.hf_name, args.hf_config, args.split, ("--data", "--hf-name")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from mutor_vision.errors import InputError
 from mutor_vision.files import atomic_write, atomic_write_json
@@ -59,8 +59,6 @@ def model_directory(path: Path, info: dict[str, Any] | None) -> Path:
 
 def read_register_vector(path: Path) -> torch.Tensor:
     """The trained register vector of an export (hidden,)."""
-    from safetensors.torch import load_file
-
     file = Path(path) / REGISTERS
     if not file.is_file():
         raise InputError(f"{path}: no {REGISTERS} (not a train_sft.py export: nothing to draft with)")

@@ -8,7 +8,7 @@ shared cache index; a row's keys are its own prompt and its own tokens, and its 
 continue from its prompt length, so a row's output does not depend on the other rows of its batch.
 
 With ``draft_tokens = k > 1`` the trained register vector drafts ``k − 1`` tokens per round
-(``mutor_vision/drafting.py``): registers anchored at the last prompt token (in the prefill) or at
+(``mutor_vision/core/drafting.py``): registers anchored at the last prompt token (in the prefill) or at
 every fed token (in a round) predict the next tokens, the round feeds them after the pending token,
 and the longest prefix equal to the model's own greedy choice is kept — the output is exactly
 plain greedy decoding, in fewer forwards when drafts are right. Registers and rejected drafts are
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mutor_vision.registers import RegisterLayout, step_mask
+from mutor_vision.core.registers import RegisterLayout, step_mask
 from mutor_vision.text.adapter import RegisterEmbedding, as_mask_form
 
 
@@ -41,7 +41,7 @@ def greedy_generate_batch(
     stats: dict | None = None,
 ) -> list[list[int]]:
     """The greedy continuation of every prompt (without the prompt), up to and including EOS."""
-    from transformers import DynamicCache
+    from transformers import DynamicCache  # lazy: Hugging Face libraries (the `text` extra) load only where used
 
     if mask_form not in ("bool", "float"):
         raise ValueError(f"generation takes the sdpa or eager attention implementation (mask form {mask_form!r})")

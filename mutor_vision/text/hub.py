@@ -94,6 +94,7 @@ def is_hub_name(name: str) -> bool:
 
 
 def _in_cache(repo_id: str, filename: str) -> bool:
+    # lazy: Hugging Face libraries (the `text` extra) load only where used
     from huggingface_hub import try_to_load_from_cache
 
     return isinstance(try_to_load_from_cache(repo_id, filename), str)
@@ -147,7 +148,7 @@ def from_pretrained(loader: Any, source: ModelSource, **kwargs: Any) -> Any:
 def _libraries_offline() -> Iterator[None]:
     """The libraries' offline mode for the duration: they read ``HF_HUB_OFFLINE`` once, at import, into
     these flags, and consult the flags at each request."""
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # lazy: Hugging Face libraries (the `text` extra) load only where used
 
     # datasets keeps its own copy; not imported yet, it has nothing to stop (and costs a second to import).
     flags = [module for module in (constants, sys.modules.get("datasets.config")) if module is not None]

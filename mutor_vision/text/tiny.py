@@ -24,6 +24,7 @@ import torch
 from mutor_vision.cli import run_command
 from mutor_vision.config import check
 from mutor_vision.text.config import GSM8K_ANSWER, GSM8K_PROMPT
+from mutor_vision.text.data import word_tokenizer
 
 KINDS = ("llama", "gemma", "qwen2")
 # (question, worked answer, result) templates over two small numbers a, b.
@@ -43,6 +44,7 @@ def tiny_causal_lm(
     num_layers: int = 2,
 ):
     """A randomly initialised Llama, Gemma or Qwen2 of ``hidden_size`` (4 heads, 2 KV heads), in eval mode."""
+    # lazy: Hugging Face libraries (the `text` extra) load only where used
     from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     if kind not in KINDS:
@@ -77,8 +79,6 @@ def write_tiny(
     out: Path, train_rows: int = 64, test_rows: int = 16, seed: int = 0, kind: str = "llama", hidden_size: int = 64
 ) -> dict[str, Path]:
     """Write the tiny model + tokenizer and the two JSONL files under ``out``; returns their paths."""
-    from mutor_vision.text.data import word_tokenizer
-
     train, test = arithmetic_records(train_rows, seed), arithmetic_records(test_rows, seed + 1)
     # The tokenizer knows every word of the data as templated for training and evaluation, and every
     # number up to the largest result: nothing in the tiny task is <unk>.

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from mutor_vision.config import to_dict
+from mutor_vision.core.loss import LossParts
 from mutor_vision.errors import InputError
 from mutor_vision.processes import use_cuda
-from mutor_vision.registers import LossParts
 from mutor_vision.seeds import hash_seed
 from mutor_vision.text.adapter import MuToRAdapter
 from mutor_vision.text.config import TextModelConfig, TextTrainConfig
@@ -44,13 +44,14 @@ def tokenizer_source(config: TextModelConfig) -> ModelSource:
 
 
 def load_tokenizer(config: TextModelConfig, source: ModelSource | None = None):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: Hugging Face libraries (the `text` extra) load only where used
 
     return from_pretrained(AutoTokenizer, source or tokenizer_source(config))
 
 
 def load_model(config: TextModelConfig, on_cuda: bool, source: ModelSource | None = None):
     """The causal LM with the configured attention implementation, from a path or the hub."""
+    # lazy: Hugging Face libraries (the `text` extra) load only where used
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if on_cuda and config.dtype == "bfloat16" else torch.float32
@@ -64,7 +65,7 @@ def load_model(config: TextModelConfig, on_cuda: bool, source: ModelSource | Non
 
 def build_adapter(model, config: TextTrainConfig) -> MuToRAdapter:
     if config.lora.enabled:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # lazy: peft takes ~3 s to import; only LoRA needs it
 
         lora = config.lora
         model = get_peft_model(

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
+from mutor_vision.core.loss import LossParts
 from mutor_vision.data import token_loader
 from mutor_vision.errors import ConfigError
 from mutor_vision.models import GPT, GPTConfig
 from mutor_vision.models.checkpoint import load_state_dict_strict, read_state_dict, save_export
-from mutor_vision.registers import LossParts
 from mutor_vision.seeds import hash_seed
 from mutor_vision.shards import Manifest, check_manifest, read_manifest
 from mutor_vision.training import loop

@@ -27,13 +27,13 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mutor_vision.config import default_values, to_dict
+from mutor_vision.core.loss import LossParts
 from mutor_vision.errors import ConfigError
 from mutor_vision.files import atomic_write_text
 from mutor_vision.processes import main_process_holds, process_state
-from mutor_vision.registers import LossParts
 from mutor_vision.seeds import hash_seed
 from mutor_vision.training.checkpoints import CheckpointManager
-from mutor_vision.training.config import LoopConfig
+from mutor_vision.training.loop_config import LoopConfig
 from mutor_vision.training.optim import build_optimizer, build_scheduler
 from mutor_vision.training.resume import restore, resume_candidates
 from mutor_vision.training.runtime import (
@@ -124,7 +124,7 @@ def prepare(task: Task, config: LoopConfig, accelerator, fresh: bool) -> Trainee
     unwrapped = accelerator.unwrap_model(model)
     ema = None
     if config.ema.enabled:
-        from timm.utils import ModelEmaV3
+        from timm.utils import ModelEmaV3  # lazy: timm takes ~1.5 s to import; EMA runs only
 
         ema = ModelEmaV3(unwrapped, decay=config.ema.decay)  # after prepare: a copy on the training device
     accelerator.register_for_checkpointing(scheduler)  # stepped here once per step, never prepared

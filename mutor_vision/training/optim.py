@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from mutor_vision.training.config import OptimConfig
+from mutor_vision.training.loop_config import OptimConfig
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:

@@ -82,13 +82,13 @@ def reduce_fsdp_gradients_in_fp32(accelerator: Accelerator) -> None:
     if plugin is None or accelerator.mixed_precision != "bf16":
         return
     if plugin.fsdp_version == 2:
-        from torch.distributed.fsdp import MixedPrecisionPolicy
+        from torch.distributed.fsdp import MixedPrecisionPolicy  # lazy: FSDP runs only
 
         plugin.mixed_precision_policy = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.bfloat16
         )
     else:
-        from torch.distributed.fsdp import MixedPrecision
+        from torch.distributed.fsdp import MixedPrecision  # lazy: FSDP runs only
 
         plugin.mixed_precision_policy = MixedPrecision(
             param_dtype=torch.bfloat16, reduce_dtype=torch.float32, buffer_dtype=torch.float32

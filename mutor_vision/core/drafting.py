@@ -23,6 +23,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from mutor_vision.core.draw import draw
 from mutor_vision.errors import ConfigError
 
 
@@ -61,8 +62,6 @@ def accepted_drafts(p: Tensor, q: Tensor, drafts: Tensor, uniform: Tensor, greed
 def correction(p: Tensor, q: Tensor | None, uniform: Tensor, greedy: bool) -> Tensor:
     """The token drawn at the first rejected draft: from ``max(0, p − q)`` renormalised (B, V) -> (B,);
     with ``q`` None (every draft accepted: the bonus token) from ``p`` itself. Greedy: the argmax of p."""
-    from mutor_vision.models.sampling import draw
-
     if greedy:
         return p.argmax(dim=-1)
     residual = p if q is None else (p - q).clamp(min=0)
