@@ -303,3 +303,22 @@ def test_a_resume_on_another_number_of_ranks_says_so(tmp_path, shards, caplog):
     assert state["world_size"] == 1 and state["accumulation"] == 2  # the global batch kept: 16 = 8 × 1 × 2
     assert rank_change_note(1, 2).startswith("resumed on 2 ranks (written by 1): ")
     assert rank_change_note(2, 2) is None and rank_change_note(None, 2) is None  # older checkpoints: unknown
+
+
+def test_warmup_linear_is_the_authors_schedule():
+    # The MuToR authors' text recipe: Hugging Face's linear schedule with ceil(0.1 x total) warm-up
+    # steps from factor 0. A worked example: 3,735 steps -> 374 warm-up steps.
+    from mutor_vision.training.loop_config import OptimConfig
+    from mutor_vision.training.optim import lr_factor
+
+    config = OptimConfig(lr=5e-5, schedule="warmup_linear", warmup_ratio=0.1)
+    total, warmup = 3735, 374
+
+    def authors(step: int) -> float:  # transformers' get_linear_schedule_with_warmup, written out
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    for step in (0, 1, 100, 373, 374, 375, 2000, 3734):
+        assert lr_factor(step, config, total) == pytest.approx(authors(step), abs=1e-12), step
+    assert lr_factor(0, config, total) == 0.0 and lr_factor(374, config, total) == 1.0

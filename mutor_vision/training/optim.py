@@ -23,10 +23,15 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
 
 
 def lr_factor(step: int, config: OptimConfig, total_steps: int) -> float:
-    """Multiplier of ``config.lr`` at optimizer step ``step`` (0-based)."""
-    warmup = config.warmup_steps or int(config.warmup_ratio * total_steps)
+    """Multiplier of ``config.lr`` at optimizer step ``step`` (0-based).
+
+    The warm-up is Hugging Face's, which the MuToR authors' text recipe runs: ``ceil(warmup_ratio ×
+    total)`` steps whose factor rises linearly from 0 (the first update has learning rate 0), then
+    the decay from 1 at the end of the warm-up.
+    """
+    warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
     if config.schedule != "constant" and step < warmup:
-        return (step + 1) / warmup
+        return step / warmup
     floor = config.min_lr / config.lr
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     if config.schedule == "warmup_cosine":
