@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from common import median_time, provenance, save  # bench/common.py (the script's folder is on sys.path)
 
+from mutor_vision.core.drafting import DecodeStats
 from mutor_vision.models import GPT, GPTConfig, RegisterConfig, SamplingConfig, generate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,12 +45,12 @@ def images(export: Path, repeats: int, device: torch.device, batches: list[int],
                 # One untimed call first: the first on a device pays its start-up (CUDA: ~2 s).
                 plain = median_time(lambda s=settings, lab=labels: generate(model, lab, s), repeats, warmup=1)
                 for k in (2, 3):
-                    stats = {}
+                    stats = DecodeStats()
                     drafted = median_time(lambda s=settings, lab=labels, k=k, st=stats: generate(
                         model, lab, s, draft_tokens=k, stats=st), repeats)  # fmt: skip
                     rows.append({
                         "batch": batch, "temperature": temperature, "cfg_scale": cfg, "draft_tokens": k,
-                        "tokens_per_forward": stats["tokens"] / stats["forwards"],
+                        "tokens_per_forward": stats.tokens_per_forward,
                         "plain_s": plain, "drafted_s": drafted, "speed_up": plain / drafted,
                     })  # fmt: skip
                     print("images", json.dumps(rows[-1]))
@@ -101,18 +102,18 @@ def text(minutes_budget_steps: int, repeats: int, device: torch.device) -> list[
     for batch in (1, 8):
         chunks = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
 
-        def decode(k: int, stats: dict | None = None, chunks=chunks) -> list:
+        def decode(k: int, stats: DecodeStats | None = None, chunks=chunks) -> list:
             return [out for chunk in chunks for out in greedy_generate_batch(
                 model, chunk, 64, eos, "bidirectional", "bool", pad, registers, k, stats)]  # fmt: skip
 
         reference = decode(1)
         plain = median_time(lambda decode=decode: decode(1), repeats)
         for k in (2, 3, 4):
-            stats = {}
+            stats = DecodeStats()
             assert decode(k, stats) == reference, f"drafted output differs at k={k}"
             drafted = median_time(lambda k=k, decode=decode: decode(k), repeats)
             rows.append({
-                "batch": batch, "draft_tokens": k, "tokens_per_forward": stats["tokens"] / stats["forwards"],
+                "batch": batch, "draft_tokens": k, "tokens_per_forward": stats.tokens_per_forward,
                 "plain_s": plain, "drafted_s": drafted, "speed_up": plain / drafted, "outputs_equal_plain": True,
             })  # fmt: skip
             print("text", json.dumps(rows[-1]))

@@ -42,8 +42,9 @@ from demo.digits import (  # noqa: E402
     write_image_folder,
 )
 from demo.report import cell, compare  # noqa: E402
+from demo.runs import discard_if_edited  # noqa: E402
 from mutor_vision.cli import setup_logging  # noqa: E402
-from mutor_vision.config import config_changes, default_values, load_yaml, to_dict  # noqa: E402
+from mutor_vision.config import load_yaml  # noqa: E402
 from mutor_vision.evaluation import evaluate, reference_from_images  # noqa: E402
 from mutor_vision.evaluation.metrics import frechet_distance, inception_score, precision_recall, statistics  # noqa: E402
 from mutor_vision.files import atomic_write_json, atomic_write_text  # noqa: E402
@@ -136,14 +137,7 @@ def train_run(method: str, seed: int, data: Path, out: Path, plan: Plan) -> Path
     overrides = [f"data.root={data / 'shards' / 'train'}", f"out_dir={run}", f"seed={seed}"]
     overrides += [f"steps={plan.steps}", f"save_every={plan.eval_every}", *plan.loader]
     config = load_yaml(TrainConfig, ROOT / "configs" / "demo" / f"{method}.yaml", overrides)
-    recorded = run / "config.yaml"
-    if recorded.is_file():
-        import yaml
-
-        changes = config_changes(yaml.safe_load(recorded.read_text()), to_dict(config), default_values(TrainConfig))
-        if changes:
-            log.warning("%s: the config changed since it was trained (%s): training it anew", run, ", ".join(changes))
-            shutil.rmtree(run)
+    discard_if_edited(run, config, TrainConfig)
     result = train(config, resume="auto")
     if result.reason != "completed":
         raise Interrupted(

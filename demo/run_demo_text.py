@@ -38,8 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from demo.report import cell, compare  # noqa: E402
+from demo.runs import discard_if_edited  # noqa: E402
 from mutor_vision.cli import setup_logging  # noqa: E402
-from mutor_vision.config import config_changes, default_values, load_yaml, to_dict  # noqa: E402
+from mutor_vision.config import load_yaml  # noqa: E402
 from mutor_vision.files import atomic_write_json, atomic_write_text  # noqa: E402
 from mutor_vision.text.config import GSM8K_ANSWER, GSM8K_PROMPT, TextTrainConfig  # noqa: E402
 from mutor_vision.text.data import build_examples, collate, word_tokenizer  # noqa: E402
@@ -156,14 +157,7 @@ def train_run(method: str, seed: int, paths: dict[str, Path], out: Path, plan: P
     """Train (or resume, or keep) one run; a run whose recorded config differs is trained anew."""
     config = run_config(method, seed, paths, out, plan)
     run = Path(config.out_dir)
-    recorded = run / "config.yaml"
-    if recorded.is_file():
-        import yaml
-
-        changes = config_changes(yaml.safe_load(recorded.read_text()), to_dict(config), default_values(TextTrainConfig))
-        if changes:
-            log.warning("%s: the config changed since it was trained (%s): training it anew", run, ", ".join(changes))
-            shutil.rmtree(run)
+    discard_if_edited(run, config, TextTrainConfig)
     result = train_text(config, resume="auto")
     if result.reason != "completed":
         raise SystemExit(f"demo-text: {run.name} stopped at step {result.step}; run the same command again to continue")
@@ -178,6 +172,7 @@ def heldout_nll(export: Path, test: Path) -> float:
     """Mean next-token NLL of the held-out answers (nats per answer token), prompts attended as in training."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from mutor_vision.core.config import TextRegisterConfig
     from mutor_vision.text.adapter import MuToRAdapter
 
     model = AutoModelForCausalLM.from_pretrained(export / "model", attn_implementation="sdpa").eval()
@@ -185,7 +180,7 @@ def heldout_nll(export: Path, test: Path) -> float:
     records = [json.loads(line) for line in test.read_text().splitlines()]
     examples, _ = build_examples(records, tokenizer, "question", "answer", GSM8K_PROMPT, GSM8K_ANSWER, 96)
     batch = collate(examples, tokenizer.pad_token_id)
-    adapter = MuToRAdapter(model, "ntp", prompt_attention="bidirectional", loss_normalization="token")
+    adapter = MuToRAdapter(model, TextRegisterConfig(mode="ntp", loss_normalization="token"))
     return adapter.loss(batch["input_ids"], batch["prompt_len"], batch["answer_len"], adapter(**batch)).ntp.item()
 
 

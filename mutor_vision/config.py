@@ -4,6 +4,11 @@ Every config in the project is a dataclass. :func:`from_dict` builds one from pl
 each value against its annotation (nested dataclasses, ``Literal``, ``Optional``, lists, numbers)
 and names the offending key path in the error: ``model.n_head: expected int, got 'twelve'``.
 Range checks live in each dataclass's ``__post_init__`` and raise :class:`ConfigError` too.
+
+A config class that renamed keys reads its older configs through a classmethod
+``upgrade_keys(data) -> (data under today's keys, a deprecation note or None)``: :func:`from_dict`
+applies it (logging the note once), and so does a resume to the config an older checkpoint recorded
+(:func:`upgrade`).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import copy
 import dataclasses
 import inspect
 import json
+import logging
 import re
 import types
 import typing
@@ -22,15 +28,31 @@ import yaml
 
 from mutor_vision.errors import ConfigError
 
-__all__ = ["ConfigError", "check", "config_changes", "default_values", "from_dict", "load_yaml", "reference", "to_dict"]
+__all__ = [
+    "ConfigError",
+    "check",
+    "config_changes",
+    "default_values",
+    "from_dict",
+    "load_yaml",
+    "reference",
+    "to_dict",
+    "upgrade",
+]
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
-def from_dict(cls: type[T], data: dict[str, Any] | None, path: str = "") -> T:
-    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise :class:`ConfigError`."""
+def from_dict(cls: type[T], data: dict[str, Any] | None, path: str = "", where: str | None = "config") -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise :class:`ConfigError`.
+
+    Keys an older version of ``cls`` used are read under today's names (``upgrade_keys``), with one
+    deprecation line that names ``where`` the data came from (None: quietly).
+    """
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    data = _upgrade_here(cls, data, where, path)
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
@@ -66,7 +88,7 @@ def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None
             raise ConfigError(f"command-line override {item!r} is not of the form key=value")
         _set_path(merged, key.split("."), yaml.safe_load(raw))
     try:
-        return from_dict(cls, merged)
+        return from_dict(cls, merged, where=str(path))
     except ConfigError as error:
         raise ConfigError(f"{_blame(cls, data, path, overrides)}: {error}") from None
 
@@ -76,10 +98,39 @@ def _blame(cls: type, file_data: dict[str, Any], path: Path, overrides: list[str
     if not overrides:
         return str(path)
     try:
-        from_dict(cls, file_data)
+        from_dict(cls, file_data, where=None)
     except ConfigError:
         return f"{path} with command-line overrides"
     return f"command line ({' '.join(overrides)})"
+
+
+def upgrade(cls: type, data: Any, where: str | None = None) -> Any:
+    """Plain config data of ``cls`` (a recorded config, say) with every older key read under today's name.
+
+    Nested configs are upgraded too; a deprecation line naming ``where`` is logged per upgraded
+    section (None: quietly). Data that is not a mapping is returned as it is (:func:`from_dict` says why).
+    """
+    return _upgrade(cls, data, where, "")
+
+
+def _upgrade(cls: type, data: Any, where: str | None, path: str) -> Any:
+    if not isinstance(data, dict) or not dataclasses.is_dataclass(cls):
+        return data
+    data = _upgrade_here(cls, data, where, path)
+    hints = get_type_hints(cls)
+    nested = {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+    return {k: _upgrade(nested[k], v, where, _join(path, k)) if k in nested else v for k, v in data.items()}
+
+
+def _upgrade_here(cls: type, data: dict[str, Any], where: str | None, path: str) -> dict[str, Any]:
+    """``data`` through ``cls.upgrade_keys`` when it has one (this level only); its note logged."""
+    hook = getattr(cls, "upgrade_keys", None)
+    if hook is None:
+        return data
+    data, note = hook(data)
+    if note and where is not None:
+        log.warning("%s: %s%s", where, f"{path}: " if path else "", note)
+    return data
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -3,9 +3,18 @@ registers that never change a next-token logit, and clear errors for what was ne
 
 import pytest
 import torch
-from scipy.stats import chi2_contingency
+from scipy.stats import chi2_contingency, chisquare
 
-from mutor_vision.core.drafting import accepted_drafts, check_draft_tokens, correction
+from mutor_vision.core.drafting import (
+    DecodeStats,
+    Drafter,
+    Drafts,
+    accepted_drafts,
+    check_draft_tokens,
+    correction,
+    round_registers,
+)
+from mutor_vision.core.registers import anchored_layout
 from mutor_vision.errors import ConfigError
 from mutor_vision.models import GPT, GPTConfig, RegisterConfig, SamplingConfig, generate
 
@@ -32,10 +41,10 @@ def test_greedy_drafting_equals_plain_greedy(registers, k, cfg_scale):
         model = model_with(registers, seed=seed)
         labels = torch.tensor([0, 1, 2, 3, 4, 0])
         plain = generate(model, labels, cfg_scale=cfg_scale, temperature=0.0)
-        stats = {}
+        stats = DecodeStats()
         drafted = generate(model, labels, cfg_scale=cfg_scale, temperature=0.0, draft_tokens=k, stats=stats)
         assert torch.equal(plain, drafted), (seed, k)
-        assert 1.0 <= stats["tokens_per_forward"] <= k and stats["forwards"] <= 16
+        assert 1.0 <= stats.tokens_per_forward <= k and stats.forwards <= 16
 
 
 def test_registers_never_change_the_next_token_logits():
@@ -72,10 +81,10 @@ def test_drafted_sampling_has_the_model_distribution(cfg_scale):
     plain = generate(model, torch.zeros(3000, dtype=torch.long), settings.replace(seed=11)).view(3000, -1)
     drafted, forwards = [], 0
     for seed in range(800):
-        stats = {}
+        stats = DecodeStats()
         labels = torch.zeros(2, dtype=torch.long)
         drafted.append(generate(model, labels, settings.replace(seed=seed), draft_tokens=3, stats=stats).view(2, -1))
-        forwards += stats["forwards"]
+        forwards += stats.forwards
     drafted = torch.cat(drafted)
     assert forwards < 800 * 16 * 0.8  # many drafts accepted: the multi-token path was exercised
     for position in range(16):
@@ -108,3 +117,68 @@ def test_what_was_never_trained_is_a_clear_error():
         generate(model_with(RegisterConfig(mode="mutor2d", d_max_2d=2, num_registers=None)), labels, draft_tokens=3)
     with pytest.raises(ConfigError, match="draft_tokens must be >= 2"):
         check_draft_tokens(1, [1, 2], "")
+
+
+def test_the_round_on_a_worked_example():
+    # k = 3, two rows, greedy. Fed: the pending token and drafts (2, 1) for row 0, (2, 3) for row 1.
+    # The model's argmax after each fed token is (2, 1, 0) for both rows: row 0 accepts both drafts,
+    # row 1 only the first. Rows advance together: m = 1, and each row's next token is its own.
+    drafter = Drafter(3)
+    logits = torch.nn.functional.one_hot(torch.tensor([[2, 1, 0], [2, 1, 0]]), 4).float()
+    registers = torch.arange(2 * 3 * 2 * 4, dtype=torch.float).view(2, 6, 4)  # argmax: always token 3
+    registers[:, 2:4, 0] = 100.0  # the registers after fed token 1 (m = 1) draft token 0
+    drafts = Drafts(tokens=torch.tensor([[2, 1], [2, 3]]), dist=torch.zeros(2, 2, 4))
+    step = drafter.verify(logits, registers, drafts)
+    assert step.accepted.tolist() == [2, 1] and step.m == 1
+    assert step.tokens.tolist() == [[2, 1], [2, 1]]  # row 0: its accepted draft; row 1: the model's token
+    assert step.drafts.tokens.tolist() == [[0, 0], [0, 0]]
+    # A finished row (text past EOS) never holds the others back: row 0 alone sets m = 2 (the bonus token).
+    step = drafter.verify(
+        logits, registers, Drafts(torch.tensor([[2, 1], [0, 0]]), drafts.dist), finished=torch.tensor([False, True])
+    )
+    assert step.m == 2 and step.tokens[0].tolist() == [2, 1, 0]
+    anchor, offset = round_registers(3, 3)
+    assert anchor.tolist() == [0, 0, 1, 1, 2, 2] and offset.tolist() == [2, 3, 2, 3, 2, 3]
+
+
+def test_the_round_commits_exact_draws():
+    # 40,000 rows of one round with fixed p and q (V = 4): the first committed token, an accepted draft
+    # or a correction from max(0, p - q), has the distribution p whatever q is (chi-square, p > 1e-3).
+    generator = torch.Generator().manual_seed(0)
+    rows, k = 40_000, 3
+    p = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]])
+    q = torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.1, 0.1, 0.1, 0.7]])
+    drafter = Drafter(k, temperature=1.0)
+    dist = q.expand(rows, -1, -1)
+    drafts = Drafts(torch.multinomial(q, rows, replacement=True, generator=generator).t(), dist)
+    logits = p.log().expand(rows, -1, -1)
+    step = drafter.verify(
+        logits, torch.zeros(rows, 3 * (k - 1), 4), drafts, torch.rand(rows, 2 * k - 1, generator=generator)
+    )
+    counts = torch.bincount(step.tokens[:, 0], minlength=4).numpy()
+    expected = (p[0] * rows).numpy()
+    assert chisquare(counts, expected).pvalue > 1e-3
+    assert 0 < int((step.accepted == 0).sum()) < rows  # both paths ran: corrections and accepted drafts
+
+
+def test_anchored_layout_mixes_offsets():
+    # Two right-padded prompts (3 and 2 tokens), registers with offsets 2 and 3 after each last prompt token.
+    length = torch.tensor([3, 2])
+    layout = anchored_layout((length - 1)[:, None].expand(2, 2), torch.tensor([2, 3]), length, prefix_len=length)
+    assert layout.target.tolist() == [[4, 5], [3, 4]] and layout.position.tolist() == [[3, 4], [2, 3]]
+    mask = layout.dense_mask()[:, 0].int()  # (2, 5, 5): [3 regular | 2 registers]
+    assert mask[1].tolist() == [
+        [1, 1, 0, 0, 0],  # the bidirectional prompt block; padding (index 2) is never attended
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],  # the padding row (its output unused) reads causally
+        [1, 1, 0, 1, 0],  # a register sees the prefix up to its anchor and itself
+        [1, 1, 0, 0, 1],
+    ]
+
+
+def test_decode_stats_add_up():
+    stats = DecodeStats()
+    assert stats.tokens_per_forward == 0.0
+    stats.add(DecodeStats(forwards=4, tokens=8)).add(DecodeStats(forwards=6, tokens=7))
+    assert (stats.forwards, stats.tokens, stats.tokens_per_forward) == (10, 15, 1.5)
+    assert sum([DecodeStats(1, 3), DecodeStats(2, 3)], DecodeStats()) == DecodeStats(3, 6)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from mutor_vision.config import load_yaml
+from mutor_vision.core.config import TextRegisterConfig
 from mutor_vision.core.registers import Offsets, prompt_answer_layout
 from mutor_vision.text.adapter import MuToRAdapter, answer_labels
 from mutor_vision.text.answers import answers_match, extract_answer
@@ -43,7 +45,7 @@ def worked_batch():
 
 def test_worked_example_through_the_adapter():
     model = tiny_causal_lm(32)
-    adapter = MuToRAdapter(model, d_max=2)
+    adapter = MuToRAdapter(model, TextRegisterConfig(d_max=2))
     input_ids, prompt_len, answer_len = worked_batch()
     layout = prompt_answer_layout(Offsets(torch.tensor([2, 2])), prompt_len, answer_len, seq_len=8)
     assert layout.anchor[0].tolist() == [2, 3, 4, 5, 6] and layout.position[0, :4].tolist() == [3, 4, 5, 6]
@@ -61,8 +63,8 @@ def test_worked_example_through_the_adapter():
 def test_regular_logits_unchanged_by_registers(kind, attn, prompt_attention):
     model = tiny_causal_lm(32, kind, attn)
     input_ids, prompt_len, answer_len = worked_batch()
-    with_registers = MuToRAdapter(model, "mutor", d_max=3, prompt_attention=prompt_attention)
-    without = MuToRAdapter(model, "ntp", prompt_attention=prompt_attention)
+    with_registers = MuToRAdapter(model, TextRegisterConfig(mode="mutor1d", d_max=3, prompt_attention=prompt_attention))
+    without = MuToRAdapter(model, TextRegisterConfig(mode="ntp", prompt_attention=prompt_attention))
     a = with_registers(input_ids, prompt_len, answer_len, generator=torch.Generator().manual_seed(0)).logits
     b = without(input_ids, prompt_len, answer_len).logits
     for row, n in enumerate((prompt_len + answer_len).tolist()):
@@ -87,7 +89,7 @@ def test_padded_batch_equals_samples_alone():
     input_ids, prompt_len, answer_len = worked_batch()
     d = torch.tensor([2, 1])
     layout = prompt_answer_layout(Offsets(d), prompt_len, answer_len, seq_len=8)
-    adapter = MuToRAdapter(model, weight=0.4)
+    adapter = MuToRAdapter(model, TextRegisterConfig(weight=0.4, loss_normalization="token"))
     batch_loss = adapter.loss(
         input_ids, prompt_len, answer_len, adapter(input_ids, prompt_len, answer_len, layout=layout)
     )
@@ -121,7 +123,7 @@ def test_padded_batch_equals_samples_alone():
 
 def test_answer_shorter_than_d_gives_finite_loss():
     model = tiny_causal_lm(32)
-    adapter = MuToRAdapter(model, d_max=4)
+    adapter = MuToRAdapter(model, TextRegisterConfig(d_max=4))
     input_ids = torch.tensor([[10, 11, 12, 20]])
     layout = prompt_answer_layout(Offsets(torch.tensor([4])), torch.tensor([3]), torch.tensor([1]))
     parts = adapter.loss(
@@ -224,7 +226,7 @@ def test_short_cpu_training_lowers_loss_and_generates(tokenizer, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", rows=8)
     config = tiny_run_config(
         data, tmp_path / "run", "epochs=30", "global_batch_size=4", "micro_batch_size=2",
-        "optim.lr=3e-3", "optim.warmup_ratio=0.05", "save_every=1000", "method.prompt_attention=bidirectional"
+        "optim.lr=3e-3", "optim.warmup_ratio=0.05", "save_every=1000", "registers.prompt_attention=bidirectional"
     )  # fmt: skip
     model = tiny_causal_lm(len(tokenizer))
     result = train_text(config, model=model, tokenizer=tokenizer)
@@ -302,13 +304,13 @@ def test_train_sft_config_errors_name_the_key(capsys):
     import train_sft
 
     config = str(ROOT / "configs" / "text" / "gsm8k_mutor.yaml")
-    assert train_sft.main(["--config", config, "method.d_maxx=3"]) == 2
-    assert "method.d_maxx" in capsys.readouterr().err
-    assert train_sft.main(["--config", config, "method.weight=1.5"]) == 2
+    assert train_sft.main(["--config", config, "registers.d_maxx=3"]) == 2
+    assert "registers.d_maxx" in capsys.readouterr().err
+    assert train_sft.main(["--config", config, "registers.weight=1.5"]) == 2
     assert "weight" in capsys.readouterr().err
     for path in sorted((ROOT / "configs" / "text").glob("gsm8k_*.yaml")):  # tiny_cpu.yaml: its own test
         loaded = load_yaml(TextTrainConfig, path)
-        assert loaded.method.d_max == 4
+        assert loaded.registers.d_max == 4
         # The MuToR authors' recipe: AdamW (0.9, 0.999), eps 1e-6, no weight decay, warm-up 10 % then
         # linear decay, clip 1.0; a bidirectional prompt; per-sample loss means; their template.
         o = loaded.optim
@@ -321,7 +323,7 @@ def test_train_sft_config_errors_name_the_key(capsys):
             1.0,
             5e-5,
         )
-        assert loaded.method.prompt_attention == "bidirectional" and loaded.method.loss_normalization == "sample"
+        assert loaded.registers.prompt_attention == "bidirectional" and loaded.registers.loss_normalization == "sample"
         assert (
             loaded.data.prompt_template == "Question: {prompt}\n\nAnswer:"
             and loaded.data.answer_template == " {answer}"
@@ -336,7 +338,7 @@ def test_sample_normalization_micro_batch_ten_equals_ten_micro_batches_of_one(to
     def one_step(micro: int, normalization: str, run: str) -> dict[str, torch.Tensor]:
         config = tiny_run_config(
             data, tmp_path / run, "epochs=1", "global_batch_size=10", f"micro_batch_size={micro}",
-            "optim.lr=1e-2", "optim.schedule=constant", f"method.loss_normalization={normalization}"
+            "optim.lr=1e-2", "optim.schedule=constant", f"registers.loss_normalization={normalization}"
         )  # fmt: skip
         model = tiny_causal_lm(len(tokenizer))
         train_text(config, model=model, tokenizer=tokenizer)
@@ -381,6 +383,7 @@ def test_text_resume_is_exact(tokenizer, tmp_path, monkeypatch):
 def test_register_drafting_gives_exactly_greedy_output(tokenizer, tmp_path):
     # A tiny model trained briefly with MuToR-1D: its registers draft, the model verifies; every
     # output equals plain greedy decoding, in fewer forwards when drafts are right.
+    from mutor_vision.core.drafting import DecodeStats
     from mutor_vision.text.generate import greedy_generate_batch
 
     data = write_jsonl(tmp_path / "train.jsonl", rows=8)
@@ -402,14 +405,14 @@ def test_register_drafting_gives_exactly_greedy_output(tokenizer, tmp_path):
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     plain = greedy_generate_batch(model, prompts, 16, eos, "bidirectional", "bool", pad)
     for k in (2, 3, 4):
-        stats = {}
+        stats = DecodeStats()
         drafted = greedy_generate_batch(model, prompts, 16, eos, "bidirectional", "bool", pad, registers, k, stats)
         assert drafted == plain, k
         single = [
             greedy_generate_batch(model, [p], 16, eos, "bidirectional", "bool", pad, registers, k)[0] for p in prompts
         ]
         assert single == plain, k
-    assert stats["forwards"] < max(len(row) for row in plain)  # drafts were accepted
+    assert stats.forwards < max(len(row) for row in plain)  # drafts were accepted
 
 
 # ---------------------------------------------------------------- offline: local paths first-class, hub names fail fast
@@ -541,3 +544,160 @@ def test_a_hub_name_in_the_local_cache_loads_offline(tokenizer, tmp_path, monkey
     assert len(from_pretrained(AutoTokenizer, source)) == len(tokenizer)
     with pytest.raises(InputError, match=r"model.name_or_path 'mutor-vision-tests/other'.*HF_HUB_OFFLINE=1"):
         locate_model("mutor-vision-tests/other", "model.name_or_path")
+
+
+# ---------------------------------------------------------------- one register config for images and text
+
+
+def text_config_data(**sections) -> dict:
+    return {"model": {"name_or_path": "x"}, "data": {"jsonl": "x"}, **sections}
+
+
+def test_the_adapter_defaults_are_the_config_defaults():
+    # One source of defaults: the adapter, the text config and the YAML section all give the MuToR
+    # authors' text recipe; images keep theirs, under the same keys.
+    from dataclasses import fields
+
+    from mutor_vision.config import from_dict
+    from mutor_vision.core.config import RegisterConfig
+    from mutor_vision.models import GPTConfig
+    from mutor_vision.text.train import build_adapter
+
+    config = from_dict(TextTrainConfig, text_config_data())
+    model = tiny_causal_lm(32)
+    assert MuToRAdapter(model).register_config == config.registers == TextRegisterConfig()
+    assert build_adapter(model, config).register_config == config.registers
+    r = config.registers
+    assert (r.mode, r.d_max, r.weight, r.num_registers, r.register_fraction) == ("mutor1d", 4, 0.3, None, None)
+    assert (r.prompt_attention, r.loss_normalization) == ("bidirectional", "sample")
+    assert GPTConfig().registers == RegisterConfig() and RegisterConfig().weight == 0.5
+    assert [f.name for f in fields(RegisterConfig)] == [f.name for f in fields(TextRegisterConfig)]
+
+
+def old_method_yaml(tmp_path: Path, name: str) -> Path:
+    """A shipped text config with the section and key names of older versions (``method:``, ``name``)."""
+    import yaml
+
+    data = yaml.safe_load((ROOT / "configs" / "text" / f"gsm8k_{name}.yaml").read_text())
+    registers = data.pop("registers")
+    assert registers.pop("mode") == {"mutor": "mutor1d", "ntp": "ntp"}[name] and registers.pop("num_registers") is None
+    data["method"] = {"name": name, **registers}
+    path = tmp_path / f"old_{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("name", ["mutor", "ntp"])
+def test_an_old_method_section_loads_as_the_registers_section(tmp_path, caplog, name):
+    from mutor_vision.errors import ConfigError
+
+    old = old_method_yaml(tmp_path, name)
+    with caplog.at_level("WARNING", logger="mutor_vision.config"):
+        loaded = load_yaml(TextTrainConfig, old)
+    assert loaded == load_yaml(TextTrainConfig, ROOT / "configs" / "text" / f"gsm8k_{name}.yaml")
+    lines = [r.getMessage() for r in caplog.records if "method: is the old name of registers:" in r.getMessage()]
+    assert len(lines) == 1 and str(old) in lines[0] and "\n" not in lines[0], lines
+    # Overrides with the old names apply to the old section; old and new names that disagree stop.
+    assert load_yaml(TextTrainConfig, old, ["method.d_max=3"]).registers.d_max == 3
+    with pytest.raises(ConfigError, match=r"method\.d_max .* registers\.d_max .*disagree"):
+        load_yaml(TextTrainConfig, old, ["registers.d_max=3"])
+    with pytest.raises(ConfigError, match=r"method\.d_maxx"):
+        load_yaml(TextTrainConfig, old, ["method.d_maxx=3"])
+
+
+def test_register_keys_of_the_other_modality_stop_with_one_line(capsys):
+    from mutor_vision.config import from_dict, to_dict
+    from mutor_vision.core.config import RegisterConfig
+    from mutor_vision.errors import ConfigError
+    from mutor_vision.models import GPTConfig
+
+    text_bad = {"d_max_2d": 3, "edge": "drop", "mode": "mutor2d"}
+    image_bad = {"prompt_attention": "bidirectional", "loss_normalization": "sample", "register_fraction": 0.5}
+    for cls, build, bad, why in [
+        (TextTrainConfig, lambda r: text_config_data(registers=r), text_bad, "images? only"),
+        (GPTConfig, lambda r: {"registers": r}, image_bad, "text only"),
+    ]:
+        for key, value in bad.items():
+            with pytest.raises(ConfigError) as error:
+                from_dict(cls, build({key: value}))
+            message = str(error.value)
+            assert "\n" not in message and re.search(rf"registers: {key}: .*{why}", message), message
+        # At their defaults they load (a recorded config lists every key, and loads back).
+        config = from_dict(cls, build({}))
+        assert from_dict(cls, to_dict(config)) == config
+    with pytest.raises(ConfigError, match="registers: register_fraction: give num_registers"):
+        from_dict(TextTrainConfig, text_config_data(registers={"num_registers": 4, "register_fraction": 0.5}))
+    with pytest.raises(ConfigError, match="the image model takes a RegisterConfig"):
+        GPTConfig(registers=TextRegisterConfig())
+    with pytest.raises(ConfigError, match="takes a TextRegisterConfig"):
+        MuToRAdapter(tiny_causal_lm(32), RegisterConfig(mode="mutor1d"))
+    import train_sft
+
+    config = str(ROOT / "configs" / "text" / "gsm8k_mutor.yaml")
+    assert train_sft.main(["--config", config, "registers.d_max_2d=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "registers: d_max_2d: image only" in err, err
+
+
+def test_a_register_count_and_valid_slots_reach_the_text_layout():
+    # num_registers: R per sample, at most the batch's longest answer; valid_slots_only draws the
+    # slots whose target exists first (the core's rule, as for images).
+    model = tiny_causal_lm(32)
+    _, prompt_len, answer_len = worked_batch()
+    generator = torch.Generator().manual_seed(0)
+    layout = MuToRAdapter(model, TextRegisterConfig(num_registers=2)).layout(prompt_len, answer_len, 8, generator)
+    assert layout.num_registers == 2
+    many = MuToRAdapter(model, TextRegisterConfig(num_registers=99))
+    assert many.layout(prompt_len, answer_len, 8).num_registers == 5  # the longest answer's slots
+
+    def all_valid(valid_slots_only: bool, seed: int) -> bool:  # d <= 3: each row has a valid slot
+        adapter = MuToRAdapter(model, TextRegisterConfig(num_registers=1, d_max=3, valid_slots_only=valid_slots_only))
+        return bool(adapter.layout(prompt_len, answer_len, 8, torch.Generator().manual_seed(seed)).valid.all())
+
+    assert all(all_valid(True, seed) for seed in range(20))
+    assert not all(all_valid(False, seed) for seed in range(20))
+
+
+def test_an_old_text_checkpoint_resumes_and_exports_write_the_new_names(tokenizer, tmp_path, caplog):
+    # A checkpoint of an older version recorded method: (name: mutor) and none of the keys added
+    # since: the resume reads it as registers: and goes on; the export records the new key names.
+    data = write_jsonl(tmp_path / "train.jsonl", rows=8)
+    first = tiny_run_config(data, tmp_path / "run", "epochs=1", "global_batch_size=4", "micro_batch_size=4")
+    assert train_text(first, model=tiny_causal_lm(len(tokenizer)), tokenizer=tokenizer).step == 2
+    state_path = tmp_path / "run" / "checkpoints" / "step_00000002" / "state.json"
+    state = json.loads(state_path.read_text())
+    registers = state["config"].pop("registers")
+    state["config"]["method"] = {"name": "mutor"} | {
+        k: registers[k] for k in ("d_max", "weight", "register_fraction", "prompt_attention", "loss_normalization")
+    }
+    state_path.write_text(json.dumps(state))
+    more = tiny_run_config(data, tmp_path / "run", "epochs=2", "global_batch_size=4", "micro_batch_size=4")
+    with caplog.at_level("WARNING", logger="mutor_vision.config"):
+        result = train_text(
+            more, resume="auto", allow_change=["epochs"], model=tiny_causal_lm(len(tokenizer)), tokenizer=tokenizer
+        )
+    assert result.step == 4 and result.reason == "completed"
+    assert any("step_00000002: method: is the old name of registers:" in r.getMessage() for r in caplog.records)
+    info = json.loads((result.checkpoint / "export" / "mutor_text.json").read_text())
+    assert info["mode"] == "mutor1d" and "name" not in info and "d_max_2d" not in info
+    assert {k: info[k] for k in ("d_max", "weight", "num_registers", "prompt_attention")} == {
+        "d_max": 4, "weight": 0.3, "num_registers": None, "prompt_attention": "bidirectional"
+    }  # fmt: skip
+
+
+def test_an_old_text_export_is_read_under_the_new_names(tmp_path):
+    from mutor_vision.errors import ConfigError
+    from mutor_vision.text.evaluate import drafting_registers
+    from mutor_vision.text.export import INFO, read_text_info
+
+    old = {"base_model": "m", "lora": False, "attn_implementation": "sdpa", "prompt_template": "Q: {prompt}"}
+    old |= {"name": "mutor", "d_max": 4, "weight": 0.3, "register_fraction": None, "prompt_attention": "bidirectional"}
+    (tmp_path / INFO).write_text(json.dumps(old))
+    info = read_text_info(tmp_path)
+    assert info["mode"] == "mutor1d" and "name" not in info
+    assert {k: v for k, v in info.items() if k != "mode"} == {k: v for k, v in old.items() if k != "name"}
+    (tmp_path / INFO).write_text(json.dumps(old | {"name": "ntp"}))
+    info = read_text_info(tmp_path)
+    assert info["mode"] == "ntp"
+    with pytest.raises(ConfigError, match="trained without registers"):
+        drafting_registers(tmp_path, info, tiny_causal_lm(32), 2)

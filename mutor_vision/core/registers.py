@@ -111,7 +111,7 @@ class RegisterLayout:
     target: Tensor  # (B, R) long: regular index of the token it predicts (anchor + d)
     position: Tensor  # (B, R) long: RoPE row / position id (anchor + d - 1 when valid)
     valid: Tensor  # (B, R) bool
-    offset: Tensor  # (B,) long: the sample's d
+    offset: Tensor  # (B,) long: the sample's d; (B, R), one per register, from anchored_layout
     seq_len: int  # L: regular tokens in the model input
     length: Tensor  # (B,) long: non-padded regular tokens per sample (padding is never attended)
     prefix_len: Tensor  # (B,) long: bidirectional prompt block (0 = plain causal)
@@ -325,6 +325,33 @@ def prompt_answer_layout(
         seq_len=seq_len,
         length=length,
         prefix_len=prefix,
+    )
+
+
+def anchored_layout(
+    anchor: Tensor, offset: Tensor, length: Tensor, seq_len: int | None = None, prefix_len: Tensor | None = None
+) -> RegisterLayout:
+    """Registers at given anchors with given offsets, over right-padded rows of ``length`` (B,) regular tokens.
+
+    Register r of sample b follows regular index ``anchor[b, r]`` (B, R) and predicts index
+    ``anchor + offset`` from position ``anchor + offset - 1``; ``offset`` is (B, R) or (R,) for every
+    sample, so one layout may mix offsets (register drafting: offsets 2..k after the last prompt token,
+    whose targets lie past the sequence). Every register is valid (its logits are wanted).
+    ``prefix_len`` (B,) reads that many leading tokens bidirectionally (default: plain causal).
+    """
+    length = length.long()
+    offset = offset.long().expand_as(anchor)
+    seq_len = int(length.max()) if seq_len is None else seq_len
+    target = anchor + offset
+    return RegisterLayout(
+        anchor=anchor,
+        target=target,
+        position=target - 1,
+        valid=torch.ones_like(anchor, dtype=torch.bool),
+        offset=offset,
+        seq_len=seq_len,
+        length=length,
+        prefix_len=torch.zeros_like(length) if prefix_len is None else prefix_len.long(),
     )
 
 

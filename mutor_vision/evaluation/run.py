@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from mutor_vision import __version__
 from mutor_vision.config import default_values, to_dict
+from mutor_vision.core.drafting import DecodeStats
 from mutor_vision.errors import ConfigError
 from mutor_vision.evaluation.features import Reference, extract_features, extractor_record, features_of
 from mutor_vision.evaluation.metrics import frechet_distance, inception_score_metrics, precision_recall, statistics
@@ -68,7 +69,7 @@ def sample_and_measure(
     compile: bool = False,
     show_progress: bool = True,
     draft_tokens: int = 1,
-    stats: dict | None = None,
+    stats: DecodeStats | None = None,
 ) -> tuple[list[np.ndarray], int]:
     """Features of every sample of ``indices`` (in that order) and how many PNGs were written now.
 
@@ -112,7 +113,7 @@ def _sample_batch(
     compile: bool,
     size: int,
     draft_tokens: int = 1,
-    stats: dict | None = None,
+    stats: DecodeStats | None = None,
 ) -> Tensor:
     device = next(model.parameters()).device
     labels = torch.as_tensor(labels, device=device)
@@ -199,7 +200,7 @@ def evaluate(
     labels = label_list(num_samples, num_classes, per_class=per_class, seed=sampling.seed)
     mine = np.arange(num_samples)[state.process_index :: state.num_processes]
     start = time.perf_counter()
-    drafting: dict[str, int] = {}
+    drafting = DecodeStats()
     features, written = sample_and_measure(
         model, decode, extractor, labels, mine, samples_dir, sampling, batch_size, feature_batch_size,
         compile=compile, show_progress=state.is_local_main_process, draft_tokens=draft_tokens, stats=drafting,
@@ -219,9 +220,8 @@ def evaluate(
     if random_weights:
         results["warning"] = RANDOM_WARNING
     if draft_tokens > 1:
-        forwards = sum(g[3].get("forwards", 0) for g in gathered)
-        tokens = sum(g[3].get("tokens", 0) for g in gathered)
-        results["drafting"] = {"draft_tokens": draft_tokens, "tokens_per_forward": tokens / max(forwards, 1)}
+        total = sum((g[3] for g in gathered), DecodeStats())
+        results["drafting"] = {"draft_tokens": draft_tokens, "tokens_per_forward": total.tokens_per_forward}
     pool, logits = features[0], (features[1] if len(features) > 1 else None)
     results["metrics"] = _metrics(pool, logits, labels, reference, extra_metrics)
     if reference is not None:

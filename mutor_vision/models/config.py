@@ -1,4 +1,5 @@
-"""Model and register configs (typed, validated) and the LlamaGen size table."""
+"""The model config (typed, validated) and the LlamaGen size table; the register keys are the core's
+(``mutor_vision/core/config.py``, shared with the text adapter)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mutor_vision.config import check
+from mutor_vision.core.config import RegisterConfig
+
+__all__ = ["SIZES", "GPTConfig", "RegisterConfig", "ffn_hidden_dim"]
 
 # name -> (n_layer, n_head, dim); docs/compatibility.md §1. head_dim is 64 for every size.
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -20,29 +24,6 @@ def ffn_hidden_dim(dim: int, multiple_of: int = 256) -> int:
     """LlamaGen's SwiGLU width: int(2·4·dim/3) rounded up to a multiple of ``multiple_of``."""
     hidden = int(2 * 4 * dim / 3)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
-
-
-@dataclass
-class RegisterConfig:
-    """MuToR registers for the image model (docs/method.md §3). ``mode: ntp`` trains the plain baseline."""
-
-    mode: Literal["ntp", "mutor1d", "mutor2d"] = "mutor2d"  # ntp: the next-token baseline, no registers
-    d_max: int = 4  # MuToR-1D: d uniform in {1..d_max}
-    d_max_2d: int = 4  # MuToR-2D: (d_h, d_w) uniform in {1..D}² \ {(1,1)}
-    num_registers: int | None = 80  # R random slots per sample; null = every slot
-    valid_slots_only: bool = False  # draw only slots whose target exists
-    edge: Literal["wrap", "drop"] = "wrap"  # 2D targets that wrap into the next raster row
-    weight: float = 0.5  # a in (1 - a)·L_ntp + a·L_reg
-
-    def __post_init__(self) -> None:
-        check(self.d_max >= 1, "d_max", f"must be >= 1, got {self.d_max}")
-        check(self.d_max_2d >= 2, "d_max_2d", f"must be >= 2, got {self.d_max_2d}")
-        check(self.num_registers is None or self.num_registers >= 1, "num_registers", "must be >= 1 or null")
-        check(0.0 <= self.weight <= 1.0, "weight", f"must be in [0, 1], got {self.weight}")
-
-    @property
-    def enabled(self) -> bool:
-        return self.mode != "ntp"
 
 
 @dataclass
@@ -88,6 +69,12 @@ class GPTConfig:
         check(self.head_chunk_size >= 0, "head_chunk_size", f"must be >= 0 (0: off), got {self.head_chunk_size}")
         for key in ("token_dropout", "resid_dropout", "ffn_dropout", "class_dropout"):
             check(0.0 <= getattr(self, key) < 1.0, key, f"must be in [0, 1), got {getattr(self, key)}")
+        check(
+            self.registers.modality == "image",
+            "registers",
+            f"a {type(self.registers).__name__} has the {self.registers.modality} defaults; the image model takes a "
+            "RegisterConfig",
+        )
         if self.registers.enabled and self.registers.mode == "mutor2d":
             check(self.grid_size >= self.registers.d_max_2d, "registers.d_max_2d", "must be <= grid_size")
         if self.registers.enabled and self.registers.num_registers is not None:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from mutor_vision.config import check
-from mutor_vision.core.drafting import accepted_drafts, check_draft_tokens, correction
+from mutor_vision.core.drafting import DecodeStats, Drafter, check_draft_tokens, round_registers
 from mutor_vision.core.draw import draw, filtered_probs
 from mutor_vision.core.registers import offsets_2d_support
 from mutor_vision.errors import ConfigError
@@ -129,7 +129,7 @@ def generate(
     compile: bool = False,
     use_cache: bool = True,
     draft_tokens: int = 1,
-    stats: dict | None = None,
+    stats: DecodeStats | None = None,
     **settings,
 ) -> Tensor:
     """Sample codes (B, h, w) for class ``labels`` (B,).
@@ -147,7 +147,7 @@ def generate(
     ``draft_tokens=k`` (k >= 2) lets the trained registers draft ``k − 1`` tokens ahead and the model
     verify them (``mutor_vision/core/drafting.py``): the same distribution, fewer forwards when drafts are
     accepted. Its random numbers come from ``sampling.seed`` (``uniform`` does not apply); ``stats``
-    (a dict) receives the forwards and tokens of the run.
+    (a :class:`~mutor_vision.core.drafting.DecodeStats`) adds the forwards and tokens of the run.
     """
     if sampling is None:
         sampling = SamplingConfig(**settings)
@@ -217,32 +217,21 @@ def generate_drafted(
     sampling: SamplingConfig,
     k: int,
     always_guide: bool = False,
-    stats: dict | None = None,
+    stats: DecodeStats | None = None,
 ) -> Tensor:
-    """:func:`generate` with register drafting (see ``mutor_vision/core/drafting.py``): codes (B, h, w)."""
+    """:func:`generate` with register drafting: codes (B, h, w). The round is ``core/drafting.py``'s
+    :class:`Drafter`; this feeds it (the class token, then the pending code and its drafts with their
+    registers, over the KV cache, CFG rows included) and places what it commits."""
     trained, settings = trained_raster_offsets(model)
     offsets = torch.tensor(check_draft_tokens(k, trained, settings), device=labels.device)  # d = 2..k
     was_training = model.training
     model.eval()
     config, device = model.config, labels.device
     batch, num_tokens, guided = labels.shape[0], config.num_tokens, always_guide or sampling.cfg_scale != 1.0
-    greedy = sampling.temperature == 0
     rows = torch.cat([labels, torch.full_like(labels, config.num_classes)]) if guided else labels
+    combine = functools.partial(guide, cfg_scale=sampling.cfg_scale) if guided else None
+    drafter = Drafter(k, sampling.temperature, sampling.top_k, sampling.top_p, combine)
     numbers = torch.Generator().manual_seed(sampling.seed)
-
-    def target(logits: Tensor) -> Tensor:  # (rows, ..., V) -> guided, filtered (B, ..., V)
-        logits = guide(logits, sampling.cfg_scale) if guided else logits
-        if greedy:
-            return logits
-        shape = logits.shape
-        probs = filtered_probs(logits.reshape(-1, shape[-1]), sampling.temperature, sampling.top_k, sampling.top_p)
-        return probs.view(shape)
-
-    def pick(dist: Tensor, uniform: Tensor) -> Tensor:  # (B, n, V), (B, n) -> (B, n)
-        if greedy:
-            return dist.argmax(dim=-1)
-        return draw(dist.reshape(-1, dist.shape[-1]), uniform.reshape(-1)).view(uniform.shape)
-
     codes = torch.zeros(batch, num_tokens, dtype=torch.long, device=device)
     forwards = 0
     try:
@@ -254,41 +243,28 @@ def generate_drafted(
         )
         forwards += 1
         u = torch.rand(batch, 2 * k - 1, generator=numbers).to(device)
-        codes[:, 0] = pick(target(logits), u[:, :1])[:, 0]
-        draft_dist = target(register_logits)  # (B, k-1, V): drafts of x_{t+1..t+k-1}, t = 1
-        drafts = pick(draft_dist, u[:, 1:k])
+        codes[:, 0], drafts = drafter.start(logits[:, 0], register_logits, u)
         t = 1  # x_1..x_t committed; x_t (sequence position t) not yet in the cache
         while t < num_tokens:
             n = min(k, num_tokens - t)  # the pending token and n - 1 drafts, never past position N - 1
-            fed = torch.cat([codes[:, t - 1 : t], drafts[:, : n - 1]], dim=1)
+            fed = torch.cat([codes[:, t - 1 : t], drafts.tokens[:, : n - 1]], dim=1)
             positions = torch.arange(t, t + n, device=device)
-            anchors = positions.repeat_interleave(k - 1)
-            register_positions = (anchors + offsets.repeat(n) - 1).clamp(max=num_tokens - 1)  # past N: never used
+            fed_index, offset = round_registers(n, k, device)
+            anchors = positions[fed_index]
+            register_positions = (anchors + offset - 1).clamp(max=num_tokens - 1)  # past N: never used
             fed_rows = torch.cat([fed, fed]) if guided else fed
             logits, register_logits = model.extend(
                 model.tok_embeddings(fed_rows), positions, anchors, register_positions
             )
             forwards += 1
-            p = target(logits)  # (B, n, V): p[:, i] is the distribution of x_{t+i+1}
             u = torch.rand(batch, 2 * k - 1, generator=numbers).to(device)
-            accepted = accepted_drafts(p[:, : n - 1], draft_dist[:, : n - 1], drafts[:, : n - 1], u[:, : n - 1], greedy)
-            m = int(accepted.min())
-            codes[:, t : t + m] = drafts[:, :m]
-            if t + m < num_tokens:  # the token after the common accepted prefix
-                rejected = accepted == m
-                if m < n - 1:
-                    fix = correction(p[:, m], draft_dist[:, m], u[:, k - 1], greedy)
-                    codes[:, t + m] = torch.where(rejected, fix, drafts[:, m])
-                else:  # every draft accepted: the bonus token from p
-                    codes[:, t + m] = correction(p[:, m], None, u[:, k - 1], greedy)
-            # Registers anchored at the last accepted fed token (position t + m) draft the next round.
-            draft_dist = target(register_logits.view(register_logits.shape[0], n, k - 1, -1)[:, m])
-            drafts = pick(draft_dist, u[:, k:])
-            t += m + 1
+            step = drafter.verify(logits, register_logits, drafts, u)
+            codes[:, t : t + step.m + 1] = step.tokens  # rejected drafts' cache slots are overwritten later
+            drafts = step.drafts
+            t += step.m + 1
     finally:
         model.clear_caches()
         model.train(was_training)
-    if stats is not None:
-        forwards, tokens = stats.get("forwards", 0) + forwards, stats.get("tokens", 0) + num_tokens  # accumulates
-        stats.update(forwards=forwards, tokens=tokens, tokens_per_forward=tokens / forwards)
+    if stats is not None:  # accumulates over calls
+        stats.add(DecodeStats(forwards=forwards, tokens=num_tokens))
     return codes.view(batch, config.grid_size, config.grid_size)

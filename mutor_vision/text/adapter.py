@@ -4,18 +4,20 @@ The register core builds the layout and the mask; this module only meets Hugging
 the shared register vector into ``inputs_embeds`` after the regular tokens, passes explicit
 ``position_ids`` and the 4D mask in the form the model's attention implementation needs
 (``sdpa``: bool, ``eager``: additive float, ``flex_attention``: BlockMask), and combines the
-losses. Right-padded batches of any size (docs/method.md §4).
+losses. Right-padded batches of any size (docs/method.md §4). Its settings are a
+:class:`TextRegisterConfig`, the ``registers:`` section of the text config, defaults included.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from mutor_vision.core.loss import LossNormalization, LossParts, combined_loss
+from mutor_vision.core.config import TextRegisterConfig
+from mutor_vision.core.loss import LossParts, combined_loss
 from mutor_vision.core.registers import (
     IGNORE_INDEX,
     Offsets,
@@ -24,6 +26,7 @@ from mutor_vision.core.registers import (
     prompt_answer_layout,
     sample_offsets_1d,
 )
+from mutor_vision.errors import ConfigError
 
 MASK_FORMS = {"sdpa": "bool", "eager": "float", "flex_attention": "block"}
 
@@ -55,33 +58,40 @@ class TextOutput:
 
 
 class MuToRAdapter(nn.Module):
-    """A causal LM plus the register vector; ``forward`` on right-padded prompt + answer rows."""
+    """A causal LM plus the register vector; ``forward`` on right-padded prompt + answer rows.
 
-    def __init__(
-        self,
-        model: nn.Module,
-        method: Literal["ntp", "mutor"] = "mutor",
-        d_max: int = 4,
-        weight: float = 0.3,
-        register_fraction: float | None = None,
-        prompt_attention: Literal["causal", "bidirectional"] = "causal",
-        loss_normalization: LossNormalization = "token",
-    ) -> None:
+    ``config``: the ``registers:`` section of the text config (default: its defaults, the MuToR
+    authors' recipe); ``mode: ntp`` trains plain next-token with the same masks and loss code.
+    """
+
+    def __init__(self, model: nn.Module, config: TextRegisterConfig | None = None) -> None:
         super().__init__()
-        config = model.config
-        implementation = getattr(config, "_attn_implementation", None) or "eager"
+        config = TextRegisterConfig() if config is None else config
+        if config.modality != "text":
+            raise ConfigError(
+                f"the text adapter takes a TextRegisterConfig (text defaults), got a {type(config).__name__}"
+            )
+        implementation = getattr(model.config, "_attn_implementation", None) or "eager"
         if implementation not in MASK_FORMS:
             raise ValueError(
                 f"attn_implementation {implementation!r} cannot take the register mask: use one of {sorted(MASK_FORMS)}"
             )
         self.model = model
-        self.method, self.d_max, self.weight = method, d_max, weight
-        self.register_fraction, self.prompt_attention = register_fraction, prompt_attention
-        self.loss_normalization = loss_normalization
+        self.register_config = config
         self.mask_form = MASK_FORMS[implementation]
-        self.registers = RegisterEmbedding(config.hidden_size, std=getattr(config, "initializer_range", 0.02))
+        hidden, std = model.config.hidden_size, getattr(model.config, "initializer_range", 0.02)
+        self.registers = RegisterEmbedding(hidden, std=std)
         # Unused without registers: frozen, so DDP does not wait for its gradient.
-        self.registers.requires_grad_(method == "mutor")
+        self.registers.requires_grad_(config.enabled)
+
+    @property
+    def weight(self) -> float:
+        """a in (1 - a)·L_ntp + a·L_reg (``registers.weight``); settable, e.g. to take the parts apart."""
+        return self.register_config.weight
+
+    @weight.setter
+    def weight(self, value: float) -> None:
+        self.register_config = dataclasses.replace(self.register_config, weight=value)
 
     @property
     def _no_split_modules(self) -> list[str]:
@@ -91,22 +101,28 @@ class MuToRAdapter(nn.Module):
     def layout(
         self, prompt_len: Tensor, answer_len: Tensor, seq_len: int, generator: torch.Generator | None = None
     ) -> RegisterLayout:
-        """Registers before answer tokens, d uniform in {1..d_max} per sample (also built for ntp: the mask)."""
-        batch = prompt_len.shape[0]
-        if self.method == "mutor":
-            offsets = sample_offsets_1d(batch, self.d_max, generator=generator, device=prompt_len.device)
+        """Registers before answer tokens, d uniform in {1..d_max} per sample (also built for ntp: the mask).
+
+        ``num_registers`` (at most the batch's longest answer) or ``register_fraction`` of the answer
+        slots, drawn at random per sample; neither: every answer slot."""
+        batch, c = prompt_len.shape[0], self.register_config
+        if c.enabled:
+            offsets = sample_offsets_1d(batch, c.d_max, generator=generator, device=prompt_len.device)
         else:
             offsets = Offsets(d=torch.ones(batch, dtype=torch.long, device=prompt_len.device))
-        num_registers = None
-        if self.method == "mutor" and self.register_fraction is not None:
-            num_registers = num_registers_for_fraction(self.register_fraction, max(int(answer_len.max()), 1))
+        num_registers, num_slots = None, max(int(answer_len.max()), 1)
+        if c.enabled and c.register_fraction is not None:
+            num_registers = num_registers_for_fraction(c.register_fraction, num_slots)
+        elif c.enabled and c.num_registers is not None:
+            num_registers = min(c.num_registers, num_slots)
         return prompt_answer_layout(
             offsets,
             prompt_len,
             answer_len,
             seq_len=seq_len,
             num_registers=num_registers,
-            prompt_attention=self.prompt_attention,
+            valid_slots_only=c.valid_slots_only,
+            prompt_attention=c.prompt_attention,
             generator=generator,
         )
 
@@ -127,7 +143,7 @@ class MuToRAdapter(nn.Module):
         embedding = self.model.get_input_embeddings()
         embeds = embedding(input_ids)
         positions = torch.arange(seq_len, device=input_ids.device).expand(batch, -1)
-        registers = self.method == "mutor"
+        registers = self.register_config.enabled
         if registers:
             embeds = torch.cat([embeds, self.registers(embedding, batch, layout.num_registers, embeds.dtype)], dim=1)
             positions = torch.cat([positions, layout.position], dim=1)
@@ -148,7 +164,7 @@ class MuToRAdapter(nn.Module):
             output.register_logits,
             register_labels,
             self.weight if output.register_logits is not None else 0.0,
-            normalization=self.loss_normalization,
+            normalization=self.register_config.loss_normalization,
         )
 
 

@@ -1,11 +1,18 @@
-"""The text adapter config: model, data, method, LoRA, optimiser, loop (YAML, typed, validated)."""
+"""The text adapter config: model, data, registers, LoRA, optimiser, loop (YAML, typed, validated).
+
+The ``registers:`` keys are the image model's (``mutor_vision/core/config.py``) with the text
+defaults. Configs and checkpoints of older versions name that section ``method:`` (with
+``name: ntp | mutor``): they load as ``registers:`` with one deprecation line (:data:`METHOD_KEYS`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from mutor_vision.config import check
+from mutor_vision.core.config import TextRegisterConfig
+from mutor_vision.errors import ConfigError
 from mutor_vision.training.loop_config import LoopConfig, OptimConfig
 
 GSM8K_PROMPT = "Question: {prompt}\n\nAnswer:"  # the MuToR authors' template
@@ -43,22 +50,6 @@ class TextDataConfig:
 
 
 @dataclass
-class MethodConfig:
-    name: Literal["ntp", "mutor"] = "mutor"  # ntp: plain next-token fine-tuning, no registers
-    d_max: int = 4  # d uniform in {1..d_max} per sample
-    weight: float = 0.3  # a in (1 - a)·L_ntp + a·L_reg
-    register_fraction: float | None = None  # sparse registers: this fraction of answer slots; null = all
-    prompt_attention: Literal["causal", "bidirectional"] = "bidirectional"  # the paper's setting (causal: any stack)
-    loss_normalization: Literal["sample", "token"] = "sample"  # sample: mean of per-sample means (the authors')
-
-    def __post_init__(self) -> None:
-        check(self.d_max >= 1, "d_max", "must be >= 1")
-        check(0.0 <= self.weight <= 1.0, "weight", "must be in [0, 1]")
-        frac = self.register_fraction
-        check(frac is None or 0.0 < frac <= 1.0, "register_fraction", "must be in (0, 1] or null")
-
-
-@dataclass
 class LoraSettings:
     enabled: bool = False  # false: full fine-tuning (the paper)
     r: int = 16  # LoRA rank
@@ -75,11 +66,11 @@ class LoraSettings:
 
 @dataclass
 class TextTrainConfig(LoopConfig):
-    """Text fine-tuning: the causal LM, its data, the method, LoRA, and the loop keys (some defaults differ)."""
+    """Text fine-tuning: the causal LM, its data, the registers, LoRA, and the loop keys (some defaults differ)."""
 
     model: TextModelConfig = field(default_factory=TextModelConfig)
     data: TextDataConfig = field(default_factory=TextDataConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    registers: TextRegisterConfig = field(default_factory=TextRegisterConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     epochs: int = 5  # passes over the data; steps = epochs × (examples // global_batch_size)
     optim: OptimConfig = field(  # the MuToR authors' text recipe
@@ -97,3 +88,63 @@ class TextTrainConfig(LoopConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.epochs >= 1, "epochs", "must be >= 1")
+        check(
+            self.registers.modality == "text",
+            "registers",
+            f"a {type(self.registers).__name__} has the {self.registers.modality} defaults; text takes a "
+            "TextRegisterConfig",
+        )
+
+    @classmethod
+    def upgrade_keys(cls, data: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+        """An older config's ``method:`` section read as ``registers:`` (``mutor_vision.config`` calls this)."""
+        if "method" not in data:
+            return data, None
+        data = dict(data)
+        mapped = method_as_registers(data.pop("method"))
+        given = data.get("registers")
+        given = {} if given is None else given
+        if not isinstance(given, dict):
+            raise ConfigError(f"registers: expected a mapping, got {type(given).__name__}")
+        old_name = {new: old for old, new in METHOD_KEYS.items()}
+        for key, value in mapped.items():
+            if key in given and given[key] != value:
+                raise ConfigError(
+                    f"method.{old_name[key]} ({value!r} as registers.{key}) and registers.{key} ({given[key]!r}) "
+                    "disagree: method: is the old name of registers:, keep registers: only"
+                )
+        data["registers"] = {**mapped, **given}
+        mode = data["registers"].get("mode", "mutor1d")
+        renamed = f"method.name {METHOD_OLD_NAMES.get(mode, mode)} is registers.mode {mode}"
+        return data, f"method: is the old name of registers: ({renamed}, other keys unchanged); rename the section"
+
+
+# The old text section ``method:`` -> ``registers:``: its keys (only ``name`` was renamed) and name values.
+METHOD_KEYS = {
+    "name": "mode",
+    "d_max": "d_max",
+    "weight": "weight",
+    "register_fraction": "register_fraction",
+    "prompt_attention": "prompt_attention",
+    "loss_normalization": "loss_normalization",
+}
+METHOD_NAMES = {"ntp": "ntp", "mutor": "mutor1d"}
+METHOD_OLD_NAMES = {new: old for old, new in METHOD_NAMES.items()}
+
+
+def method_as_registers(method: Any) -> dict[str, Any]:
+    """An old ``method:`` section as ``registers:`` keys (``name: mutor`` -> ``mode: mutor1d``)."""
+    method = {} if method is None else method
+    if not isinstance(method, dict):
+        raise ConfigError(f"method: expected a mapping, got {type(method).__name__}")
+    unknown = sorted(set(method) - set(METHOD_KEYS))
+    if unknown:
+        where = ", ".join(f"method.{k}" for k in unknown)
+        raise ConfigError(f"unknown config key(s): {where} (method: is the old name of registers:, see docs/text.md)")
+    name = method.get("name", "mutor")
+    if name not in METHOD_NAMES:
+        raise ConfigError(f"method.name: must be one of {list(METHOD_NAMES)}, got {name!r}")
+    mapped = {METHOD_KEYS[k]: v for k, v in method.items()}
+    if "name" in method:
+        mapped["mode"] = METHOD_NAMES[name]
+    return mapped

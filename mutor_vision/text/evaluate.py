@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mutor_vision.core.drafting import check_draft_tokens
+from mutor_vision.core.drafting import DecodeStats, check_draft_tokens
 from mutor_vision.errors import ConfigError, InputError
 from mutor_vision.files import atomic_write_json
 from mutor_vision.text.adapter import MASK_FORMS, RegisterEmbedding
@@ -123,7 +123,7 @@ def evaluate_answers(
     if attn not in ("sdpa", "eager"):
         raise InputError(f"generation needs attn_implementation sdpa or eager, the model has {attn!r}")
     prompts = [template.format(prompt=r[prompt_field]) for r in records]
-    stats: dict[str, int] = {}
+    stats = DecodeStats()
     predictions = generate_texts(
         model, tokenizer, prompts, max_new_tokens, prompt_attention, MASK_FORMS[attn], batch_size,
         registers=registers, draft_tokens=draft_tokens, stats=stats,
@@ -146,7 +146,7 @@ def evaluate_answers(
         "max_new_tokens": max_new_tokens,
         "batch_size": batch_size,
         "draft_tokens": draft_tokens,
-        "tokens_per_forward": stats.get("tokens", 0) / max(stats.get("forwards", 0), 1),
+        "tokens_per_forward": stats.tokens_per_forward,
         **(extra or {}),
         "samples": rows,
     }
@@ -161,12 +161,12 @@ def drafting_registers(ckpt: str | Path, info: dict[str, Any], model, draft_toke
     """The export's register vector for ``draft_tokens > 1`` (None for 1), checked against its training."""
     if draft_tokens <= 1:
         return None
-    if info.get("name") != "mutor":
+    if info.get("mode") != "mutor1d":  # read_text_info gives an older export's "name" as "mode"
         raise ConfigError(
-            f"--draft-tokens: {ckpt} was trained without registers (method {info.get('name', 'unknown')})"
+            f"--draft-tokens: {ckpt} was trained without registers (registers.mode {info.get('mode', 'unknown')})"
         )
     d_max = int(info.get("d_max", 0))
-    check_draft_tokens(draft_tokens, range(1, d_max + 1), f"method mutor, d_max {d_max}")
+    check_draft_tokens(draft_tokens, range(1, d_max + 1), f"registers.mode mutor1d, d_max {d_max}")
     registers = RegisterEmbedding(model.config.hidden_size)
     with torch.no_grad():
         registers.vector.copy_(read_register_vector(ckpt))

@@ -4,11 +4,16 @@ Layout of ``<checkpoint>/export/``::
 
     model/                  the fine-tuned model (or only its LoRA adapter) + tokenizer, Hugging Face format
     registers.safetensors   the register vector ("vector": (hidden,))
-    mutor_text.json         base model, LoRA flag, attention implementation, prompt template, method settings
+    mutor_text.json         base model, LoRA flag, attention implementation, prompt template, and the
+                            text keys of ``registers:`` (mode, d_max, weight, ...) at its top level
+
+Exports of older versions recorded ``name: ntp | mutor`` for ``mode``; :func:`read_text_info` reads
+them under today's names.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -16,12 +21,19 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from mutor_vision.core.config import TextRegisterConfig, applies
 from mutor_vision.errors import InputError
 from mutor_vision.files import atomic_write, atomic_write_json
 
 INFO = "mutor_text.json"
 REGISTERS = "registers.safetensors"
 MODEL = "model"
+OLD_MODE = {"mutor": "mutor1d", "ntp": "ntp"}  # an older export's "name" -> "mode"
+
+
+def registers_info(config: TextRegisterConfig) -> dict[str, Any]:
+    """The register settings an export records: the keys that apply to text, as in the config."""
+    return {key: value for key, value in dataclasses.asdict(config).items() if applies(key, "text")}
 
 
 def write_text_export(
@@ -47,9 +59,13 @@ def read_text_info(path: Path) -> dict[str, Any] | None:
     if not info.is_file():
         return None
     try:
-        return json.loads(info.read_text())
+        recorded = json.loads(info.read_text())
     except json.JSONDecodeError as error:
         raise InputError(f"{info}: not valid JSON ({error})") from None
+    if isinstance(recorded, dict) and "name" in recorded and "mode" not in recorded:  # an older export
+        name = recorded.pop("name")
+        recorded["mode"] = OLD_MODE.get(name, name)
+    return recorded
 
 
 def model_directory(path: Path, info: dict[str, Any] | None) -> Path:

@@ -7,12 +7,14 @@ or bidirectionally, padding never attended). Each later round feeds one pending 
 shared cache index; a row's keys are its own prompt and its own tokens, and its position ids
 continue from its prompt length, so a row's output does not depend on the other rows of its batch.
 
-With ``draft_tokens = k > 1`` the trained register vector drafts ``k − 1`` tokens per round
-(``mutor_vision/core/drafting.py``): registers anchored at the last prompt token (in the prefill) or at
-every fed token (in a round) predict the next tokens, the round feeds them after the pending token,
-and the longest prefix equal to the model's own greedy choice is kept — the output is exactly
-plain greedy decoding, in fewer forwards when drafts are right. Registers and rejected drafts are
-cut from the KV cache after each forward. ``k = 1`` is plain greedy decoding, through the same loop.
+With ``draft_tokens = k > 1`` the trained register vector drafts ``k − 1`` tokens per round: registers
+anchored at the last prompt token (in the prefill) or at every fed token (in a round) predict the next
+tokens, the round feeds them after the pending token, and the longest prefix equal to the model's own
+greedy choice is kept — the output is exactly plain greedy decoding, in fewer forwards when drafts are
+right. The round (verify, accept, next drafts) is ``mutor_vision/core/drafting.py``'s :class:`Drafter`,
+shared with image sampling; this loop feeds the model and keeps the KV cache, EOS and padding. Registers
+and rejected drafts are cut from the KV cache after each forward. ``k = 1`` is plain greedy decoding,
+through the same loop. ``stats`` (a :class:`DecodeStats`) adds the forwards and tokens of the call.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mutor_vision.core.registers import RegisterLayout, step_mask
+from mutor_vision.core.drafting import DecodeStats, Drafter, round_registers
+from mutor_vision.core.registers import anchored_layout, step_mask
 from mutor_vision.text.adapter import RegisterEmbedding, as_mask_form
 
 
@@ -38,7 +41,7 @@ def greedy_generate_batch(
     pad_token_id: int = 0,
     registers: RegisterEmbedding | None = None,
     draft_tokens: int = 1,
-    stats: dict | None = None,
+    stats: DecodeStats | None = None,
 ) -> list[list[int]]:
     """The greedy continuation of every prompt (without the prompt), up to and including EOS."""
     from transformers import DynamicCache  # lazy: Hugging Face libraries (the `text` extra) load only where used
@@ -56,7 +59,7 @@ def greedy_generate_batch(
     ids = torch.full((batch, width), pad_token_id, dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):
         ids[row, : len(prompt)] = torch.tensor(list(prompt), device=device)
-    offsets = torch.arange(2, k + 1, device=device)  # register offsets d = 2..k
+    drafter = Drafter(k)  # greedy
     cache = DynamicCache()
 
     def forward(embeds: Tensor, allowed: Tensor, positions: Tensor) -> Tensor:
@@ -70,29 +73,25 @@ def greedy_generate_batch(
         return embeds if count == 0 else torch.cat([embeds, registers(embedding, batch, count, dtype)], dim=1)
 
     # Prefill: the prompts, and registers anchored at each row's last prompt token (drafts of tokens 2..k).
-    anchor = (lengths - 1)[:, None].expand(batch, k - 1)
-    valid = torch.ones_like(anchor, dtype=torch.bool)
-    prefill = RegisterLayout(
-        anchor=anchor, target=anchor + offsets, position=anchor + offsets - 1, valid=valid,
-        offset=torch.ones_like(lengths), seq_len=width, length=lengths,
-        prefix_len=lengths if prompt_attention == "bidirectional" else torch.zeros_like(lengths),
+    prefill = anchored_layout(
+        (lengths - 1)[:, None].expand(batch, k - 1), torch.arange(2, k + 1, device=device), lengths, width,
+        prefix_len=lengths if prompt_attention == "bidirectional" else None,
     )  # fmt: skip
     positions = torch.cat([torch.arange(width, device=device).expand(batch, -1), prefill.position], dim=1)
     logits = forward(with_registers(embedding(ids), k - 1), prefill.dense_mask(), positions)
     _keep(cache, width)  # the registers' keys and values go: nobody attends to a register
     rows = torch.arange(batch, device=device)
-    pending = logits[rows, lengths - 1].argmax(dim=-1)  # the first generated token
-    drafts = logits[:, width:].argmax(dim=-1)  # (B, k - 1): the next ones, drafted
+    pending, drafts = drafter.start(logits[rows, lengths - 1], logits[:, width:])  # the first token, then drafts
     keys = torch.arange(width, device=device)[None] < lengths[:, None]  # cache slots holding this row's tokens
     generated, forwards = pending[:, None], 1
     finished = pending == eos_token_id
     while generated.shape[1] < max_new_tokens and not bool(finished.all()):
         cached, done = keys.shape[1], generated.shape[1]
         n = min(k, max_new_tokens - done)  # the pending token and n - 1 drafts
-        fed = torch.cat([pending[:, None], drafts[:, : n - 1]], dim=1)
+        fed = torch.cat([pending[:, None], drafts.tokens[:, : n - 1]], dim=1)
         fed_positions = (lengths + done - 1)[:, None] + torch.arange(n, device=device)  # (B, n)
-        anchor = torch.arange(n, device=device).repeat_interleave(k - 1)  # fed index each register follows
-        register_positions = fed_positions[:, anchor] + offsets.repeat(n) - 1
+        anchor, offset = round_registers(n, k, device)  # the fed index each register follows, its offset
+        register_positions = fed_positions[:, anchor] + offset - 1
         allowed = step_mask(cached + n, cached + n, cached + torch.arange(n, device=device), cached + anchor)
         allowed = (
             allowed
@@ -104,17 +103,14 @@ def greedy_generate_batch(
             with_registers(embedding(fed), anchor.shape[0]), allowed, torch.cat([fed_positions, register_positions], 1)
         )
         forwards += 1
-        choice = logits[:, :n].argmax(dim=-1)  # (B, n): the model's token after each fed one
-        agree = (drafts[:, : n - 1] == choice[:, : n - 1]).long().cumprod(dim=1).sum(dim=1)
-        m = int(torch.where(finished, n - 1, agree).min())  # finished rows never hold the others back
-        generated = torch.cat([generated, drafts[:, :m], choice[:, m : m + 1]], dim=1)
-        _keep(cache, cached + 1 + m)  # the pending token and the accepted drafts stay
-        keys = torch.cat([keys, torch.ones(batch, 1 + m, dtype=torch.bool, device=device)], dim=1)
-        pending = choice[:, m]
-        drafts = logits[:, n + m * (k - 1) : n + (m + 1) * (k - 1)].argmax(dim=-1)
+        step = drafter.verify(logits[:, :n], logits[:, n:], drafts, finished=finished)  # finished rows: no hold-up
+        generated = torch.cat([generated, step.tokens], dim=1)
+        _keep(cache, cached + 1 + step.m)  # the pending token and the accepted drafts stay
+        keys = torch.cat([keys, torch.ones(batch, 1 + step.m, dtype=torch.bool, device=device)], dim=1)
+        pending, drafts = step.tokens[:, -1], step.drafts
         finished |= (generated[:, done:] == eos_token_id).any(dim=1)
     if stats is not None:  # tokens: how far the batch advanced (per row); forwards: the model calls it took
-        stats.update(forwards=stats.get("forwards", 0) + forwards, tokens=stats.get("tokens", 0) + generated.shape[1])
+        stats.add(DecodeStats(forwards=forwards, tokens=generated.shape[1]))
     return [_until_eos(row.tolist()[:max_new_tokens], eos_token_id) for row in generated]
 
 
@@ -152,7 +148,7 @@ def generate_texts(
     show_progress: bool = True,
     registers: RegisterEmbedding | None = None,
     draft_tokens: int = 1,
-    stats: dict | None = None,
+    stats: DecodeStats | None = None,
 ) -> list[str]:
     """Decoded greedy continuations of text prompts, ``batch_size`` at a time (similar lengths together)."""
     encoded = [tokenizer(p)["input_ids"] for p in prompts]

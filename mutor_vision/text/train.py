@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mutor_vision.config import to_dict
 from mutor_vision.core.loss import LossParts
 from mutor_vision.errors import InputError
 from mutor_vision.processes import use_cuda
@@ -23,7 +22,7 @@ from mutor_vision.seeds import hash_seed
 from mutor_vision.text.adapter import MuToRAdapter
 from mutor_vision.text.config import TextModelConfig, TextTrainConfig
 from mutor_vision.text.data import Example, build_examples, collate, read_records
-from mutor_vision.text.export import write_text_export
+from mutor_vision.text.export import registers_info, write_text_export
 from mutor_vision.text.hub import ModelSource, from_pretrained, gather, locate_model
 from mutor_vision.training import loop
 from mutor_vision.training.runtime import TrainResult
@@ -78,8 +77,7 @@ def build_adapter(model, config: TextTrainConfig) -> MuToRAdapter:
                 task_type="CAUSAL_LM",
             ),
         )
-    m = config.method
-    return MuToRAdapter(model, m.name, m.d_max, m.weight, m.register_fraction, m.prompt_attention, m.loss_normalization)
+    return MuToRAdapter(model, config.registers)
 
 
 def step_examples(examples: list[Example], step: int, global_batch: int, seed: int) -> list[Example]:
@@ -150,7 +148,7 @@ class TextTask:
             "lora": self.config.lora.enabled,
             "attn_implementation": self.config.model.attn_implementation,
             "prompt_template": self.config.data.prompt_template,
-            **to_dict(self.config.method),
+            **registers_info(self.config.registers),
         }
         write_text_export(directory, unwrapped.model, self.tokenizer, weights["registers.vector"], info, model_state)
 

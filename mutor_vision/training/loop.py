@@ -161,13 +161,15 @@ def _run(task: Task, config: LoopConfig, resume: str | None, allow_change: Seque
     manager = CheckpointManager(out_dir / "checkpoints", config.keep_last)
     recorded = to_dict(config)
     defaults = default_values(type(config))  # a checkpoint of older code lacks the keys added since
-    candidates = resume_candidates(manager, resume, recorded, allow_change, task.total_steps, defaults)
+    candidates = resume_candidates(manager, resume, recorded, allow_change, task.total_steps, defaults, type(config))
     trackers = (["tensorboard"] if config.tensorboard else []) + (["wandb"] if config.wandb else [])
     accelerator, accumulation = make_accelerator(
         config.mixed_precision, config.global_batch_size, config.micro_batch_size, out_dir, trackers, config.device
     )
     trainee = prepare(task, config, accelerator, fresh=not candidates)
-    step, resumed = restore(accelerator, manager, candidates, recorded, allow_change, task.total_steps, defaults)
+    step, resumed = restore(
+        accelerator, manager, candidates, recorded, allow_change, task.total_steps, defaults, type(config)
+    )
     if accelerator.is_main_process:  # only now: nothing is written before every check passed
         log_startup(task, config, accelerator, accumulation, trainee, step)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from mutor_vision.config import config_changes
+from mutor_vision.config import config_changes, upgrade
 from mutor_vision.errors import ConfigError
 from mutor_vision.training.checkpoints import STATE, CheckpointManager, CheckpointUnreadable
 from mutor_vision.training.runtime import any_rank
@@ -35,6 +35,7 @@ def resume_candidates(
     allow_change: Sequence[str] = (),
     total_steps: int | None = None,
     defaults: dict[str, Any] | None = None,
+    config_cls: type | None = None,
 ) -> list[Path]:
     """The checkpoints to try, newest first, after checking the first against ``config``.
 
@@ -67,7 +68,7 @@ def resume_candidates(
             log.warning("%s; trying the previous checkpoint", error)
             continue
         if not readable:
-            check_resume_config(path, state, config, allow_change, total_steps, defaults)
+            check_resume_config(path, state, config, allow_change, total_steps, defaults, config_cls)
         readable.append(path)
     if candidates and not readable:
         raise CheckpointUnreadable(f"{manager.root}: no checkpoint with a readable {STATE}")
@@ -81,11 +82,13 @@ def check_resume_config(
     allow_change: Sequence[str] = (),
     total_steps: int | None = None,
     defaults: dict[str, Any] | None = None,
+    config_cls: type | None = None,
 ) -> None:
     """Refuse a resume whose config differs from the checkpoint's, except in allowed keys.
 
     ``defaults``: keys the recorded config lacks (added to the code since) count as unchanged at
-    their default values (:func:`mutor_vision.config.config_changes`).
+    their default values (:func:`mutor_vision.config.config_changes`). ``config_cls``: the recorded
+    config's keys of older versions are read under today's names first (:func:`mutor_vision.config.upgrade`).
     """
     step = int(state["step"])
     if total_steps is not None and step > total_steps:
@@ -96,6 +99,8 @@ def check_resume_config(
     recorded = state.get("config")
     if recorded is None:
         raise ConfigError(f"--resume: {checkpoint}/{STATE} records no config to compare with")
+    if config_cls is not None:
+        recorded = upgrade(config_cls, recorded, f"--resume: {checkpoint}")
     changes = config_changes(recorded, config, defaults)
     ignored = RUN_KEYS | START_KEYS
     changes = {key: values for key, values in changes.items() if key not in ignored}
@@ -119,6 +124,7 @@ def restore(
     allow_change: Sequence[str] = (),
     total_steps: int | None = None,
     defaults: dict[str, Any] | None = None,
+    config_cls: type | None = None,
 ) -> tuple[int, Path | None]:
     """Load the first loadable of ``candidates`` (all ranks, after prepare); return its step and path
     ((0, None) without one).
@@ -131,7 +137,7 @@ def restore(
     for index, path in enumerate(candidates):
         state = manager.read_state(path)
         if index:  # the first was checked before anything was built
-            check_resume_config(path, state, config, allow_change, total_steps, defaults)
+            check_resume_config(path, state, config, allow_change, total_steps, defaults, config_cls)
         failure = None
         try:
             accelerator.load_state(str(path / "accelerate"))
