@@ -161,12 +161,12 @@ def needs_llamagen() -> str | None:
     return None
 
 
-# Estimates: seconds the stage took on one H100 (bench/results/gpu_check_h100_20261127.json: tier 133 with 4
-# workers and 11 tests, train_eager 43, train_compiled 83, draft 48 with CFG 1 and 2,
-# train_compiled_chunked 91), rounded up; sample, eval, llamagen and sample_ab are guesses until a
-# run completes them.
+# Estimates: seconds the stage took on one H100 (bench/results/gpu_check_h100_20261127.json: train_eager 43,
+# train_compiled 83, train_compiled_chunked 91; gpu_check_h100_20261127_s2.json: tier 93 with 6 workers
+# and 14 tests, sample 93, eval 48, llamagen 163, draft 10 without the demo model), rounded up;
+# sample_ab is a guess until a run completes it.
 STAGES = [
-    Stage("tier", "GPU test tier (pytest -m gpu)", 130, tier_commands, read=read_tier),
+    Stage("tier", "GPU test tier (pytest -m gpu)", 100, tier_commands, read=read_tier),
     Stage(
         "train_eager",
         "GPT-B train step, eager: NTP vs MuToR-2D R=80, flex/sdpa, chunk 0/8192",
@@ -174,11 +174,11 @@ STAGES = [
         train_eager_commands,
     ),
     Stage("train_compiled", "GPT-B train step, compiled: NTP vs MuToR-2D R=80 (flex)", 90, train_compiled_commands),
-    Stage("sample", "GPT-B sampling, CFG 2.0, batch 32/64: eager vs compiled, profile", 110, sample_commands),
-    Stage("eval", "eval/fid.py pipeline, 1,000 samples, vs raw sampling", 60, eval_commands),
+    Stage("sample", "GPT-B sampling, CFG 2.0, batch 32/64: eager vs compiled, profile", 100, sample_commands),
+    Stage("eval", "eval/fid.py pipeline, 1,000 samples, vs raw sampling", 55, eval_commands),
     Stage("draft", "register drafting at batch 1/8/64 (demo model) and the GPT-B verify cost", 35, draft_commands),
     Stage(
-        "llamagen", "LlamaGen's own generate and train step side by side", 150, llamagen_commands, needs=needs_llamagen
+        "llamagen", "LlamaGen's own generate and train step side by side", 170, llamagen_commands, needs=needs_llamagen
     ),
     Stage("sample_ab", "GPT-B compiled sampling, batch 64: decode attention default vs math", 80, sample_ab_commands),
     Stage(

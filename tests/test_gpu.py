@@ -256,13 +256,14 @@ def test_eval_fid_end_to_end_on_cuda(tmp_path):
 def test_text_fsdp2_one_process_saves_resumes_and_exports(tmp_path):
     # Full fine-tuning under FSDP2 (configs/accelerate/fsdp2_text.yaml), sharded by the model's own
     # decoder-layer class; accelerate runs FSDP on CUDA only, so this lives in the GPU tier.
-    from test_text import CORPUS, tiny_model
+    from test_text import CORPUS
     from transformers import AutoModelForCausalLM
 
     from mutor_vision.text.data import word_tokenizer
+    from mutor_vision.text.tiny import tiny_causal_lm
 
     tokenizer = word_tokenizer(CORPUS)
-    tiny_model("llama", len(tokenizer)).save_pretrained(tmp_path / "model")
+    tiny_causal_lm(len(tokenizer), "llama").save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     rows = [{"question": t.split(" Answer: ")[0], "answer": t.split(" Answer: ")[1]} for t in CORPUS * 5]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
