@@ -109,7 +109,7 @@ def main() -> None:
             layout = model.register_layout(tokens.shape[0], generator=g, device=device)
             mask = None if layout is None else model.attention_mask(layout)  # outside the compiled forward
             with autocast:
-                loss = forward(tokens, labels, layout, mask, return_loss=True).loss.loss
+                loss = forward(tokens, labels, layout, mask, return_loss=True)["loss"]
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

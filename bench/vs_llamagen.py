@@ -104,7 +104,7 @@ def training(root: Path, batch: int, repeats: int) -> dict:
             else:
                 layout = model.register_layout(batch, generator=g, device="cuda")
                 mask = None if layout is None else model.attention_mask(layout)
-                loss = model(tokens, labels, layout, mask, return_loss=True).loss.loss
+                loss = model(tokens, labels, layout, mask, return_loss=True)["loss"]
         loss.backward()
         optimizers[name].step()
         optimizers[name].zero_grad(set_to_none=True)

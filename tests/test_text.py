@@ -137,6 +137,49 @@ def test_answer_shorter_than_d_gives_finite_loss():
     assert all(torch.isfinite(p.grad).all() for p in adapter.parameters() if p.grad is not None)
 
 
+@pytest.mark.parametrize("kind", ["llama", "gemma", "qwen2"])
+@pytest.mark.parametrize("mode", ["mutor1d", "ntp"])
+@pytest.mark.parametrize("normalization", ["token", "sample"])
+def test_chunked_head_loss_equals_whole_logits_loss(kind, mode, normalization):
+    # The same loss and gradients whether the head + CE run in chunks of 3 positions or on whole logits.
+    input_ids, prompt_len, answer_len = worked_batch()
+    registers = TextRegisterConfig(mode=mode, d_max=3, loss_normalization=normalization)
+    results = []
+    for chunk in (0, 3):
+        adapter = MuToRAdapter(tiny_causal_lm(32, kind), registers, head_chunk_size=chunk)
+        assert adapter.head_chunk_size == chunk
+        layout = adapter.layout(prompt_len, answer_len, 8, torch.Generator().manual_seed(0))
+        parts = adapter(input_ids, prompt_len, answer_len, layout=layout, return_loss=True)
+        parts["loss"].backward()
+        grads = {name: p.grad.clone() for name, p in adapter.named_parameters() if p.grad is not None}
+        results.append((parts, grads))
+    (whole, whole_grads), (chunked, chunked_grads) = results
+    assert set(whole) == {"loss", "loss_ntp", "loss_reg"} and set(whole_grads) == set(chunked_grads)
+    for name in whole:
+        torch.testing.assert_close(chunked[name], whole[name], rtol=1e-5, atol=1e-6)
+    for name in whole_grads:
+        torch.testing.assert_close(chunked_grads[name], whole_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_softcapped_head_falls_back_to_whole_logits():
+    # Gemma 2 caps its logits (tanh): a chunked linear head would compute another loss, so it is not used.
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(
+        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, final_logit_softcapping=30.0, pad_token_id=0,
+    )  # fmt: skip
+    adapter = MuToRAdapter(Gemma2ForCausalLM(config).eval(), TextRegisterConfig(d_max=2), head_chunk_size=4)
+    assert adapter.head_chunk_size == 0
+    input_ids, prompt_len, answer_len = worked_batch()
+    layout = adapter.layout(prompt_len, answer_len, 8, torch.Generator().manual_seed(0))
+    parts = adapter(input_ids, prompt_len, answer_len, layout=layout, return_loss=True)
+    expected = adapter.loss(
+        input_ids, prompt_len, answer_len, adapter(input_ids, prompt_len, answer_len, layout=layout)
+    )
+    torch.testing.assert_close(parts["loss"], expected.loss)
+
+
 @pytest.mark.filterwarnings("ignore:.*flex_attention.*")
 def test_flex_attention_block_mask_form():
     model_sdpa = tiny_causal_lm(32, "llama", "sdpa")

@@ -31,6 +31,10 @@ class LossParts:
     num_ntp_tokens: Tensor  # () long
     num_reg_tokens: Tensor  # () long
 
+    def named(self) -> dict[str, Tensor]:
+        """What a training forward returns: ``loss`` (to backpropagate) and the parts logged by name."""
+        return {"loss": self.loss, "loss_ntp": self.ntp, "loss_reg": self.reg}
+
 
 def combined_loss(
     ntp_logits: Tensor,

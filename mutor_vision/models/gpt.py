@@ -80,9 +80,8 @@ def _masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 
 @dataclass
 class GPTOutput:
-    logits: Tensor | None  # (B, N, V) float32: logits[:, t] predicts tokens[:, t]; None with a chunked loss
+    logits: Tensor  # (B, N, V) float32: logits[:, t] predicts tokens[:, t]
     register_logits: Tensor | None = None  # (B, R, V) float32
-    loss: LossParts | None = None  # with return_loss=True
 
 
 class KVCache(nn.Module):
@@ -203,13 +202,14 @@ class GPT(nn.Module):
         layout: RegisterLayout | None = None,
         mask: AttentionMask = None,
         return_loss: bool = False,
-    ) -> GPTOutput:
+    ) -> GPTOutput | dict[str, Tensor]:
         """tokens (B, N) codes x_1..x_N, labels (B,) -> logits (B, N, V) (+ register logits (B, R, V)).
 
         ``mask`` is :meth:`attention_mask` of ``layout``, built here when not given. A compiled
         training step builds it outside the compiled forward (BlockMask creation does not trace).
-        ``return_loss`` adds :meth:`loss`; with ``config.head_chunk_size`` the head and CE then run
-        in chunks inside the forward (where FSDP has the head weight gathered) and no logits return.
+        ``return_loss`` returns the training loss instead, as named parts (``loss``, ``loss_ntp``,
+        ``loss_reg``: :meth:`LossParts.named`); with ``config.head_chunk_size`` the head and CE run
+        in chunks inside the forward (where FSDP has the head weight gathered), no logits existing whole.
         """
         batch, num_tokens = tokens.shape
         x = torch.cat([self.cls_embedding(labels)[:, None], self.tok_embeddings(tokens[:, :-1])], dim=1)
@@ -238,7 +238,7 @@ class GPT(nn.Module):
                 self.config.registers.weight,
                 chunk_size=self.config.head_chunk_size,
             )
-            return GPTOutput(None, loss=loss)
+            return loss.named()
         if layout is None:
             output = GPTOutput(self.output(x).float())
         else:
@@ -246,7 +246,7 @@ class GPT(nn.Module):
             # (their backward zero-fills and the CE runs on non-contiguous views).
             output = GPTOutput(self.output(x[:, :num_tokens]).float(), self.output(x[:, num_tokens:]).float())
         if return_loss:
-            output.loss = self.loss(tokens, output, layout)
+            return self.loss(tokens, output, layout).named()
         return output
 
     def attention_mask(self, layout: RegisterLayout, requires_grad: bool = True) -> AttentionMask:
@@ -290,8 +290,6 @@ class GPT(nn.Module):
 
     def loss(self, tokens: Tensor, output: GPTOutput, layout: RegisterLayout | None) -> LossParts:
         """The combined loss (1 - a)·L_ntp + a·L_reg from ``output``'s logits; plain L_ntp without registers."""
-        if output.logits is None:
-            raise ValueError("output has no logits (a chunked loss); use forward(..., return_loss=True).loss")
         register_labels = None if layout is None else self._register_labels(tokens, layout)
         return combined_loss(
             output.logits, tokens, output.register_logits, register_labels, self.config.registers.weight

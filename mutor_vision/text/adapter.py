@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from mutor_vision.core.config import TextRegisterConfig
-from mutor_vision.core.loss import LossParts, combined_loss
+from mutor_vision.core.loss import LossParts, combined_loss, combined_loss_from_hidden
 from mutor_vision.core.registers import (
     IGNORE_INDEX,
     Offsets,
@@ -64,7 +64,7 @@ class MuToRAdapter(nn.Module):
     authors' recipe); ``mode: ntp`` trains plain next-token with the same masks and loss code.
     """
 
-    def __init__(self, model: nn.Module, config: TextRegisterConfig | None = None) -> None:
+    def __init__(self, model: nn.Module, config: TextRegisterConfig | None = None, head_chunk_size: int = 0) -> None:
         super().__init__()
         config = TextRegisterConfig() if config is None else config
         if config.modality != "text":
@@ -78,6 +78,9 @@ class MuToRAdapter(nn.Module):
             )
         self.model = model
         self.register_config = config
+        # The training loss runs the head + CE in chunks where the model's logits are a plain linear
+        # map of its last hidden states (no softcapping or scaling to reproduce); else whole logits.
+        self.head_chunk_size = head_chunk_size if plain_linear_head(model) else 0
         self.mask_form = MASK_FORMS[implementation]
         hidden, std = model.config.hidden_size, getattr(model.config, "initializer_range", 0.02)
         self.registers = RegisterEmbedding(hidden, std=std)
@@ -137,7 +140,12 @@ class MuToRAdapter(nn.Module):
         answer_len: Tensor,
         generator: torch.Generator | None = None,
         layout: RegisterLayout | None = None,
-    ) -> TextOutput:
+        return_loss: bool = False,
+    ) -> TextOutput | dict[str, Tensor]:
+        """Logits of the regular positions and the registers; with ``return_loss`` the training loss
+        instead, as named parts (``loss``, ``loss_ntp``, ``loss_reg``), the head and CE in chunks of
+        ``head_chunk_size`` positions where the model's head allows. ``layout`` is drawn here from
+        ``generator`` when not given (the trainer draws it outside the forward)."""
         batch, seq_len = input_ids.shape
         layout = layout or self.layout(prompt_len, answer_len, seq_len, generator)
         embedding = self.model.get_input_embeddings()
@@ -148,10 +156,25 @@ class MuToRAdapter(nn.Module):
             embeds = torch.cat([embeds, self.registers(embedding, batch, layout.num_registers, embeds.dtype)], dim=1)
             positions = torch.cat([positions, layout.position], dim=1)
         mask = self.attention_mask(layout, None if registers else seq_len, embeds.dtype)
-        logits = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False).logits
-        if not registers:
-            return TextOutput(logits, None, layout)
-        return TextOutput(logits[:, :seq_len], logits[:, seq_len:], layout)
+        inputs = dict(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
+        if return_loss and self.head_chunk_size:
+            hidden = self.model.get_decoder()(**inputs).last_hidden_state
+            return combined_loss_from_hidden(
+                hidden,
+                self.model.get_output_embeddings().weight,
+                answer_labels(input_ids, prompt_len, answer_len),
+                layout.register_labels(input_ids) if registers else None,
+                self.weight if registers else 0.0,
+                chunk_size=self.head_chunk_size,
+                normalization=self.register_config.loss_normalization,
+            ).named()
+        logits = self.model(**inputs).logits
+        output = TextOutput(logits, None, layout)
+        if registers:
+            output = TextOutput(logits[:, :seq_len], logits[:, seq_len:], layout)
+        if return_loss:
+            return self.loss(input_ids, prompt_len, answer_len, output).named()
+        return output
 
     def loss(self, input_ids: Tensor, prompt_len: Tensor, answer_len: Tensor, output: TextOutput) -> LossParts:
         """L_ntp over answer tokens (usual shift), L_reg over valid registers (no shift)."""
@@ -166,6 +189,15 @@ class MuToRAdapter(nn.Module):
             self.weight if output.register_logits is not None else 0.0,
             normalization=self.register_config.loss_normalization,
         )
+
+
+def plain_linear_head(model: nn.Module) -> bool:
+    """Whether the model's logits are its output embedding applied to the decoder's last hidden states,
+    nothing else: a bias-free ``nn.Linear`` head, no final softcapping or logit scale (Gemma 2, Cohere)."""
+    config = model.config
+    head = model.get_output_embeddings()
+    scaled = getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", 1.0) not in (None, 1.0)
+    return type(head) is nn.Linear and head.bias is None and not scaled and hasattr(model, "get_decoder")
 
 
 def mask_in_form(layout: RegisterLayout, form: str, size: int | None, dtype: torch.dtype):

@@ -25,9 +25,11 @@ class TextModelConfig:
     tokenizer: str | None = None  # a local tokenizer directory or a hub name; null: the one of name_or_path
     attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"  # the register mask comes in its form
     dtype: Literal["float32", "bfloat16"] = "bfloat16"  # CPU always loads float32
+    head_chunk_size: int = 0  # training loss: head + CE this many positions at a time (plain linear heads); 0: whole
 
     def __post_init__(self) -> None:
         check(bool(self.name_or_path), "name_or_path", "must be set (a local model directory or a hub name)")
+        check(self.head_chunk_size >= 0, "head_chunk_size", f"must be >= 0, got {self.head_chunk_size}")
 
 
 @dataclass

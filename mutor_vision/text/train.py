@@ -9,13 +9,12 @@ examples, split otherwise across the ranks (whose draws are seeded by rank).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mutor_vision.core.loss import LossParts
 from mutor_vision.errors import InputError
 from mutor_vision.processes import use_cuda
 from mutor_vision.seeds import hash_seed
@@ -77,7 +76,7 @@ def build_adapter(model, config: TextTrainConfig) -> MuToRAdapter:
                 task_type="CAUSAL_LM",
             ),
         )
-    return MuToRAdapter(model, config.registers)
+    return MuToRAdapter(model, config.registers, head_chunk_size=config.model.head_chunk_size)
 
 
 def step_examples(examples: list[Example], step: int, global_batch: int, seed: int) -> list[Example]:
@@ -134,9 +133,10 @@ class TextTask:
         for k in range(accumulation):
             yield collate(mine[k * micro : (k + 1) * micro], self.pad_id)
 
-    def loss(self, model: Callable, unwrapped: MuToRAdapter, batch: dict, generator: torch.Generator) -> LossParts:
-        output = model(**batch, generator=generator)
-        return unwrapped.loss(batch["input_ids"], batch["prompt_len"], batch["answer_len"], output)
+    def inputs(self, model: MuToRAdapter, batch: dict, generator: torch.Generator) -> dict:
+        # The layout is drawn outside the forward, as for images: a compiled forward sees only tensors.
+        layout = model.layout(batch["prompt_len"], batch["answer_len"], batch["input_ids"].shape[1], generator)
+        return {**batch, "layout": layout, "return_loss": True}
 
     def count(self, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
         return batch["input_ids"].shape[0], int((batch["prompt_len"] + batch["answer_len"]).sum())

@@ -17,12 +17,11 @@ ranks' streams differ); the loop says so when it resumes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
-from mutor_vision.core.loss import LossParts
 from mutor_vision.data import token_loader
 from mutor_vision.errors import ConfigError
 from mutor_vision.models import GPT, GPTConfig
@@ -106,15 +105,13 @@ class ImageTask:
         for _ in range(accumulation):
             yield next(self._stream)
 
-    def loss(
-        self, model: Callable, unwrapped: GPT, batch: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator
-    ) -> LossParts:
+    def inputs(self, model: GPT, batch: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator) -> dict:
         tokens, labels = batch
-        layout = unwrapped.register_layout(tokens.shape[0], generator=generator, device=tokens.device)
+        layout = model.register_layout(tokens.shape[0], generator=generator, device=tokens.device)
         # The mask is built outside the (maybe compiled) forward: BlockMask creation does not trace,
         # and a fresh layout then never recompiles.
-        mask = None if layout is None else unwrapped.attention_mask(layout)
-        return model(tokens, labels, layout, mask, return_loss=True).loss
+        mask = None if layout is None else model.attention_mask(layout)
+        return {"tokens": tokens, "labels": labels, "layout": layout, "mask": mask, "return_loss": True}
 
     def count(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[int, int]:
         return batch[0].shape[0], batch[0].numel()

@@ -1,7 +1,10 @@
 """The one training loop: every task (class-conditional images, text fine-tuning) runs through it.
 
-A task supplies the model, the micro-batches of each optimizer step, the loss of a micro-batch,
-and how its weights are exported (:class:`Task`); the loop does the rest the same way for all:
+A task supplies the model, the micro-batches of each optimizer step, the inputs of the model's
+training forward for a micro-batch (what is drawn or built outside a compiled region: register
+layouts, masks), and how its weights are exported (:class:`Task`). The model's forward returns
+its loss as named parts (``loss`` is backpropagated; every part is averaged and logged by name).
+The loop does the rest the same way for all:
 the checks before anything is written, DDP/FSDP through accelerate, AdamW with its schedule, EMA,
 gradient accumulation, clipping and the NaN stop, logging, checkpoints, SIGTERM, exact resume.
 
@@ -27,7 +30,6 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mutor_vision.config import default_values, to_dict
-from mutor_vision.core.loss import LossParts
 from mutor_vision.errors import ConfigError
 from mutor_vision.files import atomic_write_text
 from mutor_vision.processes import main_process_holds, process_state
@@ -62,8 +64,12 @@ class Task(Protocol):
     def micro_batches(self, step: int, accumulation: int, rank: int, world: int) -> Iterator[Any]:
         """This rank's ``accumulation`` micro-batches of optimizer step ``step`` (host tensors)."""
 
-    def loss(self, model: Callable, unwrapped: nn.Module, batch: Any, generator: torch.Generator) -> LossParts:
-        """The loss of one micro-batch; ``model`` is the prepared (maybe compiled) module to call."""
+    def inputs(self, model: nn.Module, batch: Any, generator: torch.Generator) -> dict[str, Any]:
+        """The keyword arguments of ``model``'s training forward for one micro-batch (on the device).
+
+        ``model`` is the unwrapped module (for its layout and mask helpers); ``generator`` seeds this
+        step's draws. The loop calls the prepared (maybe compiled) module with them, and the forward
+        returns ``{"loss": ..., other named parts}`` (scalar tensors)."""
 
     def count(self, batch: Any) -> tuple[int, int]:
         """(samples, tokens) in a micro-batch, for the throughput log."""
@@ -81,18 +87,18 @@ class Task(Protocol):
 class LogWindow:
     """Sums since the last log line: the logged loss and the progress bar show the same means."""
 
-    sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss, L_ntp, L_reg
+    sums: dict[str, float] = field(default_factory=dict)  # per loss part, by the name the model gives it
     steps: int = 0
     samples: int = 0
     tokens: int = 0
     start: float = field(default_factory=time.perf_counter)
 
-    def add(self, values: list[float], samples: int, tokens: int) -> None:
-        self.sums = [a + b for a, b in zip(self.sums, values, strict=True)]
+    def add(self, values: dict[str, float], samples: int, tokens: int) -> None:
+        self.sums = {name: self.sums.get(name, 0.0) + value for name, value in values.items()}
         self.steps, self.samples, self.tokens = self.steps + 1, self.samples + samples, self.tokens + tokens
 
-    def means(self) -> list[float]:
-        return [value / max(self.steps, 1) for value in self.sums]
+    def means(self) -> dict[str, float]:
+        return {name: value / max(self.steps, 1) for name, value in self.sums.items()}
 
 
 @dataclass
@@ -200,7 +206,7 @@ def _run(task: Task, config: LoopConfig, resume: str | None, allow_change: Seque
                 task, trainee, accelerator, config, step, accumulation, manager
             )
             step, grad_norm = step + 1, norm if norm is not None else grad_norm
-            result.losses.append(mean[0])
+            result.losses.append(mean["loss"])
             window.add(mean, samples * world, tokens * world)
             progress.update(1)
             if step % config.log_every == 0 or step == task.total_steps:
@@ -243,8 +249,8 @@ def log_startup(task: Task, config: LoopConfig, accelerator, accumulation: int, 
 
 def optimizer_step(
     task: Task, trainee: Trainee, accelerator, config: LoopConfig, step: int, accumulation: int, manager
-) -> tuple[list[float], int, int, float | None]:
-    """One optimizer step over this rank's micro-batches: (mean loss parts, samples, tokens, grad norm).
+) -> tuple[dict[str, float], int, int, float | None]:
+    """One optimizer step over this rank's micro-batches: (mean loss parts by name, samples, tokens, grad norm).
 
     The step's draws are seeded from (seed, rank, step): dropout through torch's global generator,
     register layouts through their own.
@@ -260,8 +266,9 @@ def optimizer_step(
         samples, tokens = samples + counted[0], tokens + counted[1]
         batch = send_to_device(batch, accelerator.device)
         with accelerator.accumulate(trainee.model):
+            inputs = task.inputs(trainee.unwrapped, batch, generator)
             with accelerator.autocast():
-                parts = task.loss(trainee.forward, trainee.unwrapped, batch, generator)
+                parts = trainee.forward(**inputs)
             values, norm = backward_and_step(
                 accelerator, trainee.optimizer, parts, trainee.params, config.optim.grad_clip, step, manager.latest
             )
@@ -270,19 +277,19 @@ def optimizer_step(
     trainee.scheduler.step()
     if trainee.ema is not None:
         trainee.ema.update(trainee.unwrapped, step=step + 1)
-    return [sum(x) / len(losses) for x in zip(*losses, strict=True)], samples, tokens, grad_norm
+    means = {name: sum(values[name] for values in losses) / len(losses) for name in losses[0]}
+    return means, samples, tokens, grad_norm
 
 
 def _log(accelerator, window: LogWindow, step: int, scheduler, grad_norm: float, config, flops, progress) -> None:
     """One log line and TensorBoard point: loss means over the window (all ranks), throughput, MFU."""
     elapsed = time.perf_counter() - window.start
-    means = torch.tensor(window.means(), device=accelerator.device)
+    names = sorted(window.sums)  # the same order on every rank: the reduce is element-wise
+    means = torch.tensor([window.means()[name] for name in names], device=accelerator.device)
     means = accelerator.reduce(means, reduction="mean") if accelerator.num_processes > 1 else means
-    loss, ntp, reg = means.tolist()
+    parts = dict(zip(names, means.tolist(), strict=True))
     metrics = {
-        "train/loss": loss,
-        "train/loss_ntp": ntp,
-        "train/loss_reg": reg,
+        **{f"train/{name}": value for name, value in parts.items()},
         "train/lr": scheduler.get_last_lr()[0],
         "train/grad_norm": grad_norm,
         "perf/samples_per_s": window.samples / elapsed,
@@ -293,6 +300,6 @@ def _log(accelerator, window: LogWindow, step: int, scheduler, grad_norm: float,
         peak = config.peak_tflops * 1e12 * accelerator.num_processes
         metrics["perf/mfu"] = metrics["perf/samples_per_s"] * flops / peak
     accelerator.log(metrics, step=step)
-    progress.set_postfix(loss=f"{loss:.4f}")
+    progress.set_postfix(loss=f"{parts['loss']:.4f}")
     if accelerator.is_main_process:
         log.info("step %d: %s", step, " ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in metrics.items()))

@@ -128,20 +128,21 @@ def backward_and_step(
     """Backward one micro-batch inside ``accelerator.accumulate``; on the accumulation boundary clip,
     refuse a non-finite loss or gradient (before any update), then step.
 
-    Returns the (loss, L_ntp, L_reg) floats of this micro-batch (one host sync) and the global grad
-    norm on boundaries (None between them). The norm is the same on every rank, so all ranks stop
-    together.
+    ``parts`` are the model's named loss parts (``loss`` is backpropagated). Returns them as floats
+    (one host sync) and the global grad norm on boundaries (None between them). The norm is the same
+    on every rank, so all ranks stop together.
     """
-    accelerator.backward(parts.loss)
-    values = torch.stack([parts.loss.detach(), parts.ntp, parts.reg]).tolist()
+    accelerator.backward(parts["loss"])
+    names = list(parts)
+    values = dict(zip(names, torch.stack([parts[n].detach().float() for n in names]).tolist(), strict=True))
     grad_norm = None
     if accelerator.sync_gradients:
         grad_norm = float(accelerator.clip_grad_norm_(params, grad_clip or math.inf))
-        if not math.isfinite(grad_norm) or not math.isfinite(values[0]):
+        if not math.isfinite(grad_norm) or not math.isfinite(values["loss"]):
+            described = ", ".join(f"{name} {value}" for name, value in values.items())
             raise TrainingDiverged(
-                f"non-finite loss or gradient at step {step} (loss {values[0]}, L_ntp {values[1]}, "
-                f"L_reg {values[2]}, grad norm {grad_norm}); no update applied, "
-                f"last good checkpoint: {last_checkpoint()}"
+                f"non-finite loss or gradient at step {step} ({described}, grad norm {grad_norm}); "
+                f"no update applied, last good checkpoint: {last_checkpoint()}"
             )
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
