@@ -39,7 +39,10 @@ def load_digits_rgb(test_fraction: float = 0.2, seed: int = 0, size: int = SIZE)
     return train_x, train_y.astype(np.int64), test_x, test_y.astype(np.int64)
 
 
-def shifted(images: np.ndarray, labels: np.ndarray, offsets=((0, 0), (0, 1), (1, 0), (0, -1), (-1, 0))):
+SHIFTS = ((0, 0), (0, 1), (1, 0), (0, -1), (-1, 0))  # the training copies: as is, and one pixel each way
+
+
+def shifted(images: np.ndarray, labels: np.ndarray, offsets=SHIFTS):
     """Augmentation: every image moved by each (dy, dx) of ``offsets`` (at most 1 pixel), black filling in."""
     height, width = images.shape[1:3]
     padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)))

@@ -35,19 +35,28 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from demo.digits import (  # noqa: E402
+    SHIFTS,
     digits_extractor,
     load_digits_rgb,
     shifted,
     train_classifier,
     write_image_folder,
 )
-from demo.report import cell, compare  # noqa: E402
+from demo.digits_report import (  # noqa: E402
+    METHODS,
+    plot_convergence,
+    plot_losses,
+    plot_samples,
+    setting,
+    summarise,
+    write_report,
+)
 from demo.runs import discard_if_edited  # noqa: E402
 from mutor_vision.cli import setup_logging  # noqa: E402
 from mutor_vision.config import load_yaml  # noqa: E402
 from mutor_vision.evaluation import evaluate, reference_from_images  # noqa: E402
 from mutor_vision.evaluation.metrics import frechet_distance, inception_score, precision_recall, statistics  # noqa: E402
-from mutor_vision.files import atomic_write_json, atomic_write_text  # noqa: E402
+from mutor_vision.files import atomic_write_json  # noqa: E402
 from mutor_vision.models import GPT, SamplingConfig  # noqa: E402
 from mutor_vision.shards import iter_samples, read_manifest  # noqa: E402
 from mutor_vision.training.c2i import train  # noqa: E402
@@ -57,16 +66,7 @@ from tokenizer import PaletteTokenizer, to_uint8  # noqa: E402
 from tokenizer.encode_imagenet import run as encode  # noqa: E402
 
 log = logging.getLogger("demo")
-METHODS = {"ntp": "Next-token", "mutor2d": "MuToR-2D"}
 NUM_COLORS = 16
-METRICS = [  # (key, title, lower is better)
-    ("fid", "FID (digits-CNN features)", True),
-    ("inception_score", "Inception-style score (digits-CNN logits)", False),
-    ("class_consistency", "Class consistency (the classifier agrees with the class)", False),
-    ("precision", "Precision", False),
-    ("recall", "Recall", False),
-    ("heldout_nll", "Held-out next-token NLL (nats/token)", True),
-]
 
 
 @dataclass(frozen=True)
@@ -218,164 +218,6 @@ def real_floor(arrays: dict[str, np.ndarray], extractor, reference, count: int) 
     }
 
 
-# ---------------------------------------------------------------- summary and report
-
-
-def summarise(final: dict[str, list[dict]]) -> dict[str, dict]:
-    """Mean, std and a Welch t-test (MuToR-2D vs next-token) of every metric over seeds."""
-    summary = {}
-    for key, _, lower_better in METRICS:
-        values = {m: [row[key] for row in final[m]] for m in METHODS}
-        entry = compare(values["mutor2d"], values["ntp"], lower_better, METHODS["mutor2d"])
-        summary[key] = {"ntp": entry.pop("baseline"), "mutor2d": entry.pop("treated"), **entry}
-    return summary
-
-
-def plot_convergence(evaluations: dict[str, dict[int, list[dict]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, (key, title, _) in zip(axes, [METRICS[0], METRICS[5]], strict=True):
-        for method, label in METHODS.items():
-            runs = evaluations[method]
-            steps = sorted({row["step"] for rows in runs.values() for row in rows})
-            values = np.array([[next(r[key] for r in rows if r["step"] == s) for s in steps] for rows in runs.values()])
-            mean, low, high = values.mean(0), values.min(0), values.max(0)
-            ax.plot(steps, mean, marker="o", label=f"{label} (mean of {len(values)} seeds)")
-            ax.fill_between(steps, low, high, alpha=0.2)
-        ax.set_xlabel("optimizer step")
-        ax.set_title(title + " ↓")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle("Convergence on 16×16 digits: evaluation at every checkpoint (band: min to max over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_losses(records: dict[str, dict[int, dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for method, label in METHODS.items():
-        for tag, style in (("train/loss_ntp", "-"), ("train/loss_reg", ":")):
-            if method == "ntp" and tag == "train/loss_reg":
-                continue
-            curves = [record["series"].get(tag, {}) for record in records[method].values()]
-            steps = sorted(set.intersection(*(set(c) for c in curves))) if curves and all(curves) else []
-            if steps:
-                mean = np.mean([[c[s] for s in steps] for c in curves], axis=0)
-                name = "L_ntp" if tag.endswith("ntp") else "L_reg (registers)"
-                ax.plot(steps, mean, style, label=f"{label}: {name} (mean over seeds)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats / token)")
-    ax.set_title("Training loss on 16×16 digits (palette tokens)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_samples(out: Path, arrays: dict[str, np.ndarray], plan: Plan, path: Path, per_class: int = 8) -> None:
-    """Real held-out digits beside the samples of each method's first seed, one labelled row per class."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    def row(images: list[np.ndarray]) -> np.ndarray:
-        images = images + [np.zeros((16, 16, 3), np.uint8)] * (per_class - len(images))
-        return np.concatenate([np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=255) for im in images], 1)
-
-    panels = {"Real (held out)": [row(list(arrays["test_x"][arrays["test_y"] == c][:per_class])) for c in range(10)]}
-    for method, label in METHODS.items():
-        folder = out / f"{method}-seed{plan.seeds[0]}" / "eval" / f"step_{plan.steps:08d}" / "samples"
-        count = len(list(folder.glob("*.png")))
-        panels[label] = [
-            row([np.asarray(Image.open(folder / f"{i:06d}.png")) for i in range(c, count, 10)][:per_class])
-            for c in range(10)
-        ]  # sample i has class i % 10
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 5.5))
-    for ax, (title, rows) in zip(axes, panels.items(), strict=True):
-        ax.imshow(np.concatenate(rows, 0), interpolation="nearest")
-        ax.set_title(title)
-        ax.set_yticks([18 * c + 9 for c in range(10)], [f"class {c}" for c in range(10)])
-        ax.set_xticks([])
-    fig.suptitle(f"Samples at step {plan.steps}, CFG {plan.cfg_scale}, seed {plan.seeds[0]}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_report(out: Path, summary: dict, floor: dict, compute: dict, plan: Plan, seconds: float) -> None:
-    training_min = sum(c["step_s"] * c["steps"] for c in compute.values()) * len(plan.seeds) / 60
-
-    lines = [
-        "# mutor-vision demo: MuToR-2D vs next-token on 16×16 digits",
-        "",
-        f"{len(plan.seeds)} seeds per method, {plan.steps} steps each, evaluated every {plan.eval_every} steps "
-        f"({plan.samples} samples, CFG {plan.cfg_scale}), on {torch.get_num_threads()} CPU threads (fp32). "
-        f"Training, from the runs' logs (median step time × steps, every run): {training_min:.1f} min; this "
-        f"invocation: {seconds / 60:.1f} min (runs trained by an earlier invocation are reused, not retrained). "
-        "Mean ± standard deviation over seeds at the last step; "
-        "the verdict is a Welch t-test (p < 0.05) of MuToR-2D against next-token.",
-        "",
-        "| metric | Next-token | MuToR-2D | MuToR-2D − Next-token | p | verdict | real held-out images |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for key, title, lower in METRICS:
-        s = summary[key]
-        arrow = "↓" if lower else "↑"
-        real = f"{floor[key]:.3f}" if key in floor else "–"
-        lines.append(
-            f"| {title} {arrow} | {cell(s['ntp'])} | {cell(s['mutor2d'])} | {s['difference']:+.3f} | "
-            f"{s['p_value']:.3f} | {s['verdict']} | {real} |"
-        )
-    lines += [
-        "",
-        "## Compute, measured alike",
-        "",
-        "| | Next-token | MuToR-2D |",
-        "|---|---|---|",
-        f"| optimizer steps | {compute['ntp']['steps']} | {compute['mutor2d']['steps']} |",
-        f"| images seen | {compute['ntp']['images']:,} | {compute['mutor2d']['images']:,} |",
-        f"| token positions processed (incl. registers) | {compute['ntp']['positions']:,} | "
-        f"{compute['mutor2d']['positions']:,} |",
-        f"| median step time (s), from the training logs | {compute['ntp']['step_s']:.3f} | "
-        f"{compute['mutor2d']['step_s']:.3f} |",
-        "",
-        "Both methods see the same images in the same number of steps (the paper's comparison); MuToR-2D "
-        "processes 80 register positions more per image (+31 %), which the step time includes.",
-        "",
-        "## What this measures, and what it cannot say",
-        "",
-        "- The geometry is the paper's: a 16×16 token grid, raster order, 2D offsets with D = 4 (15 targets), "
-        "80 random register slots per image (31 %), a = 0.5, the same trainer, loader, checkpoints and "
-        "evaluation code as ImageNet. The shared hyper-parameters were tuned once for next-token and frozen.",
-        "- It is not ImageNet: 1,437 training digits (×5 one-pixel shifts), a 16-colour palette instead of "
-        "VQ-16, a 2-layer model of 0.13 M parameters trained for minutes, a small digits CNN instead of "
-        "Inception. The models are far from converged; FID here is not comparable with any published FID.",
-        "- With a handful of seeds, only differences larger than the seed-to-seed spread mean anything; the "
-        "verdict column says which. The last column measures the real held-out images the same way (the "
-        "floor: what a perfect model would score with this many images); NLL has no real-image counterpart.",
-        "",
-        "![convergence](convergence.png)",
-        "",
-        "![samples](samples.png)",
-        "",
-        "![loss](loss.png)",
-        "",
-    ]
-    atomic_write_text(out / "report.md", "\n".join(lines))
-
-
 # ---------------------------------------------------------------- main
 
 
@@ -406,9 +248,9 @@ def main(argv: list[str] | None = None) -> dict:
             evaluations[method][seed] = evaluate_run(run, data, palette, extractor, reference, plan)
     final = {m: [rows[-1] for rows in evaluations[m].values()] for m in METHODS}
     summary = summarise(final)
-    compute = {}
+    compute, configs = {}, {}
     for method in METHODS:
-        config = load_yaml(TrainConfig, ROOT / "configs" / "demo" / f"{method}.yaml")
+        config = configs[method] = load_yaml(TrainConfig, ROOT / "configs" / "demo" / f"{method}.yaml")
         registers = config.model.registers
         per_image = config.model.num_tokens + ((registers.num_registers or 256) if registers.enabled else 0)
         images = plan.steps * config.global_batch_size
@@ -418,12 +260,15 @@ def main(argv: list[str] | None = None) -> dict:
     plot_losses(records, out / "loss.png")
     plot_samples(out, arrays, plan, out / "samples.png")
     seconds = time.perf_counter() - start
-    write_report(out, summary, floor, compute, plan, seconds)
+    params = sum(p.numel() for p in GPT(configs["mutor2d"].model).parameters())
+    facts = setting(configs, len(arrays["train_x"]), len(arrays["train_x"]) * len(SHIFTS), NUM_COLORS, params)
+    write_report(out, summary, floor, compute, plan, facts, seconds, torch.get_num_threads())
     report = {
         "plan": plan.__dict__,
         "summary": summary,
         "floor": floor,
         "compute": compute,
+        "setting": facts,
         "evaluations": evaluations,
         "seconds": seconds,
     }

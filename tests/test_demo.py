@@ -7,11 +7,12 @@ import shutil
 import pytest
 
 from demo import run_demo
+from demo.digits_report import METRICS
 
 
 def test_demo_smoke(tmp_path):
     report = run_demo.main(["--smoke", "--out", str(tmp_path)])
-    for key, _, _ in run_demo.METRICS:
+    for key, _, _ in METRICS:
         entry = report["summary"][key]
         for method in ("ntp", "mutor2d"):
             values = entry[method]["values"]
@@ -25,6 +26,9 @@ def test_demo_smoke(tmp_path):
     assert report["compute"]["mutor2d"]["positions"] == report["compute"]["ntp"]["positions"] * 336 // 256
     text = (tmp_path / "report.md").read_text()
     assert "| Next-token | MuToR-2D |" in text and "seed-to-seed spread" in text and "It is not ImageNet" in text
+    # the setting's facts come from the configs that ran: 80 of 256 slots, D = 4 (15 targets), a = 0.5
+    assert "80 random register slots per image (31%)" in text and "D = 4 (15 targets)" in text, text
+    assert report["setting"]["train_images"] == 80  # the smoke run: 8 digits per class
     for picture in ("convergence.png", "samples.png", "loss.png"):
         assert (tmp_path / picture).stat().st_size > 0
     state = json.loads((tmp_path / "mutor2d-seed1" / "checkpoints" / "step_00000004" / "state.json").read_text())
