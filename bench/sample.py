@@ -2,7 +2,7 @@
 decode under each decode attention (mutor_vision/models/decode.py), at one or more batch sizes.
 
     python bench/sample.py --out bench/results/sample_cpu_tiny.json                      # tiny model
-    python bench/sample.py --size GPT-B --batch-size 2 --no-cache-tokens 32 --pipeline \\
+    python bench/sample.py --size GPT-B --batch-size 2 --no-cache-tokens 64 \\
         --out bench/results/sample_cpu_gpt_b.json
     python bench/sample.py --size GPT-B --dtype bf16 --batch-size 32,64 --variants "" \\
         --decode-attention sdpa,flex,math@64,math+bucket64@64 --profile              # on a GPU
