@@ -167,12 +167,13 @@ def needs_llamagen() -> str | None:
 
 # Estimates: seconds the stage took on one H100 (bench/results/gpu_check_h100_20261127.json: train_eager 43,
 # train_compiled 83, train_compiled_chunked 91; gpu_check_h100_20261127_s2.json: tier 93 with 6 workers
-# and 14 tests, eval 48, llamagen 163, draft 10 without the demo model), rounded up. sample and
+# and 14 tests, eval 48, llamagen 163, draft 10 without the demo model), rounded up; tier has 20 tests
+# since the decode attentions (+5 compiled, a guess of +30 s). sample and
 # sample_ab are guesses until a run completes them: about 20 s per compiled graph set on a bare machine
 # (s2's sample stage: 93 s for two compiles, the eager runs and a profile), 8 s per extra bucket graph,
 # 5 s per profile.
 STAGES = [
-    Stage("tier", "GPU test tier (pytest -m gpu)", 100, tier_commands, read=read_tier),
+    Stage("tier", "GPU test tier (pytest -m gpu)", 130, tier_commands, read=read_tier),
     Stage(
         "train_eager",
         "GPT-B train step, eager: NTP vs MuToR-2D R=80, flex/sdpa, chunk 0/8192",
