@@ -12,14 +12,15 @@ Stages, in order, each in its own process (a crash or a hang in one costs only t
   train_eager    GPT-B training step, bf16, batch 128: next-token vs MuToR-2D R=80, flex vs sdpa,
                  head_chunk_size 0 vs 8192; images/s, step ratio over the ideal (N+R)/N, peak memory
   train_compiled the same compiled (next-token, MuToR-2D R=80): + graph breaks and recompiles
-  sample         GPT-B sampling, CFG 2.0, bf16, batch 32 and 64: eager vs compiled (CUDA graph), and
-                 a profile of the compiled run at batch 64 (GPU time per step against wall time)
+  sample         GPT-B compiled sampling (CUDA graphs), CFG 2.0, bf16, batch 32 and 64 in one process: the
+                 decode attention sdpa (dense mask, the old default) vs flex (the default), each profiled
+                 at batch 64 (GPU time per step against wall time, top kernels)
   eval           eval/fid.py's pipeline on 1,000 samples end to end vs raw sampling
   draft          register drafting at batch 1, 8, 64, greedy and sampled, CFG 2.0, on the demo's
                  MuToR-2D model (make demo; its rows are skipped without it), and the verify cost at GPT-B
   llamagen       with LLAMAGEN_REF=DIR: bench/vs_llamagen.py (LlamaGen's generate and train step)
-  sample_ab      compiled sampling at batch 64 with the decode's attention on SDPA's math backend
-                 (as LlamaGen's sampling runs it) against the default backends
+  sample_ab      compiled sampling at batch 64: the other decode attentions (math: explicit attention
+                 fused by inductor; math+bucket64: the same over 64-slot buckets) against sdpa, profiled
   train_compiled_chunked  the compiled step with head_chunk_size 8192
 
 After every stage the whole result is rewritten to ``bench/results/gpu_check_<device>.json``
@@ -123,18 +124,21 @@ def train_compiled_commands(out: Path, chunk: int = 0) -> list[list[str]]:
                    "--out", str(out / f"compiled_chunk{chunk}.json"))]  # fmt: skip
 
 
+SAMPLE = ["--size", "GPT-B", "--dtype", "bf16", "--variants", "", "--warmup", "1", "--repeats", "3", "--profile"]
+
+
 def sample_commands(out: Path) -> list[list[str]]:
-    common = ["--size", "GPT-B", "--dtype", "bf16", "--variants", "cache_cfg", "--compile", "--warmup", "1"]
-    return [
-        python("sample.py", *common, "--batch-size", "32", "--repeats", "2", "--out", str(out / "batch_32.json")),
-        python("sample.py", *common, "--batch-size", "64", "--repeats", "2", "--profile",
-               "--out", str(out / "batch_64.json")),
-    ]  # fmt: skip
+    # One process, the compiled decode only (eager: bench/results/gpu_check_h100_20261127_s2.json): the
+    # dense-mask sdpa decode (the default before decode.py) against flex (the default now), both profiled.
+    args = ["--batch-size", "32,64", "--decode-attention", "sdpa,flex"]
+    return [python("sample.py", *SAMPLE, *args, "--out", str(out / "decode_attention.json"))]
 
 
 def sample_ab_commands(out: Path) -> list[list[str]]:
-    common = ["--size", "GPT-B", "--dtype", "bf16", "--variants", "", "--compile", "--math-attention"]
-    return [python("sample.py", *common, "--batch-size", "64", "--repeats", "3", "--out", str(out / "math_ab.json"))]
+    # The other designs at batch 64 against sdpa in the same process: explicit attention fused by
+    # inductor over the whole cache and over 64-slot buckets (four graphs).
+    args = ["--batch-size", "64", "--decode-attention", "sdpa,math,math+bucket64"]
+    return [python("sample.py", *SAMPLE, *args, "--out", str(out / "decode_attention_ab.json"))]
 
 
 def eval_commands(out: Path) -> list[list[str]]:
@@ -163,10 +167,13 @@ def needs_llamagen() -> str | None:
 
 # Estimates: seconds the stage took on one H100 (bench/results/gpu_check_h100_20261127.json: train_eager 43,
 # train_compiled 83, train_compiled_chunked 91; gpu_check_h100_20261127_s2.json: tier 93 with 6 workers
-# and 14 tests, sample 93, eval 48, llamagen 163, draft 10 without the demo model), rounded up;
-# sample_ab is a guess until a run completes it.
+# and 14 tests, eval 48, llamagen 163, draft 10 without the demo model), rounded up; tier has 20 tests
+# since the decode attentions (+5 compiled, a guess of +30 s). sample and
+# sample_ab are guesses until a run completes them: about 20 s per compiled graph set on a bare machine
+# (s2's sample stage: 93 s for two compiles, the eager runs and a profile), 8 s per extra bucket graph,
+# 5 s per profile.
 STAGES = [
-    Stage("tier", "GPU test tier (pytest -m gpu)", 100, tier_commands, read=read_tier),
+    Stage("tier", "GPU test tier (pytest -m gpu)", 130, tier_commands, read=read_tier),
     Stage(
         "train_eager",
         "GPT-B train step, eager: NTP vs MuToR-2D R=80, flex/sdpa, chunk 0/8192",
@@ -174,13 +181,23 @@ STAGES = [
         train_eager_commands,
     ),
     Stage("train_compiled", "GPT-B train step, compiled: NTP vs MuToR-2D R=80 (flex)", 90, train_compiled_commands),
-    Stage("sample", "GPT-B sampling, CFG 2.0, batch 32/64: eager vs compiled, profile", 100, sample_commands),
+    Stage(
+        "sample",
+        "GPT-B compiled sampling, CFG 2.0, batch 32/64: decode attention sdpa vs flex, profiles",
+        120,
+        sample_commands,
+    ),
     Stage("eval", "eval/fid.py pipeline, 1,000 samples, vs raw sampling", 55, eval_commands),
     Stage("draft", "register drafting at batch 1/8/64 (demo model) and the GPT-B verify cost", 35, draft_commands),
     Stage(
         "llamagen", "LlamaGen's own generate and train step side by side", 170, llamagen_commands, needs=needs_llamagen
     ),
-    Stage("sample_ab", "GPT-B compiled sampling, batch 64: decode attention default vs math", 80, sample_ab_commands),
+    Stage(
+        "sample_ab",
+        "GPT-B compiled sampling, batch 64: decode attention sdpa vs math, math+bucket64, profiles",
+        120,
+        sample_ab_commands,
+    ),
     Stage(
         "train_compiled_chunked",
         "GPT-B train step, compiled, head_chunk_size 8192",
@@ -351,6 +368,15 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             value,
             value is not None and value >= 1.5,
         )
+
+    # Without the llamagen stage: LlamaGen's compiled generate ran 188 images/s at batch 64 on the H100
+    # (bench/results/vs_llamagen_h100.json), so 1.5x is 282 (0.9 ms per decode step).
+    decode = _stage_data(result, "sample").get("decode_attention", {}).get("rows", {})
+    row = decode.get("cache_cfg_compiled_flex@64")
+    value = None if row is None else round(row["images_per_s"], 1)
+    add("compiled sampling images/s, batch 64, flex decode (H100)", ">= 282", value, value is not None and value >= 282)
+    value = None if row is None or "speedup_over_sdpa" not in row else round(row["speedup_over_sdpa"], 3)
+    add("compiled sampling, batch 64: flex / sdpa decode attention", "> 1", value, value is not None and value > 1)
 
     pipeline = _stage_data(result, "eval").get("eval_pipeline")
     value = None if pipeline is None else round(pipeline["ratio"], 3)

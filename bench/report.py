@@ -44,7 +44,8 @@ def train_step_table(results: Results) -> list[str]:
 def sample_table(results: Results) -> list[str]:
     header = ["file", "device", "model", "batch", "timed tokens", "variant", "s", "tokens/s"]
     rows = [
-        [name, result["device"], result["config"].get("size") or "tiny", result["config"]["batch_size"],
+        [name, result["device"], result["config"].get("size") or "tiny",
+         row.get("batch_size", result["config"]["batch_size"]),  # per row since --batch-size 32,64
          result["timed_tokens"], variant, f"{row['seconds']:.3f}", f"{row['tokens_per_s']:.1f}"]
         for name, result in results
         for variant, row in result["rows"].items()

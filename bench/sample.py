@@ -1,28 +1,31 @@
-"""Sampling throughput: KV cache vs full recompute, CFG on/off, compile on/off; and the whole
-evaluation pipeline (sampling + tokenizer decode + Inception features) in images/s.
+"""Sampling throughput: KV cache vs full recompute, CFG on/off, compile on/off, and the compiled
+decode under each decode attention (mutor_vision/models/decode.py), at one or more batch sizes.
 
     python bench/sample.py --out bench/results/sample_cpu_tiny.json                      # tiny model
-    python bench/sample.py --size GPT-B --batch-size 2 --no-cache-tokens 32 --pipeline \\
+    python bench/sample.py --size GPT-B --batch-size 2 --no-cache-tokens 64 \\
         --out bench/results/sample_cpu_gpt_b.json
-    python bench/sample.py --size GPT-B --dtype bf16 --batch-size 64 --variants cache_cfg --compile \\
-        --math-attention --profile                                                   # on a GPU
+    python bench/sample.py --size GPT-B --dtype bf16 --batch-size 32,64 --variants "" \\
+        --decode-attention sdpa,flex,math@64,math+bucket64@64 --profile              # on a GPU
 
-Timings are medians of interleaved repeats in one process. The no-cache path recomputes the
-whole prefix for every token; at GPT-B it is timed over the first --no-cache-tokens tokens only
-(and the cached path over the same tokens for the ratio), since the full 256 would take minutes
-on a CPU. Models and tokenizers have random weights: speed only, no quality.
+Timings are medians of repeats in one process. The no-cache path recomputes the whole prefix for
+every token; at GPT-B it is timed over the first --no-cache-tokens tokens only (and the cached path
+over the same tokens for the ratio), since the full 256 would take minutes on a CPU. Models and
+tokenizers have random weights: speed only, no quality.
 
-``--math-attention`` adds the compiled variant with the decode's attention restricted to SDPA's
-math backend (which inductor turns into its own fused kernels, as LlamaGen's sampling does) for an
-A/B against the default backends. ``--profile`` records one compiled run with torch.profiler: GPU
-kernel time per decode step against the wall time per step (a ratio well below 1 means the step is
-bound by launches and host work, not by the GPU) and the kernels that take the most time.
+``--compile`` adds ``generate(compile=True)`` with its default decode attention (``auto``).
+``--decode-attention`` adds the compiled decode with each named attention (``sdpa``, ``flex``,
+``math``, ``math+bucket64``, ...: ``DecodeAttention.parse``), ``NAME@B`` only at batch size B; each
+row then carries its speed-up over ``sdpa`` (the dense-mask decode, the default before
+decode.py) at the same batch size. ``--profile`` records one run of every compiled variant at the
+largest batch size with torch.profiler: GPU kernel time per decode step against the wall time per
+step (a ratio well below 1 means the step is bound by launches and host work, not by the GPU) and
+the kernels that take the most time. With several batch sizes, row and ratio names end in ``@B``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import json
 import math
 import time
@@ -31,6 +34,20 @@ import torch
 from common import median_time, provenance, save  # bench/common.py (the script's folder is on sys.path)
 
 from mutor_vision.models import GPT, GPTConfig, RegisterConfig, generate
+from mutor_vision.models.decode import DecodeAttention
+
+EAGER = {
+    "cache_cfg": dict(cfg_scale=2.0),
+    "cache_nocfg": dict(cfg_scale=1.0),
+    "nocache_cfg": dict(cfg_scale=2.0, use_cache=False),
+    "nocache_nocfg": dict(cfg_scale=1.0, use_cache=False),
+}
+PAIRS = {
+    "cache_over_nocache_cfg": ("nocache_cfg", "cache_cfg"),
+    "cache_over_nocache_nocfg": ("nocache_nocfg", "cache_nocfg"),
+    "cfg_cost": ("cache_cfg", "cache_nocfg"),
+    "graph_over_eager_cfg": ("cache_cfg", "cache_cfg_compiled"),
+}
 
 
 def build(args: argparse.Namespace, grid: int) -> GPT:
@@ -47,22 +64,36 @@ def build(args: argparse.Namespace, grid: int) -> GPT:
     return model
 
 
+def variants_at(args: argparse.Namespace, batch: int) -> dict[str, dict]:
+    """The variants timed at ``batch``: name -> generate()'s keyword arguments."""
+    variants = {name: kwargs for name, kwargs in EAGER.items() if name in args.variants.split(",")}
+    if args.compile:
+        variants["cache_cfg_compiled"] = dict(cfg_scale=2.0, compile=True)
+    for spec in filter(None, args.decode_attention.split(",")):
+        name, _, only = spec.partition("@")
+        if not only or int(only) == batch:
+            attention = DecodeAttention.parse(name)  # a typo fails here, before any timing
+            variants[f"cache_cfg_compiled_{attention.name}"] = dict(cfg_scale=2.0, compile=True, decode_attention=name)
+    return variants
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default=None)
     parser.add_argument("--grid-size", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", default="8", help="one or more, comma-separated (one process)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--variants", default="cache_cfg,cache_nocfg,nocache_cfg,nocache_nocfg")
+    parser.add_argument("--variants", default="cache_cfg,cache_nocfg,nocache_cfg,nocache_nocfg", help="eager ones")
     parser.add_argument("--no-cache-tokens", type=int, default=0, help="time the paths on this prefix (0: all)")
     parser.add_argument("--compile", action="store_true", help="also time generate(compile=True)")
+    parser.add_argument("--decode-attention", default="", help="compiled with these decode attentions (NAME[@B],...)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="model weights (bf16: GPU)")
-    parser.add_argument("--math-attention", action="store_true", help="also time compiled with math-backend attention")
-    parser.add_argument("--profile", action="store_true", help="profile one compiled run (GPU time per step)")
+    parser.add_argument("--profile", action="store_true", help="profile the compiled runs (GPU time per step)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batches = [int(b) for b in args.batch_size.split(",")]
     grid = args.grid_size
     tokens = args.no_cache_tokens or grid * grid
     # The ratio is measured on a prefix: a model whose grid holds exactly `tokens` tokens would
@@ -74,44 +105,32 @@ def main() -> None:
     if args.dtype == "bf16":
         model = model.to(torch.bfloat16)
         model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()  # RoPE stays fp32
-    labels = torch.arange(args.batch_size, device=device) % model.config.num_classes
 
-    def run(**kwargs):
-        return lambda: generate(model, labels, seed=0, **kwargs)
-
-    rows = {}
-    variants = {
-        "cache_cfg": dict(cfg_scale=2.0),
-        "cache_nocfg": dict(cfg_scale=1.0),
-        "nocache_cfg": dict(cfg_scale=2.0, use_cache=False),
-        "nocache_nocfg": dict(cfg_scale=1.0, use_cache=False),
-    }
-    variants = {name: kwargs for name, kwargs in variants.items() if name in args.variants.split(",")}
-    if args.compile:
-        variants["cache_cfg_compiled"] = dict(cfg_scale=2.0, compile=True)
-        if args.math_attention:
-            variants["cache_cfg_compiled_math"] = dict(cfg_scale=2.0, compile=True)
-    profile = None
-    for name, kwargs in variants.items():
-        # Compiled: the first call compiles, the second records the CUDA graphs; replays follow.
-        warmup = args.warmup if "compiled" not in name else max(2, args.warmup)
-        with math_attention(name.endswith("_math")):
-            seconds = median_time(run(**kwargs), args.repeats, warmup)
-            if args.profile and name == "cache_cfg_compiled" and device.type == "cuda":
-                profile = profile_run(run(**kwargs), tokens)
-        rows[name] = {
-            "seconds": seconds,
-            "tokens_per_s": args.batch_size * tokens / seconds,
-            "images_per_s": args.batch_size / seconds * (tokens / (grid * grid)),
-        }
-    pairs = {
-        "cache_over_nocache_cfg": ("nocache_cfg", "cache_cfg"),
-        "cache_over_nocache_nocfg": ("nocache_nocfg", "cache_nocfg"),
-        "cfg_cost": ("cache_cfg", "cache_nocfg"),
-        "graph_over_eager_cfg": ("cache_cfg", "cache_cfg_compiled"),
-        "math_over_default_compiled": ("cache_cfg_compiled", "cache_cfg_compiled_math"),
-    }
-    ratios = {k: rows[a]["seconds"] / rows[b]["seconds"] for k, (a, b) in pairs.items() if a in rows and b in rows}
+    rows, ratios, profiles = {}, {}, {}
+    for batch in batches:  # batch by batch: the variants at one batch share its KV cache
+        labels = torch.arange(batch, device=device) % model.config.num_classes
+        suffix = f"@{batch}" if len(batches) > 1 else ""
+        timed = {}
+        for name, kwargs in variants_at(args, batch).items():
+            run = functools.partial(generate, model, labels, seed=0, **kwargs)
+            # Compiled on CUDA: the first call compiles, the second records the CUDA graphs; replays follow.
+            warmup = max(2, args.warmup) if "compiled" in name and device.type == "cuda" else args.warmup
+            timed[name] = median_time(run, args.repeats, warmup)
+            rows[name + suffix] = {
+                "batch_size": batch,
+                "seconds": timed[name],
+                "tokens_per_s": batch * tokens / timed[name],
+                "images_per_s": batch / timed[name] * (tokens / (grid * grid)),
+            }
+            baseline = timed.get("cache_cfg_compiled_sdpa")
+            if name.startswith("cache_cfg_compiled_") and baseline is not None:
+                rows[name + suffix]["speedup_over_sdpa"] = baseline / timed[name]
+            if args.profile and "compiled" in name and batch == max(batches) and device.type == "cuda":
+                profiles[name] = profile_run(run, tokens)
+                print(f"profile {name}: {json.dumps({k: v for k, v in profiles[name].items() if k != 'top_kernels'})}")
+        for key, (slow, fast) in PAIRS.items():
+            if slow in timed and fast in timed:
+                ratios[key + suffix] = timed[slow] / timed[fast]
     result = {
         **provenance("sample", device),
         "config": vars(args),
@@ -119,37 +138,17 @@ def main() -> None:
         "rows": rows,
         "ratios": ratios,
     }
-    if profile is not None:
-        result["profile_compiled"] = profile
-        print(f"profile: {json.dumps({k: v for k, v in profile.items() if k != 'top_kernels'})}")
+    if profiles:
+        result["profile_compiled"] = profiles
     for name, row in rows.items():
-        print(f"{name:<20} {row['seconds']:8.3f} s  {row['tokens_per_s']:9.1f} tok/s  {row['images_per_s']:7.3f} img/s")
+        speedup = f"  {row['speedup_over_sdpa']:5.2f}x sdpa" if "speedup_over_sdpa" in row else ""
+        print(
+            f"{name:<34} {row['seconds']:8.3f} s  {row['tokens_per_s']:9.1f} tok/s  {row['images_per_s']:7.3f} img/s"
+            + speedup
+        )
     for name, value in ratios.items():
-        print(f"{name:<26} {value:6.2f}x")
+        print(f"{name:<34} {value:6.2f}x")
     save(args.out, result)
-
-
-@contextlib.contextmanager
-def math_attention(enabled: bool):
-    """Within: the model's masked attention (the decode's) runs SDPA's math backend only."""
-    if not enabled:
-        yield
-        return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from mutor_vision.models import gpt
-
-    original = gpt._masked_sdpa
-
-    def math_sdpa(q, k, v, mask):
-        with sdpa_kernel([SDPBackend.MATH]):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-    gpt._masked_sdpa = math_sdpa
-    try:
-        yield
-    finally:
-        gpt._masked_sdpa = original
 
 
 def profile_run(fn, steps: int) -> dict:

@@ -15,6 +15,7 @@ import torch
 from conftest import COLORS, ROOT, make_image_folder
 
 from mutor_vision.models import GPT, GPTConfig, RegisterConfig, generate
+from mutor_vision.models.decode import DecodeAttention
 from mutor_vision.shards import write_synthetic_shards
 
 pytestmark = [
@@ -91,17 +92,48 @@ def test_flex_equals_sdpa_register_attention_in_bf16(registers):
         assert relative_error(grads[0][name], grads[1][name]) < 5e-2, name
 
 
-def test_kv_cache_decode_equals_full_forward_on_cuda():
-    model = small_model().eval()
+@pytest.mark.parametrize("name", ["sdpa", "math", "math+bucket64", "flex"])
+def test_kv_cache_decode_equals_full_forward_on_cuda(name):
+    # Eager; flex here is the one compiled flex_attention of attend() with the step's BlockMask.
+    model, attention = small_model().eval(), DecodeAttention.parse(name)
     tokens, labels = small_batch(model.config, size=4)
+    num_tokens = model.config.num_tokens
     with torch.no_grad():
         full = model(tokens, labels).logits
         model.setup_caches(4)
         steps = [model.prefill(labels)]
-        for t in range(1, model.config.num_tokens):
-            steps.append(model.decode(tokens[:, t - 1 : t], torch.tensor([t], device="cuda")))
+        for t in range(1, num_tokens):
+            position = torch.tensor([t], device="cuda")
+            steps.append(model.decode(tokens[:, t - 1 : t], position, attention, attention.kv_len(t, num_tokens)))
         model.clear_caches()
     assert (torch.stack(steps, 1) - full).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("name", ["flex", "math"])
+def test_compiled_bf16_decode_attention_matches_eager_sdpa(name):
+    # bf16 as the benchmarks run: the compiled step's kernel (flex: inductor's flex decoding, blocks
+    # past t skipped) against the eager dense-mask decode, every step, over stale caches.
+    model, attention = small_model().to(torch.bfloat16).eval(), DecodeAttention.parse(name)
+    model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
+    tokens, labels = small_batch(model.config, size=8)
+    num_tokens = model.config.num_tokens
+    compiled = torch.compile(model.decode, fullgraph=True, dynamic=False)
+    logits = {}
+    with torch.no_grad():
+        for key, decode, setting in [("eager", model.decode, DecodeAttention()), ("compiled", compiled, attention)]:
+            model.setup_caches(8)
+            for layer in model.layers:
+                layer.attention.kv_cache.k.normal_(0, 10)
+                layer.attention.kv_cache.v.normal_(0, 10)
+            steps = [model.prefill(labels)]
+            for t in range(1, num_tokens):
+                position = torch.tensor([t], device="cuda")
+                steps.append(decode(tokens[:, t - 1 : t], position, setting, setting.kv_len(t, num_tokens)))
+            model.clear_caches()
+            logits[key] = torch.stack(steps, 1)
+    for t in (0, 1, 63, 64, 65, 127, 128, 255):
+        assert relative_error(logits["compiled"][:, t], logits["eager"][:, t]) < 2e-2, t
+    assert relative_error(logits["compiled"], logits["eager"]) < 2e-2
 
 
 @pytest.mark.parametrize("head_chunk_size", [0, 1024])
@@ -199,17 +231,20 @@ def test_fsdp2_one_process_saves_and_resumes(tmp_path):
     assert GPT.from_pretrained(tmp_path / "run" / "checkpoints" / "step_00000006" / "export") is not None
 
 
-def test_compiled_greedy_sampling_equals_eager_on_cuda():
+@pytest.mark.parametrize("decode_attention", ["auto", "math+bucket64"])
+def test_compiled_greedy_sampling_equals_eager_on_cuda(decode_attention):
+    # auto: flex, the CUDA-graph default; math+bucket64: four graphs, one per bucket, in one decode.
     model = small_model().eval()
     labels = torch.arange(8, device="cuda") % model.config.num_classes
+    graph = dict(compile=True, decode_attention=decode_attention)
     eager = generate(model, labels, cfg_scale=2.0, temperature=0.0)
-    compiled = generate(model, labels, cfg_scale=2.0, temperature=0.0, compile=True)
+    compiled = generate(model, labels, cfg_scale=2.0, temperature=0.0, **graph)
     assert torch.equal(eager, compiled)
-    sampled = generate(model, labels, cfg_scale=2.0, temperature=1.0, top_k=100, seed=3, compile=True)
+    sampled = generate(model, labels, cfg_scale=2.0, temperature=1.0, top_k=100, seed=3, **graph)
     assert torch.equal(sampled, generate(model, labels, cfg_scale=2.0, temperature=1.0, top_k=100, seed=3))
     # The graph path keeps its KV cache for the next call at this batch size: other labels, same result.
     other = labels.flip(0)
-    assert torch.equal(generate(model, other, cfg_scale=2.0, temperature=0.0, compile=True),
+    assert torch.equal(generate(model, other, cfg_scale=2.0, temperature=0.0, **graph),
                        generate(model, other, cfg_scale=2.0, temperature=0.0))  # fmt: skip
     model.clear_caches()
 

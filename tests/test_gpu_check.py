@@ -151,3 +151,34 @@ def test_train_step_variant_options_set_attention_and_head_chunk(tmp_path):
     assert rows["mutor2d:4+sdpa"]["baseline"] == "ntp"
     bad = subprocess.run([*command[:-4], "--variants", "ntp+fast"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode != 0 and "unknown option 'fast'" in bad.stderr
+
+
+def test_the_sample_stages_decode_attentions_run_on_a_tiny_cpu_model(tmp_path):
+    # The stages' --decode-attention lists, on a tiny model at two batch sizes (compile falls back to
+    # eager on the CPU): every name runs, NAME@B at B only, rows carry their speed-up over sdpa.
+    specs = []
+    for commands in (gpu_check.sample_commands(tmp_path), gpu_check.sample_ab_commands(tmp_path)):
+        for command in commands:
+            specs += command[command.index("--decode-attention") + 1].split(",")
+    assert {"sdpa", "flex", "math", "math+bucket64"} <= set(specs)
+    out = tmp_path / "sample.json"
+    command = [sys.executable, str(ROOT / "bench" / "sample.py"), "--grid-size", "4", "--batch-size", "2,3",
+               "--variants", "", "--repeats", "1", "--warmup", "0", "--out", str(out),
+               "--decode-attention", ",".join([*dict.fromkeys(specs), "math+bucket8@3"])]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert "cache_cfg_compiled_flex@2" in rows and "cache_cfg_compiled_math+bucket8@3" in rows
+    assert "cache_cfg_compiled_math+bucket8@2" not in rows
+    assert rows["cache_cfg_compiled_sdpa@3"]["speedup_over_sdpa"] == 1.0
+    flex = rows["cache_cfg_compiled_flex@3"]
+    assert flex["batch_size"] == 3 and flex["speedup_over_sdpa"] > 0
+
+
+def test_the_sampling_targets_read_the_flex_row():
+    rows = {"cache_cfg_compiled_flex@64": {"images_per_s": 300.0, "speedup_over_sdpa": 1.7}}
+    result = {"stages": {"sample": {"status": "done", "seconds": 1.0, "data": {"decode_attention": {"rows": rows}}}}}
+    found = {row["measure"]: row for row in targets(result)}
+    assert found["compiled sampling images/s, batch 64, flex decode (H100)"]["met"] is True
+    assert found["compiled sampling, batch 64: flex / sdpa decode attention"]["value"] == 1.7
+    assert found["eval/fid.py end to end / raw sampling"]["met"] is None

@@ -24,6 +24,7 @@ from mutor_vision.core.loss import LossParts, combined_loss, combined_loss_from_
 from mutor_vision.core.registers import RegisterLayout, grid_layout, sample_offsets_1d, sample_offsets_2d, step_mask
 from mutor_vision.models import checkpoint
 from mutor_vision.models.config import GPTConfig
+from mutor_vision.models.decode import EAGER_DEFAULT, DecodeAttention, DecodeMask, explicit_attention
 from mutor_vision.models.rope import apply_rope, rope_2d_table
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class RegisterRows:
     rows: Tensor
 
 
-AttentionMask = Tensor | BlockMask | RegisterRows | None  # None = plain causal
+AttentionMask = Tensor | BlockMask | RegisterRows | DecodeMask | None  # None = plain causal
 
 
 @functools.cache
@@ -55,7 +56,8 @@ def _compiled_flex_attention():
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
-    """Attention over (B, H, T, D) with a causal flag (None), a dense bool mask or a BlockMask."""
+    """Attention over (B, H, T, D) with a causal flag (None), a dense bool mask or a BlockMask;
+    a :class:`DecodeMask` for the one decode query over the KV cache (``decode.py``)."""
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if isinstance(mask, BlockMask):
@@ -68,6 +70,13 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
         n = mask.seq_len
         regular = F.scaled_dot_product_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], is_causal=True)
         return torch.cat([regular, _masked_sdpa(q[:, :, n:], k, v, mask.rows)], dim=2)
+    if isinstance(mask, DecodeMask):
+        k, v = k[:, :, : mask.kv_len], v[:, :, : mask.kv_len]  # a view of the static cache: no copy
+        if mask.kernel == "math":
+            return explicit_attention(q, k, v, mask.mask)
+        if mask.kernel == "flex" and q.device.type == "cpu":  # inductor's CPU flex template wants q in a 4-D
+            q = q.contiguous(memory_format=torch.channels_last)  # buffer of its own, not a view of RoPE's 5-D one
+        return attend(q, k, v, mask.mask)  # sdpa: the dense mask; flex: the BlockMask
     return _masked_sdpa(q, k, v, mask)
 
 
@@ -330,9 +339,19 @@ class GPT(nn.Module):
             self.cls_embedding(labels)[:, None], torch.zeros(1, dtype=torch.long, device=labels.device)
         )
 
-    def decode(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
-        """tokens (B, 1) at sequence position ``input_pos`` (1,) -> logits (B, V) for the next token."""
-        return self._cached_forward(self.tok_embeddings(tokens), input_pos)
+    def decode(
+        self,
+        tokens: Tensor,
+        input_pos: Tensor,
+        attention: DecodeAttention = EAGER_DEFAULT,
+        kv_len: int | None = None,
+    ) -> Tensor:
+        """tokens (B, 1) at sequence position ``input_pos`` (1,) -> logits (B, V) for the next token.
+
+        ``attention`` picks the kernel (``decode.py``: every choice computes the same); ``kv_len``,
+        the cache slots read, is its :meth:`~DecodeAttention.kv_len` at this position (None: all).
+        """
+        return self._cached_forward(self.tok_embeddings(tokens), input_pos, attention, kv_len)
 
     def extend(
         self, x: Tensor, input_pos: Tensor, register_anchor: Tensor, register_position: Tensor
@@ -357,10 +376,11 @@ class GPT(nn.Module):
         logits = self.output(self.norm(x)).float()
         return logits[:, :n], logits[:, n:]
 
-    def _cached_forward(self, x: Tensor, input_pos: Tensor) -> Tensor:
+    def _cached_forward(
+        self, x: Tensor, input_pos: Tensor, attention: DecodeAttention = EAGER_DEFAULT, kv_len: int | None = None
+    ) -> Tensor:
         input_pos = input_pos.to(x.device)  # a no-op in generate(), which keeps positions on the device
-        max_len = self.config.num_tokens
-        mask = (torch.arange(max_len, device=x.device)[None, :] <= input_pos[:, None])[None, None]
+        mask = attention.mask(input_pos, self.config.num_tokens, kv_len)
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos)

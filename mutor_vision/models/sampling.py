@@ -14,6 +14,7 @@ The filtering and the draw are ``mutor_vision/core/draw.py``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -28,6 +29,7 @@ from mutor_vision.core.drafting import DecodeStats, Drafter, check_draft_tokens,
 from mutor_vision.core.draw import draw, filtered_probs
 from mutor_vision.core.registers import offsets_2d_support
 from mutor_vision.errors import ConfigError
+from mutor_vision.models.decode import EAGER_DEFAULT, DecodeAttention, graph_default
 from mutor_vision.models.gpt import GPT
 from mutor_vision.seeds import hash_seed
 
@@ -93,15 +95,23 @@ def _device(generator: torch.Generator | None) -> torch.device:
 
 
 def next_codes(
-    model: GPT, previous: Tensor, position: Tensor, uniform: Tensor, sampling: SamplingConfig, guided: bool
+    model: GPT,
+    previous: Tensor,
+    position: Tensor,
+    uniform: Tensor,
+    sampling: SamplingConfig,
+    guided: bool,
+    attention: DecodeAttention = EAGER_DEFAULT,
+    kv_len: int | None = None,
 ) -> Tensor:
     """One decode step: the codes (B,) that follow ``previous`` (B,) at sequence ``position`` (1,).
 
     Embedding, every layer over the KV cache, norm and head, CFG, filtering and the draw: the whole
-    step, with static shapes and no host sync, so it can run as one CUDA graph.
+    step, with static shapes and no host sync, so it can run as one CUDA graph. ``attention`` and
+    ``kv_len`` are :meth:`GPT.decode`'s (constants of the graph: one graph per distinct value).
     """
     rows = torch.cat([previous, previous]) if guided else previous
-    logits = model.decode(rows[:, None], position)
+    logits = model.decode(rows[:, None], position, attention, kv_len)
     logits = guide(logits, sampling.cfg_scale) if guided else logits
     return sample_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p, uniform=uniform)
 
@@ -111,6 +121,28 @@ def _graph_step() -> Callable[..., Tensor]:
     # One compiled function for the process: torch.compile caches a CUDA graph per (batch, settings).
     # "reduce-overhead" = CUDA graphs: 256 steps of small kernels are bound by launches, not FLOPs.
     return torch.compile(next_codes, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+
+# Every (model, batch, settings, decode attention, KV length) is a graph of next_codes of its own, and
+# dynamo's default limit of 8 per function, under fullgraph, makes the 9th a hard error: a benchmark
+# comparing decode attentions at two batch sizes, or bucketed attention, passes 8 in one process.
+_GRAPH_LIMIT = 64
+
+
+def _graph_limit() -> contextlib.AbstractContextManager:
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    return config.patch(**{name: max(getattr(config, name), _GRAPH_LIMIT)})
+
+
+def decode_attention_for(choice: str | DecodeAttention, graph: bool) -> DecodeAttention:
+    """The decode attention ``generate`` runs: ``"auto"`` is :func:`~mutor_vision.models.decode.graph_default`
+    for the CUDA-graph decode and sdpa eager; a name is parsed (``DecodeAttention.parse``)."""
+    if isinstance(choice, DecodeAttention):
+        return choice
+    if choice == "auto":
+        return graph_default() if graph else EAGER_DEFAULT
+    return DecodeAttention.parse(choice)
 
 
 @functools.cache
@@ -130,6 +162,7 @@ def generate(
     use_cache: bool = True,
     draft_tokens: int = 1,
     stats: DecodeStats | None = None,
+    decode_attention: str | DecodeAttention = "auto",
     **settings,
 ) -> Tensor:
     """Sample codes (B, h, w) for class ``labels`` (B,).
@@ -143,6 +176,10 @@ def generate(
     ``compile`` on CUDA runs each decode step (:func:`next_codes`) as a captured CUDA graph, one per
     (batch, settings), and keeps the KV cache allocated for the next call at that batch size
     (``model.clear_caches()`` frees it); on the CPU it is ignored (one log line).
+
+    ``decode_attention`` is how each cached step attends over the cache (``mutor_vision/models/decode.py``;
+    every choice computes the same): ``"auto"`` is ``flex`` for the CUDA-graph decode and ``sdpa``
+    otherwise; ``"sdpa"``, ``"math"``, ``"flex"``, ``"math+bucket64"``, ... or a ``DecodeAttention``.
 
     ``draft_tokens=k`` (k >= 2) lets the trained registers draft ``k − 1`` tokens ahead and the model
     verify them (``mutor_vision/core/drafting.py``): the same distribution, fewer forwards when drafts are
@@ -168,6 +205,7 @@ def generate(
     rows = torch.cat([labels, torch.full_like(labels, config.num_classes)]) if guided else labels
     codes = torch.zeros(batch, num_tokens, dtype=torch.long, device=labels.device)
     graph = compile and labels.is_cuda and use_cache
+    attention = decode_attention_for(decode_attention, graph)
     if compile and not labels.is_cuda:
         _say_cpu_fallback()
     try:
@@ -179,9 +217,13 @@ def generate(
             logits = guide(logits, sampling.cfg_scale) if guided else logits
             t = sampling
             codes[:, 0] = sample_logits(logits, t.temperature, t.top_k, t.top_p, uniform=uniform_by_step[0])
-            for i in range(1, num_tokens):
-                # The step's output lives in the graph's memory until the next replay: copy it now.
-                codes[:, i] = step(model, codes[:, i - 1], positions[i : i + 1], uniform_by_step[i], sampling, guided)
+            with _graph_limit() if graph else contextlib.nullcontext():
+                for i in range(1, num_tokens):
+                    # The step's output lives in the graph's memory until the next replay: copy it now.
+                    codes[:, i] = step(
+                        model, codes[:, i - 1], positions[i : i + 1], uniform_by_step[i], sampling, guided,
+                        attention, attention.kv_len(i, num_tokens),
+                    )  # fmt: skip
         else:
             prefix = torch.zeros(rows.shape[0], 1, dtype=torch.long, device=labels.device)
             for i in range(num_tokens):
