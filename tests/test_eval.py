@@ -437,3 +437,47 @@ def test_eval_with_register_drafting(tmp_path, export, inception_weights, capsys
     results = fid_cli.run(cli_args(tmp_path / "mutor", tmp_path / "run", inception_weights, "--draft-tokens", "2"))
     assert results["drafting"]["draft_tokens"] == 2 and results["drafting"]["tokens_per_forward"] >= 1.0
     assert results["written_this_run"] == 12 and all(np.isfinite(v) for v in results["metrics"].values())
+
+
+# ---------------------------------------------------------------- decode precision
+
+
+class TwoFeatures(torch.nn.Module):
+    """A fast stand-in extractor with Inception's interface: uint8 (B, 3, 8, 8) -> (pool, logits)."""
+
+    name = "two-features"
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.pool = torch.nn.Parameter(torch.randn(3 * 8 * 8, 16, generator=g))
+        self.logits = torch.nn.Parameter(torch.randn(16, 5, generator=g))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pool = torch.tanh(images.float().flatten(1) / 255 @ self.pool)
+        return pool, pool @ self.logits
+
+
+def test_decode_precision_fp32_is_the_decoder_as_it_is_and_bf16_is_stamped(tmp_path, export, inception_weights):
+    from mutor_vision.evaluation import evaluate
+    from mutor_vision.models import SamplingConfig
+    from tokenizer import VQ16, VQ16Config, uint8_decoder
+
+    torch.manual_seed(0)
+    vq = VQ16(VQ16Config(codebook_size=64, channels=32, channel_mult=(1, 2), z_channels=32, num_res_blocks=1)).eval()
+    codes = torch.randint(0, 64, (2, 4, 4))
+    with torch.no_grad():
+        exact = to_uint8(vq.decode(codes).float())
+    assert torch.equal(uint8_decoder(vq)(codes), exact)
+    half = uint8_decoder(vq, "bf16")(codes)
+    assert half.dtype == torch.uint8 and half.shape == exact.shape
+    assert (half.int() - exact.int()).abs().float().mean() < 2.0  # close, not equal
+    with pytest.raises(ValueError, match="only VQ-16"):
+        uint8_decoder(PaletteTokenizer(COLORS), "bf16")
+    # Samples decoded in one precision never mix with another's: the stamp records it.
+    model = GPT.from_pretrained(export / "export").eval()
+    decode = uint8_decoder(PaletteTokenizer(COLORS))
+    common = dict(num_samples=4, sampling=SamplingConfig(), batch_size=4, feature_batch_size=4, save_npz=False)
+    evaluate(model, decode, TwoFeatures(), None, tmp_path / "run", **common)
+    with pytest.raises(ValueError, match="decode_precision"):
+        evaluate(model, decode, TwoFeatures(), None, tmp_path / "run", decode_precision="bf16", **common)

@@ -159,6 +159,7 @@ def evaluate(
     device: str = "auto",
     draft_tokens: int = 1,
     num_classes: int | None = None,
+    decode_precision: str = "fp32",
 ) -> dict[str, Any] | None:
     """Sample ``num_samples`` images across ranks, then (rank 0) compute the metrics.
 
@@ -166,7 +167,9 @@ def evaluate(
     ``extra_metrics(labels, features)`` may add entries (the demo's class-consistency accuracy).
     Samples already in ``out_dir/samples`` must come from the same model and settings
     (``sampling_settings.json``); a rerun samples only the missing or broken ones. Labels are
-    classes ``0 .. num_classes - 1`` (default: all the model's classes).
+    classes ``0 .. num_classes - 1`` (default: all the model's classes). ``decode_precision`` names
+    what ``decode`` computes in (``eval/fid.py --decode-precision``): it changes pixels, so it is part
+    of the stamp and of the results.
     """
     state = evaluation_state(device)
     if num_samples < state.num_processes:
@@ -186,6 +189,7 @@ def evaluate(
         "num_classes": num_classes,
         **dataclasses.asdict(sampling),
         "draft_tokens": draft_tokens,
+        "decode_precision": decode_precision,
         "model": {"config": to_dict(model.config), "checksum": _weights_checksum(model)},
     }
     stamp = (out_dir / SETTINGS, settings, any(samples_dir.glob("*.png")))
@@ -193,6 +197,7 @@ def evaluate(
     # Samples of older code stay valid: its stamp lacks the keys added since, at their defaults.
     defaults = {f"model.config.{key}": value for key, value in default_values(type(model.config)).items()}
     defaults.update(default_values(SamplingConfig), draft_tokens=1, num_classes=model.config.num_classes)
+    defaults["decode_precision"] = "fp32"
     check_stamp(*stamp, remedy=remedy, write=False, defaults=defaults)  # every rank checks, the main records
     if state.is_main_process:
         check_stamp(*stamp, remedy=remedy, write=True, defaults=defaults)
@@ -216,6 +221,7 @@ def evaluate(
     features = [np.concatenate([g[1][j] for g in gathered])[inverse] for j in range(len(gathered[0][1]))]
     results = _results(gathered, num_samples, sampling, per_class, batch_size, extractor, feature_batch_size, seconds)
     results["sampling"]["num_classes"] = num_classes
+    results["decode_precision"] = decode_precision
     results.update(extra or {})
     if random_weights:
         results["warning"] = RANDOM_WARNING
