@@ -14,7 +14,9 @@ Stages, in order, each in its own process (a crash or a hang in one costs only t
   train_compiled the same compiled (next-token, MuToR-2D R=80): + graph breaks and recompiles
   sample         GPT-B sampling, CFG 2.0, bf16, batch 32 and 64: eager vs compiled (CUDA graph), and
                  a profile of the compiled run at batch 64 (GPU time per step against wall time)
-  eval           eval/fid.py's pipeline on 1,000 samples end to end vs raw sampling
+  eval           eval/fid.py's pipeline on 1,000 samples end to end vs raw sampling, overlapped and in
+                 the serial order, with each part's GPU time per batch; decoder variants (channels_last,
+                 bf16) and the pixels they change; PNG rates
   draft          register drafting at batch 1, 8, 64, greedy and sampled, CFG 2.0, on the demo's
                  MuToR-2D model (make demo; its rows are skipped without it), and the verify cost at GPT-B
   llamagen       with LLAMAGEN_REF=DIR: bench/vs_llamagen.py (LlamaGen's generate and train step)
@@ -139,6 +141,7 @@ def sample_ab_commands(out: Path) -> list[list[str]]:
 
 def eval_commands(out: Path) -> list[list[str]]:
     args = ["--size", "GPT-B", "--tokenizer", "vq16", "--batch-size", "125", "--num-samples", "1000", "--compile"]
+    args += ["--serial-samples", "375"]  # the serial order's per-batch GPU times: 3 batches are enough
     return [python("eval_pipeline.py", *args, "--out", str(out / "eval_pipeline.json"))]
 
 
@@ -164,7 +167,8 @@ def needs_llamagen() -> str | None:
 # Estimates: seconds the stage took on one H100 (bench/results/gpu_check_h100_20261127.json: train_eager 43,
 # train_compiled 83, train_compiled_chunked 91; gpu_check_h100_20261127_s2.json: tier 93 with 6 workers
 # and 14 tests, sample 93, eval 48, llamagen 163, draft 10 without the demo model), rounded up;
-# sample_ab is a guess until a run completes it.
+# sample_ab is a guess until a run completes it; eval 60 = 48 + the serial run (375 samples), the
+# decoder variants and the PNG rates, less what the overlap saves (an estimate until a run).
 STAGES = [
     Stage("tier", "GPU test tier (pytest -m gpu)", 100, tier_commands, read=read_tier),
     Stage(
@@ -175,7 +179,7 @@ STAGES = [
     ),
     Stage("train_compiled", "GPT-B train step, compiled: NTP vs MuToR-2D R=80 (flex)", 90, train_compiled_commands),
     Stage("sample", "GPT-B sampling, CFG 2.0, batch 32/64: eager vs compiled, profile", 100, sample_commands),
-    Stage("eval", "eval/fid.py pipeline, 1,000 samples, vs raw sampling", 55, eval_commands),
+    Stage("eval", "eval/fid.py pipeline, 1,000 samples, vs raw sampling; per-part GPU time", 60, eval_commands),
     Stage("draft", "register drafting at batch 1/8/64 (demo model) and the GPT-B verify cost", 35, draft_commands),
     Stage(
         "llamagen", "LlamaGen's own generate and train step side by side", 170, llamagen_commands, needs=needs_llamagen
