@@ -143,6 +143,7 @@ def sample_ab_commands(out: Path) -> list[list[str]]:
 
 def eval_commands(out: Path) -> list[list[str]]:
     args = ["--size", "GPT-B", "--tokenizer", "vq16", "--batch-size", "125", "--num-samples", "1000", "--compile"]
+    args += ["--serial-samples", "375"]  # the serial order's per-batch GPU times: 3 batches are enough
     return [python("eval_pipeline.py", *args, "--out", str(out / "eval_pipeline.json"))]
 
 
@@ -172,6 +173,8 @@ def needs_llamagen() -> str | None:
 # sample_ab are guesses until a run completes them: about 20 s per compiled graph set on a bare machine
 # (s2's sample stage: 93 s for two compiles, the eager runs and a profile), 8 s per extra bucket graph,
 # 5 s per profile.
+# eval 60 = 48 + the serial run (375 samples), the decoder variants and the PNG rates, less what the
+# overlap saves (an estimate until a run).
 STAGES = [
     Stage("tier", "GPU test tier (pytest -m gpu)", 130, tier_commands, read=read_tier),
     Stage(
@@ -187,7 +190,7 @@ STAGES = [
         120,
         sample_commands,
     ),
-    Stage("eval", "eval/fid.py pipeline, 1,000 samples, vs raw sampling", 55, eval_commands),
+    Stage("eval", "eval/fid.py pipeline, 1,000 samples, vs raw sampling; per-part GPU time", 60, eval_commands),
     Stage("draft", "register drafting at batch 1/8/64 (demo model) and the GPT-B verify cost", 35, draft_commands),
     Stage(
         "llamagen", "LlamaGen's own generate and train step side by side", 170, llamagen_commands, needs=needs_llamagen

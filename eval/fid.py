@@ -45,8 +45,8 @@ from mutor_vision.models import GPT, SamplingConfig
 from mutor_vision.models.checkpoint import read_export_data, read_export_tokenizer
 from mutor_vision.models.sampling import trained_raster_offsets
 from mutor_vision.processes import main_process_holds
-from tokenizer import KINDS, load_tokenizer, tokenizer_kind
-from tokenizer.preprocess import center_crop_adm, to_uint8
+from tokenizer import DECODE_PRECISIONS, KINDS, load_tokenizer, tokenizer_kind, uint8_decoder
+from tokenizer.preprocess import center_crop_adm
 
 log = logging.getLogger("eval.fid")
 
@@ -69,6 +69,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--feature-batch-size", type=int, default=64)
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="each decode step as a CUDA graph (CUDA only)")
+    p.add_argument(
+        "--decode-precision",
+        choices=DECODE_PRECISIONS,
+        default="fp32",
+        help="the VQ-16 decoder's precision: fp32 (default: LlamaGen's protocol) or bf16 (faster on a GPU, but "
+        "pixels differ and FID is not comparable: docs/evaluation.md)",
+    )
     p.add_argument(
         "--draft-tokens", type=int, default=1, help="k > 1: the model's registers draft k - 1 tokens per forward"
     )
@@ -200,9 +207,10 @@ def evaluate_held(args: argparse.Namespace, state, sampling: SamplingConfig) -> 
         model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()  # RoPE stays fp32
     if isinstance(tokenizer, torch.nn.Module):
         tokenizer = tokenizer.to(device)
-
-    def decode(codes: torch.Tensor) -> torch.Tensor:
-        return to_uint8(tokenizer.decode(codes).float())
+    try:
+        decode = uint8_decoder(tokenizer, args.decode_precision)
+    except ValueError as error:
+        raise ConfigError(f"--decode-precision {args.decode_precision}: {error}") from None
 
     resolution = model.config.grid_size * tokenizer.downsample
     if state.is_main_process:  # warns, before hours of sampling, when --out cannot hold the samples
@@ -233,11 +241,14 @@ def evaluate_held(args: argparse.Namespace, state, sampling: SamplingConfig) -> 
         device=args.device,
         draft_tokens=args.draft_tokens,
         num_classes=num_classes,
+        decode_precision=args.decode_precision,
         extra={
             "checkpoint": str(args.ckpt),
             "tokenizer": {"kind": kind, "path": str(path), "sha256": tokenizer.checksum},
             "precision": precision,
             "compile": args.compile,
+            # cuDNN's TF32 for the decoder's convolutions (PyTorch's default, and LlamaGen's setting)
+            "decode_tf32_convolutions": device.type == "cuda" and torch.backends.cudnn.allow_tf32,
             "resolution": resolution,
         },
     )

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -437,3 +438,155 @@ def test_eval_with_register_drafting(tmp_path, export, inception_weights, capsys
     results = fid_cli.run(cli_args(tmp_path / "mutor", tmp_path / "run", inception_weights, "--draft-tokens", "2"))
     assert results["drafting"]["draft_tokens"] == 2 and results["drafting"]["tokens_per_forward"] >= 1.0
     assert results["written_this_run"] == 12 and all(np.isfinite(v) for v in results["metrics"].values())
+
+
+# ---------------------------------------------------------------- decode precision
+
+
+class TwoFeatures(torch.nn.Module):
+    """A fast stand-in extractor with Inception's interface: uint8 (B, 3, 8, 8) -> (pool, logits)."""
+
+    name = "two-features"
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.pool = torch.nn.Parameter(torch.randn(3 * 8 * 8, 16, generator=g))
+        self.logits = torch.nn.Parameter(torch.randn(16, 5, generator=g))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pool = torch.tanh(images.float().flatten(1) / 255 @ self.pool)
+        return pool, pool @ self.logits
+
+
+def test_decode_precision_fp32_is_the_decoder_as_it_is_and_bf16_is_stamped(tmp_path, export, inception_weights):
+    from mutor_vision.evaluation import evaluate
+    from mutor_vision.models import SamplingConfig
+    from tokenizer import VQ16, VQ16Config, uint8_decoder
+
+    torch.manual_seed(0)
+    vq = VQ16(VQ16Config(codebook_size=64, channels=32, channel_mult=(1, 2), z_channels=32, num_res_blocks=1)).eval()
+    codes = torch.randint(0, 64, (2, 4, 4))
+    with torch.no_grad():
+        exact = to_uint8(vq.decode(codes).float())
+    assert torch.equal(uint8_decoder(vq)(codes), exact)
+    half = uint8_decoder(vq, "bf16")(codes)
+    assert half.dtype == torch.uint8 and half.shape == exact.shape
+    assert (half.int() - exact.int()).abs().float().mean() < 2.0  # close, not equal
+    with pytest.raises(ValueError, match="only VQ-16"):
+        uint8_decoder(PaletteTokenizer(COLORS), "bf16")
+    # Samples decoded in one precision never mix with another's: the stamp records it.
+    model = GPT.from_pretrained(export / "export").eval()
+    decode = uint8_decoder(PaletteTokenizer(COLORS))
+    common = dict(num_samples=4, sampling=SamplingConfig(), batch_size=4, feature_batch_size=4, save_npz=False)
+    evaluate(model, decode, TwoFeatures(), None, tmp_path / "run", **common)
+    with pytest.raises(ValueError, match="decode_precision"):
+        evaluate(model, decode, TwoFeatures(), None, tmp_path / "run", decode_precision="bf16", **common)
+
+
+# ---------------------------------------------------------------- the pipeline: overlap, PNG writer, timings
+
+
+def pipeline_args(export: Path, folder: Path):
+    from mutor_vision.models import SamplingConfig
+    from tokenizer import uint8_decoder
+
+    model = GPT.from_pretrained(export / "export").eval()
+    labels = np.arange(10) % 3
+    # 10 samples in batches of 4 (the last one short), features 3 at a time (not a divisor of 4)
+    return (model, uint8_decoder(PaletteTokenizer(COLORS)), TwoFeatures(), labels, range(10), folder,
+            SamplingConfig(cfg_scale=1.5, seed=3), 4, 3)  # fmt: skip
+
+
+def test_the_overlapped_pipeline_writes_and_measures_exactly_what_each_batch_computes(tmp_path, export):
+    # Each batch's codes, images and features computed here step by step, independently of the
+    # pipeline; the overlapped order (collected one batch late) and the serial order must give
+    # exactly these, every index in its place, the short last batch included.
+    from mutor_vision.evaluation.run import sample_and_measure
+    from mutor_vision.models import generate, sample_uniforms
+
+    args = pipeline_args(export, tmp_path / "overlap")
+    model, decode, extractor, labels, _, _, sampling, batch_size, feature_batch = args
+    images, pool, logits = [], [], []
+    for start in range(0, 10, batch_size):
+        batch = list(range(start, min(10, start + batch_size)))
+        uniform = sample_uniforms(sampling.seed, batch, model.config.num_tokens)
+        batch_images = decode(generate(model, torch.as_tensor(labels[batch]), sampling, uniform=uniform))
+        images.append(batch_images.permute(0, 2, 3, 1).numpy())
+        for chunk in range(0, len(batch), feature_batch):
+            with torch.no_grad():
+                p, q = extractor(batch_images[chunk : chunk + feature_batch])
+            pool.append(p.numpy())
+            logits.append(q.numpy())
+    images, pool, logits = np.concatenate(images), np.concatenate(pool), np.concatenate(logits)
+    assert len({image.tobytes() for image in images}) == 10  # ten different images: a mix-up would show
+
+    overlapped, written = sample_and_measure(*args, show_progress=False, overlap=True)
+    serial, _ = sample_and_measure(*pipeline_args(export, tmp_path / "serial"), show_progress=False, overlap=False)
+    assert written == 10
+    for measured in (overlapped, serial):
+        assert np.array_equal(measured[0], pool) and np.array_equal(measured[1], logits)
+    for i in range(10):
+        name = f"{i:06d}.png"
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "overlap" / name)), images[i]), name
+        assert (tmp_path / "overlap" / name).read_bytes() == (tmp_path / "serial" / name).read_bytes()
+
+
+def test_an_interrupted_overlapped_run_still_writes_the_batch_in_flight(tmp_path, export, monkeypatch):
+    # Killed while sampling the third batch: the second batch, sampled and measured but not yet
+    # collected (the overlap collects one batch late), is written all the same.
+    from mutor_vision.evaluation import run as evaluation_run
+    from mutor_vision.evaluation.run import sample_and_measure
+
+    original, calls = evaluation_run.generate, {"n": 0}
+
+    def dying_generate(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed while sampling")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation_run, "generate", dying_generate)
+    with pytest.raises(KeyboardInterrupt):
+        sample_and_measure(*pipeline_args(export, tmp_path / "run"), show_progress=False, overlap=True)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [f"{i:06d}.png" for i in range(8)]
+
+
+def test_png_writer_holds_at_most_max_pending_images_and_counts_its_waits(tmp_path, monkeypatch):
+    from mutor_vision.evaluation import samples as samples_module
+    from mutor_vision.evaluation.samples import PngWriter
+
+    original = samples_module.write_png
+
+    def slow(path, image):
+        time.sleep(0.02)
+        original(path, image)
+
+    monkeypatch.setattr(samples_module, "write_png", slow)
+    images = np.random.default_rng(0).integers(0, 256, (12, 4, 4, 3), dtype=np.uint8)
+    with PngWriter(tmp_path, threads=1, max_pending=5) as writer:
+        for start in range(0, 12, 4):
+            writer.submit(range(start, start + 4), images[start : start + 4])
+            assert len(writer.pending) <= 5
+    assert writer.waited_s > 0.02 and writer.drain_s > 0  # the third batch waited for the first
+    for i in range(12):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / f"{i:06d}.png")), images[i])
+
+
+def test_timings_add_up_each_part_of_each_batch(tmp_path, export):
+    from mutor_vision.evaluation.run import sample_and_measure
+    from mutor_vision.evaluation.timing import Timings, _intersect, _length, _union
+
+    timings = Timings("cpu")
+    sample_and_measure(*pipeline_args(export, tmp_path / "run"), show_progress=False, overlap=True, timings=timings)
+    summary = timings.summary()
+    assert {name: part["batches"] for name, part in summary["parts"].items()} == {
+        "sample": 3, "decode": 3, "features": 3, "copy": 3,
+    }  # fmt: skip
+    assert set(summary["waits_s"]) == {"results", "png_queue", "png_drain"}
+    parts = sum(part["wall_s"] for part in summary["parts"].values())
+    assert 0 < parts <= summary["wall_s"] and "gpu_timeline" not in summary  # CPU: host time only
+    # the GPU timeline's interval arithmetic
+    merged = _union([(0.0, 1.0), (0.5, 2.0), (3.0, 4.0)])
+    assert merged == [(0.0, 2.0), (3.0, 4.0)] and _length(merged) == 3.0
+    assert _intersect(merged, [(1.5, 3.5)]) == [(1.5, 2.0), (3.0, 3.5)]

@@ -288,6 +288,54 @@ def test_eval_fid_end_to_end_on_cuda(tmp_path):
     assert len(list((tmp_path / "out" / "samples").glob("*.png"))) == 24
 
 
+class ConvFeatures(torch.nn.Module):
+    """A small stand-in extractor with Inception's interface: uint8 (B, 3, H, W) -> (pool, logits), on cuDNN."""
+
+    name = "conv-features"
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv, self.head = torch.nn.Conv2d(3, 16, 3), torch.nn.Linear(16, 5)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pool = self.conv(images.float() / 255).mean(dim=(2, 3))
+        return pool, self.head(pool)
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "cuda_graph"])
+def test_eval_overlap_on_cuda_writes_and_measures_what_the_serial_order_does(tmp_path, compile):
+    # Batch i decoded and measured on a second stream while batch i + 1 samples on a high-priority
+    # one: the same kernels on the same inputs as the serial order (everything on the current
+    # stream), so the same PNG bytes and bit-identical features; compiled, the captured decode step
+    # replays on the sampling stream.
+    from mutor_vision.evaluation.run import sample_and_measure
+    from mutor_vision.evaluation.timing import Timings
+    from mutor_vision.models import SamplingConfig
+    from tokenizer import VQ16, VQ16Config, uint8_decoder
+
+    model = small_model(registers=None).eval()
+    torch.manual_seed(0)
+    vq = VQ16(VQ16Config(codebook_size=1024, channels=32, channel_mult=(1, 2), z_channels=32, num_res_blocks=1))
+    decode = uint8_decoder(vq.cuda().eval())
+    outputs = {}
+    for overlap in (False, True):
+        timings = Timings("cuda")
+        outputs[overlap] = sample_and_measure(
+            model, decode, ConvFeatures(), np.arange(10) % 10, range(10), tmp_path / str(overlap),
+            SamplingConfig(cfg_scale=2.0), 4, 3, compile=compile, show_progress=False, overlap=overlap,
+            timings=timings,
+        )[0]  # fmt: skip
+        summary = timings.summary()
+        assert summary["parts"]["decode"]["batches"] == 3 and summary["parts"]["decode"]["gpu_s"] > 0
+        assert 0 <= summary["gpu_timeline"]["both_s"] <= summary["gpu_timeline"]["sampling_s"]
+    model.clear_caches()
+    assert all(np.array_equal(a, b) for a, b in zip(outputs[False], outputs[True], strict=True))
+    for i in range(10):
+        name = f"{i:06d}.png"
+        assert (tmp_path / "False" / name).read_bytes() == (tmp_path / "True" / name).read_bytes(), name
+
+
 def test_text_fsdp2_one_process_saves_resumes_and_exports(tmp_path):
     # Full fine-tuning under FSDP2 (configs/accelerate/fsdp2_text.yaml), sharded by the model's own
     # decoder-layer class; accelerate runs FSDP on CUDA only, so this lives in the GPU tier.

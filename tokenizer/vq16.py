@@ -7,6 +7,8 @@ Module names mirror the official file so it loads strictly: ``encoder.conv_block
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,6 +236,20 @@ class VQ16(nn.Module):
         model.load_state_dict(state)
         model.checksum = file_checksum(path)
         return model.eval()
+
+
+def decoder_in(
+    vq: VQ16, dtype: torch.dtype, memory_format: torch.memory_format = torch.contiguous_format
+) -> Callable[[Tensor], Tensor]:
+    """``vq.decode`` with the decoder in ``dtype`` and ``memory_format`` (a copy of its weights; the
+    codebook lookup and ``post_quant_conv`` stay float32): codes (B, h, w) -> images (B, 3, H, W)."""
+    decoder = copy.deepcopy(vq.decoder).to(dtype=dtype, memory_format=memory_format).eval()
+
+    @torch.no_grad()
+    def decode(codes: Tensor) -> Tensor:
+        return decoder(vq.post_quant_conv(vq.quantize.lookup(codes)).to(dtype=dtype, memory_format=memory_format))
+
+    return decode
 
 
 def file_checksum(path: str | Path) -> str:

@@ -186,7 +186,16 @@ def features_of(extractor: torch.nn.Module, images: Tensor, batch_size: int) -> 
     TF32 is off (cuDNN TF32 on Hopper makes features depend on the batch size,
     docs/architecture.md), so in-memory images and their PNG files give the same features.
     """
-    outputs: list[list[np.ndarray]] = []
+    return [feature.cpu().numpy() for feature in features_on_device(extractor, images, batch_size)]
+
+
+@torch.no_grad()
+def features_on_device(extractor: torch.nn.Module, images: Tensor, batch_size: int) -> list[Tensor]:
+    """:func:`features_of` left on the images' device (float32, one tensor per feature): no host sync.
+
+    The extractor runs on ``batch_size`` images at a time, TF32 off, on the current stream.
+    """
+    outputs: list[list[Tensor]] = []
     with _no_tf32():
         for start in range(0, len(images), batch_size):
             features = extractor(images[start : start + batch_size])
@@ -194,8 +203,8 @@ def features_of(extractor: torch.nn.Module, images: Tensor, batch_size: int) -> 
             if not outputs:
                 outputs = [[] for _ in features]
             for store, feature in zip(outputs, features, strict=True):
-                store.append(feature.float().cpu().numpy())
-    return [np.concatenate(parts) for parts in outputs]
+                store.append(feature.float())
+    return [torch.cat(parts) for parts in outputs]
 
 
 def extract_features(

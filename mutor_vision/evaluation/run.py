@@ -10,6 +10,7 @@ metrics.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -30,9 +31,10 @@ from mutor_vision import __version__
 from mutor_vision.config import default_values, to_dict
 from mutor_vision.core.drafting import DecodeStats
 from mutor_vision.errors import ConfigError
-from mutor_vision.evaluation.features import Reference, extract_features, extractor_record, features_of
+from mutor_vision.evaluation.features import Reference, extract_features, extractor_record, features_on_device
 from mutor_vision.evaluation.metrics import frechet_distance, inception_score_metrics, precision_recall, statistics
 from mutor_vision.evaluation.samples import PngWriter, label_list, missing_indices, read_pngs, save_grid, write_npz
+from mutor_vision.evaluation.timing import NO_TIMINGS, SAMPLE, Timings
 from mutor_vision.files import atomic_write, atomic_write_json, check_stamp, storage_faults
 from mutor_vision.models import GPT, SamplingConfig, generate, sample_uniforms
 from mutor_vision.processes import process_state
@@ -70,6 +72,8 @@ def sample_and_measure(
     show_progress: bool = True,
     draft_tokens: int = 1,
     stats: DecodeStats | None = None,
+    overlap: bool | None = None,
+    timings: Timings | None = None,
 ) -> tuple[list[np.ndarray], int]:
     """Features of every sample of ``indices`` (in that order) and how many PNGs were written now.
 
@@ -77,22 +81,68 @@ def sample_and_measure(
     (seed, i) alone, so a rerun reproduces exactly the images an uninterrupted run would have
     written, whatever batches they fall into (with ``draft_tokens > 1``, register drafting draws its
     own numbers per batch: the same distribution, but a refill is no longer the same image).
+
+    ``overlap`` (default: on CUDA) collects each batch's images and features one batch late: on
+    CUDA the sampling runs on a high-priority stream and batch i is decoded, measured and copied to
+    pinned host memory on a second stream while batch i + 1 samples, with no host sync between them
+    (the decoder's large kernels fill the SMs that the sampler's small ones leave idle; its priority
+    lets the sampler's go first). The same kernels run on the same inputs as in the serial order
+    (``overlap=False``), so every output is the same; on the CPU it only changes when a batch is
+    collected. An error or Ctrl-C still writes the batch in flight. ``timings``
+    (bench/eval_pipeline.py) records where the time goes.
     """
     folder.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     extractor = extractor.to(device).eval()
+    overlap = device.type == "cuda" if overlap is None else overlap
+    sampler = measurer = None  # the streams of the overlap on CUDA (None: the current stream)
+    if overlap and device.type == "cuda":
+        sampler = torch.cuda.Stream(device, priority=SAMPLING_PRIORITY)
+        measurer = torch.cuda.Stream(device)
+        sampler.wait_stream(torch.cuda.current_stream(device))
+    timings = timings or NO_TIMINGS
+    measure = _Measure(decode, extractor, feature_batch_size, sampler, measurer, timings, batch_size)
     todo = missing_indices(folder, indices, verify=True)
     rows: dict[int, list[np.ndarray]] = {}
+    timings.begin()
     with PngWriter(folder) as writer:
-        for start in tqdm(range(0, len(todo), batch_size), disable=not show_progress, unit="batch", desc="sampling"):
-            batch = todo[start : start + batch_size]
-            images = _sample_batch(
-                model, decode, labels[batch], batch, sampling, compile, batch_size, draft_tokens, stats
-            )
-            features = features_of(extractor, images, feature_batch_size)
-            writer.submit(batch, images.permute(0, 2, 3, 1).cpu().numpy())
-            rows.update({index: [f[row] for f in features] for row, index in enumerate(batch)})
+
+        def collect(measured: _Measured) -> None:
+            with timings.wait("results"):
+                images, features = measured.result()
+            writer.submit(measured.batch, images)
+            rows.update({index: [f[row] for f in features] for row, index in enumerate(measured.batch)})
+
+        pending: _Measured | None = None
+        try:
+            starts = range(0, len(todo), batch_size)
+            for number, start in enumerate(tqdm(starts, disable=not show_progress, unit="batch", desc="sampling")):
+                batch = todo[start : start + batch_size]
+                with _on(sampler), timings.part(SAMPLE, number):
+                    codes = _sample_batch(
+                        model, labels[batch], batch, sampling, compile, batch_size, draft_tokens, stats
+                    )
+                measured = measure(codes, batch, number)
+                if not overlap:
+                    collect(measured)
+                    continue
+                previous, pending = pending, measured
+                if previous is not None:
+                    collect(previous)
+        except BaseException:
+            if pending is not None:  # computed or in flight: written, not lost (best effort)
+                with contextlib.suppress(Exception):
+                    collect(pending)
+            raise
+        if pending is not None:
+            collect(pending)
+    for stream in (sampler, measurer):
+        if stream is not None:  # what follows on the current stream sees all their work
+            torch.cuda.current_stream(device).wait_stream(stream)
     written = len(todo)  # the writer waited for every PNG and raised if one failed
+    timings.add_wait("png_queue", writer.waited_s)
+    timings.add_wait("png_drain", writer.drain_s)
+    timings.end()
     kept = [int(i) for i in indices if int(i) not in rows]
     for start in tqdm(range(0, len(kept), 1024), disable=not show_progress or not kept, desc="features of kept PNGs"):
         chunk = kept[start : start + 1024]
@@ -106,7 +156,6 @@ def sample_and_measure(
 
 def _sample_batch(
     model: GPT,
-    decode: Decode,
     labels: np.ndarray,
     batch: list[int],
     sampling: SamplingConfig,
@@ -115,21 +164,99 @@ def _sample_batch(
     draft_tokens: int = 1,
     stats: DecodeStats | None = None,
 ) -> Tensor:
+    """The codes (B, h, w) of one batch, on the model's device (on CUDA: queued, not waited for)."""
     device = next(model.parameters()).device
-    labels = torch.as_tensor(labels, device=device)
+    labels = _to_device(torch.as_tensor(labels), device)
     try:
         if draft_tokens > 1:  # drafting draws its own numbers: seeded by (seed, the batch's first index)
             batch_sampling = sampling.replace(seed=hash_seed(sampling.seed, batch[0]))
-            codes = generate(model, labels, batch_sampling, draft_tokens=draft_tokens, stats=stats)
-        else:
-            uniform = sample_uniforms(sampling.seed, batch, model.config.num_tokens)
-            codes = generate(model, labels, sampling, uniform=uniform, compile=compile)
-        with torch.no_grad():
-            return decode(codes)
+            return generate(model, labels, batch_sampling, draft_tokens=draft_tokens, stats=stats)
+        uniform = _to_device(sample_uniforms(sampling.seed, batch, model.config.num_tokens), device)
+        return generate(model, labels, sampling, uniform=uniform, compile=compile)
     except torch.OutOfMemoryError:
-        raise ConfigError(
-            f"--batch-size {size}: a batch does not fit in GPU memory with this model; lower --batch-size"
-        ) from None
+        raise ConfigError(_OOM.format(size=size)) from None
+
+
+_OOM = "--batch-size {size}: a batch does not fit in GPU memory with this model; lower --batch-size"
+SAMPLING_PRIORITY = -1  # CUDA stream priority of the overlapped sampling (lower is higher; 0 is the default's)
+
+
+def _on(stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if stream is None else torch.cuda.stream(stream)
+
+
+def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """On CUDA through pinned memory, without waiting (a pageable copy would wait for the GPU)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+@dataclasses.dataclass
+class _Measured:
+    """One batch's uint8 images (B, H, W, 3) and features, on the host once ``done`` has passed."""
+
+    batch: list[int]
+    images: np.ndarray
+    features: list[np.ndarray]
+    done: torch.cuda.Event | None = None  # None: already on the host
+
+    def result(self) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The images (views of pinned memory, for the PNG writer) and the features (copied out of it)."""
+        if self.done is None:
+            return self.images, self.features
+        self.done.synchronize()
+        return self.images, [np.array(feature) for feature in self.features]
+
+
+@dataclasses.dataclass
+class _Measure:
+    """Decode a batch's codes, compute the features, bring both to the host: at once, or queued on ``stream``."""
+
+    decode: Decode
+    extractor: torch.nn.Module
+    feature_batch_size: int
+    sampler: torch.cuda.Stream | None  # where the codes are sampled
+    stream: torch.cuda.Stream | None  # where they are measured (None: now, on the current stream)
+    timings: Timings
+    batch_size: int  # for the out-of-memory message
+
+    def __call__(self, codes: Tensor, batch: list[int], number: int) -> _Measured:
+        try:
+            if self.stream is None:
+                return self._now(codes, batch, number)
+            return self._queued(codes, batch, number)
+        except torch.OutOfMemoryError:
+            raise ConfigError(_OOM.format(size=self.batch_size)) from None
+
+    def _now(self, codes: Tensor, batch: list[int], number: int) -> _Measured:
+        with torch.no_grad(), self.timings.part("decode", number):
+            images = self.decode(codes)
+        with self.timings.part("features", number):
+            features = features_on_device(self.extractor, images, self.feature_batch_size)
+        with self.timings.part("copy", number):
+            return _Measured(batch, images.permute(0, 2, 3, 1).cpu().numpy(), [f.cpu().numpy() for f in features])
+
+    def _queued(self, codes: Tensor, batch: list[int], number: int) -> _Measured:
+        stream = self.stream
+        stream.wait_stream(self.sampler or torch.cuda.current_stream(codes.device))  # the codes are ready
+        with torch.cuda.stream(stream), torch.no_grad():
+            codes.record_stream(stream)  # its memory is not reused before this stream is done with it
+            with self.timings.part("decode", number):
+                images = self.decode(codes)
+            with self.timings.part("features", number):
+                features = features_on_device(self.extractor, images, self.feature_batch_size)
+            with self.timings.part("copy", number):
+                host = _pinned_copy(images.permute(0, 2, 3, 1))
+                pinned = [_pinned_copy(feature) for feature in features]
+            done = torch.cuda.Event()
+            done.record(stream)
+        return _Measured(batch, host.numpy(), [f.numpy() for f in pinned], done)
+
+
+def _pinned_copy(tensor: Tensor) -> Tensor:
+    """A copy into pinned host memory (contiguous), queued on the current stream."""
+    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)
 
 
 def _weights_checksum(model: torch.nn.Module) -> str:
@@ -159,6 +286,9 @@ def evaluate(
     device: str = "auto",
     draft_tokens: int = 1,
     num_classes: int | None = None,
+    decode_precision: str = "fp32",
+    overlap: bool | None = None,
+    timings: Timings | None = None,
 ) -> dict[str, Any] | None:
     """Sample ``num_samples`` images across ranks, then (rank 0) compute the metrics.
 
@@ -166,7 +296,9 @@ def evaluate(
     ``extra_metrics(labels, features)`` may add entries (the demo's class-consistency accuracy).
     Samples already in ``out_dir/samples`` must come from the same model and settings
     (``sampling_settings.json``); a rerun samples only the missing or broken ones. Labels are
-    classes ``0 .. num_classes - 1`` (default: all the model's classes).
+    classes ``0 .. num_classes - 1`` (default: all the model's classes). ``decode_precision`` names
+    what ``decode`` computes in (``eval/fid.py --decode-precision``): it changes pixels, so it is part
+    of the stamp and of the results. ``overlap`` and ``timings``: see :func:`sample_and_measure`.
     """
     state = evaluation_state(device)
     if num_samples < state.num_processes:
@@ -186,6 +318,7 @@ def evaluate(
         "num_classes": num_classes,
         **dataclasses.asdict(sampling),
         "draft_tokens": draft_tokens,
+        "decode_precision": decode_precision,
         "model": {"config": to_dict(model.config), "checksum": _weights_checksum(model)},
     }
     stamp = (out_dir / SETTINGS, settings, any(samples_dir.glob("*.png")))
@@ -193,6 +326,7 @@ def evaluate(
     # Samples of older code stay valid: its stamp lacks the keys added since, at their defaults.
     defaults = {f"model.config.{key}": value for key, value in default_values(type(model.config)).items()}
     defaults.update(default_values(SamplingConfig), draft_tokens=1, num_classes=model.config.num_classes)
+    defaults["decode_precision"] = "fp32"
     check_stamp(*stamp, remedy=remedy, write=False, defaults=defaults)  # every rank checks, the main records
     if state.is_main_process:
         check_stamp(*stamp, remedy=remedy, write=True, defaults=defaults)
@@ -204,6 +338,7 @@ def evaluate(
     features, written = sample_and_measure(
         model, decode, extractor, labels, mine, samples_dir, sampling, batch_size, feature_batch_size,
         compile=compile, show_progress=state.is_local_main_process, draft_tokens=draft_tokens, stats=drafting,
+        overlap=overlap, timings=timings,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     gathered = gather_object([(mine, features, written, drafting)])
@@ -216,6 +351,7 @@ def evaluate(
     features = [np.concatenate([g[1][j] for g in gathered])[inverse] for j in range(len(gathered[0][1]))]
     results = _results(gathered, num_samples, sampling, per_class, batch_size, extractor, feature_batch_size, seconds)
     results["sampling"]["num_classes"] = num_classes
+    results["decode_precision"] = decode_precision
     results.update(extra or {})
     if random_weights:
         results["warning"] = RANDOM_WARNING

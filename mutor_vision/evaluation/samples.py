@@ -8,9 +8,11 @@ a rerun decodes the PNGs already there once before trusting them.
 from __future__ import annotations
 
 import logging
+import time
 import zipfile
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from mutor_vision.files import atomic_write, space_warning, storage_faults
 
 log = logging.getLogger(__name__)
 _IO_THREADS = 8  # PNG encode/decode releases the GIL in zlib: threads overlap it with GPU work
+_MAX_PENDING = 1024  # PNGs queued at most (200 MB at 256x256): past that the sampler waits for the writer
 
 
 def label_list(num_samples: int, num_classes: int, per_class: bool = True, seed: int = 0) -> np.ndarray:
@@ -67,17 +70,30 @@ def write_png(path: Path, image: np.ndarray) -> None:
 class PngWriter:
     """Writes PNGs on background threads while the caller goes on sampling; leaving the block waits for all.
 
-    A failed write is raised by the next ``submit`` or on leaving the block: none is lost silently.
+    At most ``max_pending`` images wait in the queue: past that, :meth:`submit` waits for the oldest
+    (``waited_s`` adds it up), so threads that cannot keep up slow the caller down instead of
+    filling the host's memory (50,000 queued 256×256 images would hold 9.8 GB). A failed write is
+    raised by the next ``submit`` or on leaving the block: none is lost silently. ``drain_s`` is the
+    time leaving the block waited for the last writes.
     """
 
-    def __init__(self, folder: Path, threads: int = _IO_THREADS) -> None:
+    def __init__(self, folder: Path, threads: int = _IO_THREADS, max_pending: int = _MAX_PENDING) -> None:
         self.folder = folder
         self.pool = ThreadPoolExecutor(threads)
         self.pending: list[Future] = []
+        self.max_pending = max_pending
+        self.waited_s = 0.0
+        self.drain_s = 0.0
 
     def submit(self, indices: Sequence[int], images: np.ndarray) -> None:
         """Queue uint8 images (B, H, W, 3) for the sample indices."""
         self._raise_failures(wait=False)
+        excess = len(self.pending) + len(indices) - self.max_pending
+        if excess > 0:  # the pool writes in submission order: the oldest finish first
+            began = time.perf_counter()
+            wait_for(self.pending[:excess])
+            self.waited_s += time.perf_counter() - began
+            self._raise_failures(wait=False)
         for index, image in zip(indices, images, strict=True):
             self.pending.append(self.pool.submit(write_png, png_path(self.folder, int(index)), image))
 
@@ -86,17 +102,20 @@ class PngWriter:
         with storage_faults(self.folder, "cannot write sample PNGs"):  # a full disk: exit 5, not a traceback
             for future in done:
                 future.result()  # re-raises the write's exception
-        self.pending = [f for f in self.pending if f not in done]
+        finished = set(done)
+        self.pending = [f for f in self.pending if f not in finished]
 
     def __enter__(self) -> PngWriter:
         return self
 
     def __exit__(self, *exc) -> None:
+        began = time.perf_counter()
         try:
             if exc[0] is None:
                 self._raise_failures(wait=True)
         finally:  # on an error in the caller too: queued writes finish (whole files only)
             self.pool.shutdown(wait=True)
+            self.drain_s = time.perf_counter() - began
 
 
 def read_pngs(folder: Path, indices: Sequence[int]) -> np.ndarray:
