@@ -97,14 +97,13 @@ EAGER_DEFAULT = DecodeAttention()  # sdpa over the whole cache: the eager decode
 def graph_default() -> DecodeAttention:
     """The decode attention of a compiled CUDA decode (``generate(compile=True)``; eager runs ``sdpa``).
 
-    flex, by reasoning (the H100 numbers come from ``bench/gpu_check.py``'s sample stages, not yet
-    run): at GPT-B, batch 64 with CFG, SDPA's memory-efficient kernel took 71 µs per call over the
-    whole 256-slot cache, 0.85 ms of a 1.32 ms step, about 2.4x the time to read K and V once
-    (bench/results/gpu_check_h100_20261127_s2.json). A step needs on average only half of the
-    cache. flex's decoding kernel is built for one query over a long cache and, with 64-slot
-    blocks, reads 5/8 of it on average, with one graph for all steps. ``math+bucket64`` reads the
-    same amount through inductor's own reductions but needs four graphs (compile time, memory);
-    ``math`` reads the whole cache; ``sdpa+bucket64`` keeps the slow kernel.
+    flex, measured: at GPT-B, batch 64 with CFG, on one H100, SDPA's memory-efficient kernel took
+    71 µs per call over the whole 256-slot cache, 0.85 ms of a 1.32 ms GPU step; flex's decoding
+    kernel, which reads only the 64-slot blocks up to t, takes 26 µs, and the step 0.78 ms: 1.57x
+    the images/s of sdpa at batch 64, 1.44x at batch 32, one graph for all steps
+    (bench/results/gpu_check_h100_20261127_s3.json, stage sample). ``math+bucket64`` reads the same
+    amount through inductor's own reductions but needs four graphs; not yet measured (stage
+    sample_ab).
     """
     return DecodeAttention("flex")
 
