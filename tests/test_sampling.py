@@ -1,6 +1,7 @@
 """The cached decode's attention settings (``mutor_vision/models/decode.py``): each gives the logits of
 the dense-mask SDPA decode and of the full forward at every step, the reference codes through
-``generate``, and compiled on the CPU, the eager codes with one graph per static shape."""
+``generate``, and compiled on the CPU, the eager codes with one graph per static shape. Several
+decode steps per call (``steps_per_graph``) give the codes of one step per call, eager and compiled."""
 
 import pytest
 import torch
@@ -8,7 +9,15 @@ from torch._dynamo.utils import counters
 
 from mutor_vision.models import GPT, GPTConfig, RegisterConfig, SamplingConfig, generate
 from mutor_vision.models.decode import DecodeAttention, graph_default
-from mutor_vision.models.sampling import decode_attention_for, guide, next_codes
+from mutor_vision.models.sampling import (
+    decode_attention_for,
+    decode_loop,
+    decode_steps,
+    guide,
+    next_codes,
+    sample_logits,
+    step_groups,
+)
 
 # Eager flex on the CPU is its unfused reference (and says so): the point here is the numbers.
 pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile.*")
@@ -147,4 +156,86 @@ def test_compiled_step_equals_the_reference_with_one_graph_per_shape(grid8, name
     before = counters["stats"]["unique_graphs"]
     codes = step_codes(model, step, labels, DecodeAttention.parse(name))
     assert counters["stats"]["unique_graphs"] - before == graphs
+    assert torch.equal(codes, reference.flatten(1))
+
+
+# ---- several decode steps per call (steps_per_graph)
+
+
+def test_step_groups_cover_every_decode_step_once():
+    assert step_groups(64, 4)[:2] == [(1, 4), (5, 4)]
+    assert step_groups(64, 4)[-4:] == [(57, 4), (61, 1), (62, 1), (63, 1)]
+    assert step_groups(256, 5)[-1] == (251, 5)  # 255 = 51 x 5: no single step
+    assert step_groups(4, 5) == [(1, 1), (2, 1), (3, 1)]  # k past the sequence: single steps
+    for n, k in [(64, 1), (64, 2), (64, 4), (64, 5), (256, 4), (256, 7)]:
+        groups = step_groups(n, k)
+        assert [p for i, m in groups for p in range(i, i + m)] == list(range(1, n))
+        assert {m for _, m in groups} <= {1, k}
+    with pytest.raises(ValueError, match="steps_per_graph"):
+        generate(model_on_grid(2), torch.tensor([1]), steps_per_graph=0)
+
+
+@pytest.fixture(scope="module")
+def grid8_one_step(grid8):
+    """generate()'s eager cached codes, one step per call (k = 1), greedy and sampled, with CFG."""
+    model, labels, _ = grid8
+    uniform = torch.rand(labels.shape[0], model.config.num_tokens, generator=torch.Generator().manual_seed(7))
+    runs = {
+        "greedy": dict(cfg_scale=2.0, temperature=0.0),
+        "sampled": dict(cfg_scale=2.0, temperature=1.0, top_p=0.9, uniform=uniform),
+    }
+    return {
+        (run, name): generate(model, labels, decode_attention=name, **settings)
+        for run, settings in runs.items()
+        for name in ("sdpa", "math+bucket16")
+    }, runs
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 5])
+@pytest.mark.parametrize("run", ["greedy", "sampled"])
+@pytest.mark.parametrize("name", ["sdpa", "math+bucket16"])
+def test_generate_with_k_steps_per_call_gives_the_codes_of_one_step(grid8, grid8_one_step, k, run, name):
+    # N - 1 = 63 decode steps: k = 2, 4, 5 leave 1, 3, 3 single steps; 16-slot buckets put some
+    # runs of k across a bucket edge (each step keeps its own KV length).
+    model, labels, _ = grid8
+    reference, runs = grid8_one_step
+    codes = generate(model, labels, decode_attention=name, steps_per_graph=k, **runs[run])
+    assert torch.equal(codes, reference[run, name])
+
+
+@torch.no_grad()
+def loop_codes(model: GPT, labels, attention: DecodeAttention, k: int, one_step=next_codes, k_steps=decode_steps):
+    """generate()'s cached loop (greedy, CFG 2.0) over stale caches, k steps per ``k_steps`` call."""
+    num_tokens, sampling = model.config.num_tokens, SamplingConfig(cfg_scale=2.0, temperature=0.0)
+    rows = torch.cat([labels, torch.full_like(labels, model.config.num_classes)])
+    stale_caches(model, rows.shape[0])
+    codes = torch.zeros(labels.shape[0], num_tokens, dtype=torch.long)
+    codes[:, 0] = sample_logits(guide(model.prefill(rows), 2.0), temperature=0.0)
+    uniform = torch.zeros(num_tokens, labels.shape[0])
+    decode_loop(model, codes, uniform, sampling, True, attention, k, one_step, k_steps)
+    model.clear_caches()
+    return codes
+
+
+def test_k_steps_over_stale_caches_give_the_reference_codes(grid8):
+    # Every slot past t holds large garbage: a run of k steps that read a slot before writing it shows.
+    model, labels, reference = grid8
+    for k in (3, 4):
+        assert torch.equal(loop_codes(model, labels, DecodeAttention("sdpa"), k), reference.flatten(1))
+
+
+@pytest.mark.parametrize(("name", "k"), [("flex+block16", 4), ("math+bucket32", 2)])
+def test_compiled_k_steps_equal_the_reference_with_a_bounded_number_of_graphs(grid8, name, k):
+    # As generate(compile=True, steps_per_graph=k) runs on CUDA but for the CUDA graphs: k unrolled
+    # steps in one graph (flex: its BlockMask rebuilt from each step's position), the remainder by
+    # the single-step graph; a graph per distinct (k, KV lengths), none per step.
+    model, labels, reference = grid8
+    attention, num_tokens = DecodeAttention.parse(name), model.config.num_tokens
+    torch._dynamo.reset()  # next_codes' graphs of the tests above would serve the single steps
+    one_step = torch.compile(next_codes, fullgraph=True, dynamic=False)
+    k_steps = torch.compile(decode_steps, fullgraph=True, dynamic=False)
+    shapes = {tuple(attention.kv_len(p, num_tokens) for p in range(i, i + n)) for i, n in step_groups(num_tokens, k)}
+    before = counters["stats"]["unique_graphs"]
+    codes = loop_codes(model, labels, attention, k, one_step, k_steps)
+    assert counters["stats"]["unique_graphs"] - before == len(shapes)  # flex: 2; math+bucket32: 4
     assert torch.equal(codes, reference.flatten(1))

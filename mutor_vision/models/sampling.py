@@ -116,6 +116,71 @@ def next_codes(
     return sample_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p, uniform=uniform)
 
 
+def decode_steps(
+    model: GPT,
+    previous: Tensor,
+    positions: Tensor,
+    uniforms: Tensor,
+    sampling: SamplingConfig,
+    guided: bool,
+    attention: DecodeAttention,
+    kv_lens: tuple[int, ...],
+) -> Tensor:
+    """k consecutive decode steps in one call: the codes (B, k) that follow ``previous`` (B,) at
+    sequence positions ``positions`` (k,), step j drawing with ``uniforms[j]`` (B,) and reading
+    ``kv_lens[j]`` cache slots.
+
+    Each step is :func:`next_codes` and feeds its codes to the next. A Python loop over the static
+    k: compiled, dynamo unrolls it into one graph (one CUDA-graph replay for k steps); the KV-cache
+    writes, the BlockMask and the draw of each step are those of the single step at its position.
+    """
+    codes = []
+    for j, kv_len in enumerate(kv_lens):
+        previous = next_codes(model, previous, positions[j : j + 1], uniforms[j], sampling, guided, attention, kv_len)
+        codes.append(previous)
+    return torch.stack(codes, dim=1)
+
+
+def step_groups(num_tokens: int, steps_per_graph: int) -> list[tuple[int, int]]:
+    """The decode steps 1..N-1 as (first position, count): runs of ``steps_per_graph``, then the
+    remainder one step at a time (so two graphs, of k steps and of one, cover every N)."""
+    k = steps_per_graph
+    whole = (num_tokens - 1) // k * k
+    return [(i, k) for i in range(1, 1 + whole, k)] + [(i, 1) for i in range(1 + whole, num_tokens)]
+
+
+def decode_loop(
+    model: GPT,
+    codes: Tensor,
+    uniform_by_step: Tensor,
+    sampling: SamplingConfig,
+    guided: bool,
+    attention: DecodeAttention,
+    steps_per_graph: int = 1,
+    one_step: Callable[..., Tensor] = next_codes,
+    k_steps: Callable[..., Tensor] = decode_steps,
+) -> None:
+    """Fill ``codes[:, 1:]`` (B, N) from ``codes[:, 0]`` over the prefilled KV cache: ``k_steps``
+    (:func:`decode_steps` or its graph) for each run of ``steps_per_graph`` steps, ``one_step``
+    (:func:`next_codes` or its graph) for single steps. No host sync: positions and random numbers
+    stay on the device, and the group sizes and KV lengths are Python ints."""
+    num_tokens = codes.shape[1]
+    positions = torch.arange(num_tokens, device=codes.device)  # no host-to-device copy per step
+    for i, n in step_groups(num_tokens, steps_per_graph):
+        # A graph's output lives in its memory until the next replay: copy it now.
+        if n == 1:
+            codes[:, i] = one_step(
+                model, codes[:, i - 1], positions[i : i + 1], uniform_by_step[i], sampling, guided,
+                attention, attention.kv_len(i, num_tokens),
+            )  # fmt: skip
+        else:
+            kv_lens = tuple(attention.kv_len(p, num_tokens) for p in range(i, i + n))
+            codes[:, i : i + n] = k_steps(
+                model, codes[:, i - 1], positions[i : i + n], uniform_by_step[i : i + n], sampling, guided,
+                attention, kv_lens,
+            )  # fmt: skip
+
+
 @functools.cache
 def _graph_step() -> Callable[..., Tensor]:
     # One compiled function for the process: torch.compile caches a CUDA graph per (batch, settings).
@@ -123,7 +188,13 @@ def _graph_step() -> Callable[..., Tensor]:
     return torch.compile(next_codes, mode="reduce-overhead", fullgraph=True, dynamic=False)
 
 
-# Every (model, batch, settings, decode attention, KV length) is a graph of next_codes of its own, and
+@functools.cache
+def _graph_steps() -> Callable[..., Tensor]:
+    # decode_steps as CUDA graphs: one per (batch, settings, k, KV lengths), k steps per replay.
+    return torch.compile(decode_steps, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+
+# Every (model, batch, settings, decode attention, KV length(s), k) is a graph of its own, and
 # dynamo's default limit of 8 per function, under fullgraph, makes the 9th a hard error: a benchmark
 # comparing decode attentions at two batch sizes, or bucketed attention, passes 8 in one process.
 _GRAPH_LIMIT = 64
@@ -163,6 +234,7 @@ def generate(
     draft_tokens: int = 1,
     stats: DecodeStats | None = None,
     decode_attention: str | DecodeAttention = "auto",
+    steps_per_graph: int = 1,
     **settings,
 ) -> Tensor:
     """Sample codes (B, h, w) for class ``labels`` (B,).
@@ -181,6 +253,13 @@ def generate(
     every choice computes the same): ``"auto"`` is ``flex`` for the CUDA-graph decode and ``sdpa``
     otherwise; ``"sdpa"``, ``"math"``, ``"flex"``, ``"math+bucket64"``, ... or a ``DecodeAttention``.
 
+    ``steps_per_graph=k`` runs k consecutive decode steps per call of one function
+    (:func:`decode_steps`): with ``compile`` on CUDA one CUDA-graph replay and one copy of k codes
+    per k steps, so the host's per-replay work is paid N/k times; the last (N − 1) mod k steps run
+    one at a time (a second, single-step graph). The codes are those of k = 1. It applies to the
+    cached decode only (not ``use_cache=False`` nor drafting). The default stays 1 until an H100
+    measures k > 1 (``bench/sample.py --steps-per-graph``; gpu_check's sample stage).
+
     ``draft_tokens=k`` (k >= 2) lets the trained registers draft ``k − 1`` tokens ahead and the model
     verify them (``mutor_vision/core/drafting.py``): the same distribution, fewer forwards when drafts are
     accepted. Its random numbers come from ``sampling.seed`` (``uniform`` does not apply); ``stats``
@@ -190,6 +269,8 @@ def generate(
         sampling = SamplingConfig(**settings)
     elif settings:
         raise TypeError(f"pass either sampling or keyword settings, not both ({sorted(settings)})")
+    if steps_per_graph < 1:
+        raise ValueError(f"steps_per_graph must be >= 1, got {steps_per_graph}")
     if draft_tokens > 1:
         return generate_drafted(model, labels, sampling, draft_tokens, always_guide, stats)
     was_training = model.training
@@ -211,19 +292,13 @@ def generate(
     try:
         if use_cache:
             model.setup_caches(rows.shape[0])
-            step = _graph_step() if graph else next_codes
-            positions = torch.arange(num_tokens, device=labels.device)  # no host-to-device copy per step
             logits = model.prefill(rows)
             logits = guide(logits, sampling.cfg_scale) if guided else logits
             t = sampling
             codes[:, 0] = sample_logits(logits, t.temperature, t.top_k, t.top_p, uniform=uniform_by_step[0])
+            steps = dict(one_step=_graph_step(), k_steps=_graph_steps()) if graph else {}
             with _graph_limit() if graph else contextlib.nullcontext():
-                for i in range(1, num_tokens):
-                    # The step's output lives in the graph's memory until the next replay: copy it now.
-                    codes[:, i] = step(
-                        model, codes[:, i - 1], positions[i : i + 1], uniform_by_step[i], sampling, guided,
-                        attention, attention.kv_len(i, num_tokens),
-                    )  # fmt: skip
+                decode_loop(model, codes, uniform_by_step, sampling, guided, attention, steps_per_graph, **steps)
         else:
             prefix = torch.zeros(rows.shape[0], 1, dtype=torch.long, device=labels.device)
             for i in range(num_tokens):
