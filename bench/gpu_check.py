@@ -13,8 +13,9 @@ Stages, in order, each in its own process (a crash or a hang in one costs only t
                  head_chunk_size 0 vs 8192; images/s, step ratio over the ideal (N+R)/N, peak memory
   train_compiled the same compiled (next-token, MuToR-2D R=80): + graph breaks and recompiles
   sample         GPT-B compiled sampling (CUDA graphs), CFG 2.0, bf16, batch 32 and 64 in one process: the
-                 decode attention sdpa (dense mask, the old default) vs flex (the default), each profiled
-                 at batch 64 (GPU time per step against wall time, top kernels)
+                 decode attention sdpa (dense mask, the old default) vs flex (the default), and at batch 64
+                 flex with 4 decode steps per CUDA graph (steps_per_graph=4), each profiled at batch 64
+                 (GPU time per step against wall time, top kernels)
   eval           eval/fid.py's pipeline on 1,000 samples end to end vs raw sampling
   draft          register drafting at batch 1, 8, 64, greedy and sampled, CFG 2.0, on the demo's
                  MuToR-2D model (make demo; its rows are skipped without it), and the verify cost at GPT-B
@@ -129,8 +130,10 @@ SAMPLE = ["--size", "GPT-B", "--dtype", "bf16", "--variants", "", "--warmup", "1
 
 def sample_commands(out: Path) -> list[list[str]]:
     # One process, the compiled decode only (eager: bench/results/gpu_check_h100_20261127_s2.json): the
-    # dense-mask sdpa decode (the default before decode.py) against flex (the default now), both profiled.
-    args = ["--batch-size", "32,64", "--decode-attention", "sdpa,flex"]
+    # dense-mask sdpa decode (the default before decode.py) against flex (the default now), and flex with
+    # 4 decode steps per CUDA graph at batch 64 (its remainder reuses flex's single-step graph), all
+    # profiled. k = 2 would add another ~30 s compile: bench/sample.py --steps-per-graph 1,2,4 alone.
+    args = ["--batch-size", "32,64", "--decode-attention", "sdpa,flex,flex+steps4@64"]
     return [python("sample.py", *SAMPLE, *args, "--out", str(out / "decode_attention.json"))]
 
 
@@ -172,7 +175,8 @@ def needs_llamagen() -> str | None:
 # since the decode attentions (+5 compiled, a guess of +30 s). sample and
 # sample_ab are guesses until a run completes them: about 20 s per compiled graph set on a bare machine
 # (s2's sample stage: 93 s for two compiles, the eager runs and a profile), 8 s per extra bucket graph,
-# 5 s per profile.
+# 5 s per profile. sample 150: 114 s in gpu_check_h100_20261127_s3.json, + flex+steps4@64 (a guess: one
+# graph of 4 unrolled steps, ~30 s to compile, and its profile).
 # eval 60 = 48 + the serial run (375 samples), the decoder variants and the PNG rates, less what the
 # overlap saves (an estimate until a run).
 STAGES = [
@@ -186,8 +190,8 @@ STAGES = [
     Stage("train_compiled", "GPT-B train step, compiled: NTP vs MuToR-2D R=80 (flex)", 90, train_compiled_commands),
     Stage(
         "sample",
-        "GPT-B compiled sampling, CFG 2.0, batch 32/64: decode attention sdpa vs flex, profiles",
-        120,
+        "GPT-B compiled sampling, CFG 2.0, batch 32/64: decode attention sdpa vs flex, flex 4 steps/graph, profiles",
+        150,
         sample_commands,
     ),
     Stage("eval", "eval/fid.py pipeline, 1,000 samples, vs raw sampling; per-part GPU time", 60, eval_commands),
@@ -380,6 +384,13 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     add("compiled sampling images/s, batch 64, flex decode (H100)", ">= 282", value, value is not None and value >= 282)
     value = None if row is None or "speedup_over_sdpa" not in row else round(row["speedup_over_sdpa"], 3)
     add("compiled sampling, batch 64: flex / sdpa decode attention", "> 1", value, value is not None and value > 1)
+    row = decode.get("cache_cfg_compiled_flex+steps4@64")
+    value = None if row is None else round(row["images_per_s"], 1)
+    add(
+        "compiled sampling images/s, batch 64, flex, 4 steps/graph", ">= 282", value, value is not None and value >= 282
+    )
+    value = None if row is None or "speedup_over_steps1" not in row else round(row["speedup_over_steps1"], 3)
+    add("compiled sampling, batch 64, flex: 4 / 1 steps per graph", "> 1", value, value is not None and value > 1)
 
     pipeline = _stage_data(result, "eval").get("eval_pipeline")
     value = None if pipeline is None else round(pipeline["ratio"], 3)

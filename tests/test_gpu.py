@@ -249,6 +249,22 @@ def test_compiled_greedy_sampling_equals_eager_on_cuda(decode_attention):
     model.clear_caches()
 
 
+def test_compiled_sampling_with_four_steps_per_graph_equals_one_step():
+    # steps_per_graph=4: four unrolled decode steps captured in one CUDA graph (flex: a BlockMask per
+    # step, the KV cache written in place four times per replay), the last 255 mod 4 = 3 steps by the
+    # single-step graph; the codes of one step per graph, greedy and sampled, then over the kept caches.
+    model = small_model().eval()
+    labels = torch.arange(8, device="cuda") % model.config.num_classes
+    for settings in (dict(temperature=0.0), dict(temperature=1.0, top_k=100, seed=3)):
+        one = generate(model, labels, cfg_scale=2.0, compile=True, **settings)
+        four = generate(model, labels, cfg_scale=2.0, compile=True, steps_per_graph=4, **settings)
+        assert torch.equal(one, four)
+    other = labels.flip(0)
+    assert torch.equal(generate(model, other, cfg_scale=2.0, temperature=0.0, compile=True, steps_per_graph=4),
+                       generate(model, other, cfg_scale=2.0, temperature=0.0))  # fmt: skip
+    model.clear_caches()
+
+
 @pytest.mark.parametrize("filters", [dict(), dict(top_k=1000), dict(top_p=0.9)])
 def test_compiled_sampling_at_the_vq16_vocabulary_equals_eager(filters):
     # V = 16,384 is where inductor's scan and searchsorted lowerings once failed on CUDA (the draw's

@@ -155,30 +155,51 @@ def test_train_step_variant_options_set_attention_and_head_chunk(tmp_path):
 
 def test_the_sample_stages_decode_attentions_run_on_a_tiny_cpu_model(tmp_path):
     # The stages' --decode-attention lists, on a tiny model at two batch sizes (compile falls back to
-    # eager on the CPU): every name runs, NAME@B at B only, rows carry their speed-up over sdpa.
+    # eager on the CPU): every name runs (here at every batch size), NAME@B at B only, rows carry their
+    # speed-up over sdpa and, with k decode steps per graph, over the same variant at the first k.
     specs = []
     for commands in (gpu_check.sample_commands(tmp_path), gpu_check.sample_ab_commands(tmp_path)):
         for command in commands:
-            specs += command[command.index("--decode-attention") + 1].split(",")
-    assert {"sdpa", "flex", "math", "math+bucket64"} <= set(specs)
+            specs += [spec.partition("@")[0] for spec in command[command.index("--decode-attention") + 1].split(",")]
+    assert {"sdpa", "flex", "flex+steps4", "math", "math+bucket64"} <= set(specs)
     out = tmp_path / "sample.json"
     command = [sys.executable, str(ROOT / "bench" / "sample.py"), "--grid-size", "4", "--batch-size", "2,3",
                "--variants", "", "--repeats", "1", "--warmup", "0", "--out", str(out),
-               "--decode-attention", ",".join([*dict.fromkeys(specs), "math+bucket8@3"])]  # fmt: skip
+               "--decode-attention", ",".join([*dict.fromkeys(specs), "math+bucket8@3", "sdpa+steps5@3"])]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert "cache_cfg_compiled_flex@2" in rows and "cache_cfg_compiled_math+bucket8@3" in rows
-    assert "cache_cfg_compiled_math+bucket8@2" not in rows
+    assert "cache_cfg_compiled_math+bucket8@2" not in rows and "cache_cfg_compiled_sdpa+steps5@2" not in rows
     assert rows["cache_cfg_compiled_sdpa@3"]["speedup_over_sdpa"] == 1.0
     flex = rows["cache_cfg_compiled_flex@3"]
-    assert flex["batch_size"] == 3 and flex["speedup_over_sdpa"] > 0
+    assert flex["batch_size"] == 3 and flex["speedup_over_sdpa"] > 0 and flex["speedup_over_steps1"] == 1.0
+    assert rows["cache_cfg_compiled_flex+steps4@3"]["speedup_over_steps1"] > 0
+    assert rows["cache_cfg_compiled_sdpa+steps5@3"]["speedup_over_steps1"] > 0
+    # --steps-per-graph crosses with every decode attention.
+    crossed = [
+        *command[: command.index("--decode-attention")],
+        "--decode-attention",
+        "sdpa,math@3",
+        "--steps-per-graph",
+        "1,2",
+    ]
+    done = subprocess.run(crossed, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    expected = [f"cache_cfg_compiled_{name}{steps}@{b}" for name, b in [("sdpa", 2), ("sdpa", 3), ("math", 3)]
+                for steps in ("", "+steps2")]  # fmt: skip
+    assert set(rows) == set(expected)
+    assert rows["cache_cfg_compiled_math+steps2@3"]["speedup_over_steps1"] > 0
 
 
 def test_the_sampling_targets_read_the_flex_row():
     rows = {"cache_cfg_compiled_flex@64": {"images_per_s": 300.0, "speedup_over_sdpa": 1.7}}
+    rows["cache_cfg_compiled_flex+steps4@64"] = {"images_per_s": 270.0, "speedup_over_steps1": 0.9}
     result = {"stages": {"sample": {"status": "done", "seconds": 1.0, "data": {"decode_attention": {"rows": rows}}}}}
     found = {row["measure"]: row for row in targets(result)}
     assert found["compiled sampling images/s, batch 64, flex decode (H100)"]["met"] is True
     assert found["compiled sampling, batch 64: flex / sdpa decode attention"]["value"] == 1.7
+    assert found["compiled sampling images/s, batch 64, flex, 4 steps/graph"]["met"] is False
+    assert found["compiled sampling, batch 64, flex: 4 / 1 steps per graph"]["value"] == 0.9
     assert found["eval/fid.py end to end / raw sampling"]["met"] is None

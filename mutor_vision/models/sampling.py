@@ -234,7 +234,7 @@ def generate(
     draft_tokens: int = 1,
     stats: DecodeStats | None = None,
     decode_attention: str | DecodeAttention = "auto",
-    steps_per_graph: int = 1,
+    steps_per_graph: int = 1,  # stays 1 until an H100 measures k > 1 (docs/api.md)
     **settings,
 ) -> Tensor:
     """Sample codes (B, h, w) for class ``labels`` (B,).
