@@ -58,3 +58,31 @@ def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 0) -> float:
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def profile_run(fn, steps: int) -> dict:
+    """GPU kernel time of one ``fn()`` against its wall time, per step (``steps`` steps in one call: decode
+    steps for sampling, 1 for a training step), and the top kernels. CUDA only."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm: compiled code and CUDA graphs exist before recording
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_us = sum(e.device_time for e in kernels)
+    by_name: dict[str, list[float]] = {}
+    for event in kernels:
+        by_name.setdefault(event.name, []).append(event.device_time)
+    top = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:12]
+    return {
+        "wall_s": wall,
+        "wall_ms_per_step": wall * 1e3 / steps,
+        "gpu_ms_per_step": gpu_us / 1e3 / steps,
+        "gpu_busy_fraction": gpu_us / 1e6 / wall,
+        "kernels_per_step": len(kernels) / steps,
+        "top_kernels": [{"name": n[:120], "count": len(t), "total_ms": sum(t) / 1e3} for n, t in top],
+    }

@@ -122,7 +122,7 @@ def train_compiled_commands(out: Path, chunk: int = 0) -> list[list[str]]:
     suffix = f"+chunk{chunk}" if chunk else ""
     variants = f"ntp{suffix},mutor2d:80+flex{suffix}"
     return [python("train_step.py", *B128, "--compile", "--variants", variants, "--warmup", "3", "--repeats", "7",
-                   "--out", str(out / f"compiled_chunk{chunk}.json"))]  # fmt: skip
+                   "--profile", "--out", str(out / f"compiled_chunk{chunk}.json"))]  # fmt: skip
 
 
 SAMPLE = ["--size", "GPT-B", "--dtype", "bf16", "--variants", "", "--warmup", "1", "--repeats", "3", "--profile"]

@@ -35,10 +35,9 @@ import functools
 import json
 import math
 import re
-import time
 
 import torch
-from common import median_time, provenance, save  # bench/common.py (the script's folder is on sys.path)
+from common import median_time, profile_run, provenance, save  # bench/common.py (the script's folder is on sys.path)
 
 from mutor_vision.models import GPT, GPTConfig, RegisterConfig, generate
 from mutor_vision.models.decode import DecodeAttention
@@ -174,33 +173,6 @@ def main() -> None:
     for name, value in ratios.items():
         print(f"{name:<42} {value:6.2f}x")
     save(args.out, result)
-
-
-def profile_run(fn, steps: int) -> dict:
-    """GPU kernel time of one ``fn()`` against its wall time, per decode step, and the top kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()  # warm: the CUDA graphs exist before recording
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - start
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    gpu_us = sum(e.device_time for e in kernels)
-    by_name: dict[str, list[float]] = {}
-    for event in kernels:
-        by_name.setdefault(event.name, []).append(event.device_time)
-    top = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:12]
-    return {
-        "wall_s": wall,
-        "wall_ms_per_step": wall * 1e3 / steps,
-        "gpu_ms_per_step": gpu_us / 1e3 / steps,
-        "gpu_busy_fraction": gpu_us / 1e6 / wall,
-        "kernels_per_step": len(kernels) / steps,
-        "top_kernels": [{"name": n[:120], "count": len(t), "total_ms": sum(t) / 1e3} for n, t in top],
-    }
 
 
 if __name__ == "__main__":

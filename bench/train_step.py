@@ -25,7 +25,7 @@ import statistics
 from contextlib import nullcontext
 
 import torch
-from common import provenance, save, wall_time  # bench/common.py (the script's folder is on sys.path)
+from common import profile_run, provenance, save, wall_time  # bench/common.py (the script's folder is on sys.path)
 
 from mutor_vision.models import GPT, GPTConfig, RegisterConfig
 
@@ -84,6 +84,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--head-chunk-size", type=int, default=0, help="head + CE in chunks (0: whole logits)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    parser.add_argument(
+        "--profile", action="store_true", help="CUDA: one profiled step per variant (GPU time, busy, top kernels)"
+    )
     parser.add_argument("--out", default=None, help="write results JSON here (e.g. bench/results/x.json)")
     args = parser.parse_args()
     if args.threads:
@@ -133,6 +136,10 @@ def main() -> None:
         for name in names:
             times[name].append(wall_time(steps[name][0]))
 
+    # Where a step's time goes (CUDA): GPU kernel time against wall time and the top kernels, one step
+    # per variant after the timed ones, so MuToR's extra cost over next-token can be read kernel by kernel.
+    profiling = args.profile and device.type == "cuda"
+    profiles = {name: profile_run(steps[name][0], 1) for name in names} if profiling else {}
     medians = {name: statistics.median(times[name]) for name in names}
     rows = []
     for name in names:
@@ -156,6 +163,8 @@ def main() -> None:
             "all_s": times[name],
             **memory.get(name, {}),
         }
+        if name in profiles:
+            row["profile"] = profiles[name]
         if args.compile:
             row.update(compiled[name], graphs=len(graphs[name]))
             row["recompiles"] = len(graphs[name]) - compiled[name]["graphs_at_first_step"]
