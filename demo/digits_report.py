@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from demo.report import cell, compare
+from demo.report import cell, compare, plot_seed_band
 from mutor_vision.files import atomic_write_text
 
 METHODS = {"ntp": "Next-token", "mutor2d": "MuToR-2D"}
@@ -46,9 +46,7 @@ def plot_convergence(evaluations: dict[str, dict[int, list[dict]]], path: Path) 
             runs = evaluations[method]
             steps = sorted({row["step"] for rows in runs.values() for row in rows})
             values = np.array([[next(r[key] for r in rows if r["step"] == s) for s in steps] for rows in runs.values()])
-            mean, low, high = values.mean(0), values.min(0), values.max(0)
-            ax.plot(steps, mean, marker="o", label=f"{label} (mean of {len(values)} seeds)")
-            ax.fill_between(steps, low, high, alpha=0.2)
+            plot_seed_band(ax, steps, values, label)
         ax.set_xlabel("optimizer step")
         ax.set_title(title + " ↓")
         ax.grid(alpha=0.3)

@@ -43,3 +43,9 @@ def compare(treated: Sequence[float], baseline: Sequence[float], lower_better: b
 def cell(entry: dict) -> str:
     """``mean ± std`` (just the mean with one seed)."""
     return f"{entry['mean']:.3f} ± {entry['std']:.3f}" if np.isfinite(entry["std"]) else f"{entry['mean']:.3f}"
+
+
+def plot_seed_band(ax, steps: list[int], values: np.ndarray, label: str) -> None:
+    """The mean over seeds of ``values`` (seeds, steps) as a line, min to max as a band."""
+    ax.plot(steps, values.mean(0), marker="o", label=f"{label} (mean of {len(values)} seeds)")
+    ax.fill_between(steps, values.min(0), values.max(0), alpha=0.2)

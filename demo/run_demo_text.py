@@ -37,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from demo.report import cell, compare  # noqa: E402
+from demo.report import cell, compare, plot_seed_band  # noqa: E402
 from demo.runs import discard_if_edited  # noqa: E402
 from mutor_vision.cli import setup_logging  # noqa: E402
 from mutor_vision.config import load_yaml  # noqa: E402
@@ -242,8 +242,7 @@ def plot_convergence(evaluations: dict[str, dict[int, list[dict]]], path: Path) 
             runs = list(evaluations[method].values())
             steps = [row["step"] for row in runs[0]]
             values = np.array([[row[key] for row in rows] for rows in runs])
-            ax.plot(steps, values.mean(0), marker="o", label=f"{label} (mean of {len(runs)} seeds)")
-            ax.fill_between(steps, values.min(0), values.max(0), alpha=0.2)
+            plot_seed_band(ax, steps, values, label)
         ax.set_xlabel("optimizer step")
         ax.set_title(f"{title} {'↓' if lower else '↑'}")
         ax.grid(alpha=0.3)

@@ -128,18 +128,23 @@ def cli_args(export: Path, out: Path, weights: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_interrupted_eval_resumes_every_index_once(tmp_path, export, inception_weights, monkeypatch):
-    from mutor_vision.evaluation import run as evaluation_run
-
+def kill_generate_at_call(monkeypatch, evaluation_run, call: int) -> None:
+    """Make the evaluation's ``generate`` raise KeyboardInterrupt at its ``call``-th call (killed while sampling)."""
     original, calls = evaluation_run.generate, {"n": 0}
 
     def dying_generate(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == call:
             raise KeyboardInterrupt("killed while sampling")
         return original(*args, **kwargs)
 
     monkeypatch.setattr(evaluation_run, "generate", dying_generate)
+
+
+def test_interrupted_eval_resumes_every_index_once(tmp_path, export, inception_weights, monkeypatch):
+    from mutor_vision.evaluation import run as evaluation_run
+
+    kill_generate_at_call(monkeypatch, evaluation_run, 3)
     with pytest.raises(KeyboardInterrupt):
         fid_cli.run(cli_args(export, tmp_path / "run", inception_weights))
     monkeypatch.undo()
@@ -538,15 +543,7 @@ def test_an_interrupted_overlapped_run_still_writes_the_batch_in_flight(tmp_path
     from mutor_vision.evaluation import run as evaluation_run
     from mutor_vision.evaluation.run import sample_and_measure
 
-    original, calls = evaluation_run.generate, {"n": 0}
-
-    def dying_generate(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("killed while sampling")
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(evaluation_run, "generate", dying_generate)
+    kill_generate_at_call(monkeypatch, evaluation_run, 3)
     with pytest.raises(KeyboardInterrupt):
         sample_and_measure(*pipeline_args(export, tmp_path / "run"), show_progress=False, overlap=True)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [f"{i:06d}.png" for i in range(8)]
