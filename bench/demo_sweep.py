@@ -1,15 +1,18 @@
 """One digits-demo run with given overrides: train (or reuse) it, evaluate its final checkpoint, record a row.
 
-    python bench/demo_sweep.py --name base --steps 600                       # the demo's ntp config, seed 0
-    python bench/demo_sweep.py --name lr1e-2 --steps 600 --set optim.lr=1e-2
-    python bench/demo_sweep.py --name base --steps 600 --sampling 2,1,0 --sampling 4,0.8,4   # sampling only
+    python bench/demo_sweep.py --name base                    # the demo's ntp config (its steps, batch), seed 0
+    python bench/demo_sweep.py --name lr6e-3 --set optim.lr=6e-3 --set optim.min_lr=6e-4
+    python bench/demo_sweep.py --name b32 --steps 600 --set global_batch_size=32 --set micro_batch_size=32
+    python bench/demo_sweep.py --name base --sampling 2,1,0 --sampling 4,0.8,4   # sampling only (run kept)
+    python bench/demo_sweep.py --cache runs/demo-sweep-noshift --shifts 1 --name base   # no shifted copies
 
-The hyper-parameter search of the embedded demo (issue 28 §1): it reuses demo/run_demo.py's pieces
-(the same data, tokenizer, shards, trainer, classifier, evaluation and class consistency), prepares
-the data and trains the classifier once into ``--cache``, and appends one row per (run, sampling
-setting) to ``--out``: the overrides, steps, the median step time, the training wall time (None
-when the run was already trained), the consistency, FID, and the sampling settings. ``--sampling``
-is ``cfg_scale,temperature,top_k``; a finished run is kept, so a second call only samples.
+The hyper-parameter search of the embedded demo: it reuses demo/run_demo.py's pieces (the same data,
+tokenizer, shards, trainer, classifier, evaluation and class consistency), prepares the data and
+trains the classifier once into ``--cache``, and appends one row per (run, sampling setting) to
+``--out``: the overrides, steps, the median step time, the training wall time (None when the run was
+already trained), the consistency, FID, the sampling settings, and the likelihood accuracy (how much
+the model uses the class, whatever its samples look like). ``--sampling`` is
+``cfg_scale,temperature,top_k``; a finished run is kept, so a second call only samples.
 Time it on idle cores only (``uptime`` load < 0.5), one run at a time.
 """
 
@@ -24,17 +27,19 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import provenance  # noqa: E402
 from demo import run_demo  # noqa: E402
-from demo.digits import DigitsCNN, digits_extractor, load_digits_rgb, train_classifier  # noqa: E402
+from demo.digits import SHIFTS, DigitsCNN, digits_extractor, load_digits_rgb, train_classifier  # noqa: E402
 from mutor_vision.cli import setup_logging  # noqa: E402
 from mutor_vision.config import load_yaml  # noqa: E402
 from mutor_vision.evaluation import evaluate, reference_from_images  # noqa: E402
 from mutor_vision.models import GPT, SamplingConfig  # noqa: E402
+from mutor_vision.shards import iter_samples, read_manifest  # noqa: E402
 from mutor_vision.training.c2i import train  # noqa: E402
 from mutor_vision.training.checkpoints import CheckpointManager  # noqa: E402
 from mutor_vision.training.config import TrainConfig  # noqa: E402
@@ -47,11 +52,11 @@ def git_commit() -> str:
     return done.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
 
 
-def cached_setup(cache: Path):
+def cached_setup(cache: Path, shifts: int):
     """The data (shards, palette) and the classifier, made once into ``cache``."""
     data = cache / "data"
     if not (data / "palette.json").is_file():
-        run_demo.prepare_data(cache)
+        run_demo.prepare_data(cache, shifts=SHIFTS[:shifts])
     train_x, train_y, _, _ = load_digits_rgb()
     weights = cache / "classifier.pt"
     if weights.is_file():
@@ -66,26 +71,45 @@ def cached_setup(cache: Path):
     return data, PaletteTokenizer.load(data / "palette.json"), extractor, reference
 
 
+@torch.no_grad()
+def likelihood_accuracy(model: GPT, shards: Path, count: int = 200) -> float:
+    """How much the model uses the class: the share of ``count`` held-out images whose own label gives the
+    lowest NLL of the ten (argmin over labels of the image's mean token NLL; chance 0.1)."""
+    tokens, labels = [], []
+    for _, grids, label in iter_samples(read_manifest(shards)):
+        tokens.append(torch.from_numpy(grids[0].astype("int64")).flatten())
+        labels.append(label)
+    tokens, labels = torch.stack(tokens[:count]), torch.tensor(labels[:count])
+    nll = []
+    for label in range(model.config.num_classes):
+        logits = model(tokens, torch.full_like(labels, label)).logits
+        nll.append(F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none").mean(1))
+    return float((torch.stack(nll, 1).argmin(1) == labels).float().mean())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", required=True, help="the run's folder under <cache>/runs")
     parser.add_argument("--method", default="ntp", choices=("ntp", "mutor2d"))
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=None, help="default: the config's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
     parser.add_argument("--sampling", action="append", default=[], help="cfg,temperature,top_k (default 2,1,0)")
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights (export_ema/)")
     parser.add_argument("--samples", type=int, default=360)
+    parser.add_argument("--shifts", type=int, default=len(SHIFTS), help="training copies per image (1: no shift)")
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "demo-sweep")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "demo_sweep_cpu.json")
     args = parser.parse_args(argv)
     setup_logging()
-    data, palette, extractor, reference = cached_setup(args.cache)
+    data, palette, extractor, reference = cached_setup(args.cache, args.shifts)
 
     run = args.cache / "runs" / args.name
     overrides = [f"data.root={data / 'shards' / 'train'}", f"out_dir={run}", f"seed={args.seed}"]
-    overrides += [f"steps={args.steps}", f"save_every={args.steps}", *args.set]
-    config = load_yaml(TrainConfig, ROOT / "configs" / "demo" / f"{args.method}.yaml", overrides)
+    path = ROOT / "configs" / "demo" / f"{args.method}.yaml"
+    steps = args.steps or load_yaml(TrainConfig, path, args.set).steps
+    overrides += [f"steps={steps}", f"save_every={steps}", *args.set]
+    config = load_yaml(TrainConfig, path, overrides)
     run_demo.discard_if_edited(run, config, TrainConfig)
     start = time.perf_counter()
     result = train(config, resume="auto")
@@ -97,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     weights = checkpoint / ("export_ema" if args.ema else "export")
     model = GPT.from_pretrained(weights).eval()
     params = sum(p.numel() for p in model.parameters())
+    uses_class = likelihood_accuracy(model, data / "shards" / "test")
 
     rows = []
     for text in args.sampling or ["2,1,0"]:
@@ -115,13 +140,17 @@ def main(argv: list[str] | None = None) -> None:
             "method": args.method,
             "seed": args.seed,
             "overrides": args.set,
-            "steps": args.steps,
+            "shifts": args.shifts,
+            "data_order": json.loads((data / "shards" / "train" / "manifest.json").read_text()).get("order", "sorted"),
+            "steps": steps,
+            "batch": config.global_batch_size,
             "params": params,
             "step_s": step_s,
             "train_s": train_s,
             "ema": args.ema,
             "sampling": {"cfg_scale": float(cfg), "temperature": float(temperature), "top_k": int(top_k)},
             "class_consistency": metrics["class_consistency"],
+            "likelihood_accuracy": uses_class,
             "fid": metrics["fid"],
             "eval_s": time.perf_counter() - begin,
             "load_1min": round(os.getloadavg()[0], 2),  # > 0.5 before the run: step_s and train_s are not idle

@@ -11,10 +11,11 @@ import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from mutor_vision.files import write_section
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 TARGET = ROOT / "docs" / "benchmarks.md"  # the page that holds the tables
-START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 Results = list[tuple[str, dict]]  # (file name, its JSON), sorted by file name
 
 
@@ -158,6 +159,27 @@ def gpu_check_table(results: Results) -> list[str]:
 
 
 # (benchmark name in the JSON, the section's title, its table), in the page's order
+def demo_sweep_table(results: Results) -> list[str]:
+    header = ["run", "data", "batch × steps", "step (s)", "sampling", "EMA", "consistency", "likelihood acc.", "FID"]
+    rows = []
+    for _, result in results:
+        for r in result["rows"]:
+            s = r["sampling"]
+            likelihood = r.get("likelihood_accuracy")
+            rows.append([
+                r["name"] + ("" if r["method"] == "ntp" else f" ({r['method']})"),
+                f"{r['data_order']}, {r['shifts']} cop{'y' if r['shifts'] == 1 else 'ies'}",
+                f"{r['batch']} × {r['steps']}",
+                f"{r['step_s']:.3f}",
+                f"{s['cfg_scale']:g} / {s['temperature']:g} / {s['top_k']}",
+                "yes" if r["ema"] else "no",
+                f"{r['class_consistency']:.3f}",
+                "–" if likelihood is None else f"{likelihood:.3f}",
+                f"{r['fid']:.0f}",
+            ])  # fmt: skip
+    return table(header, rows)
+
+
 SECTIONS: list[tuple[str, str, Callable[[Results], list[str]]]] = [
     ("gpu_check", "**GPU check** (`make gpu-check`; each stage's rows and status are in the file)", gpu_check_table),
     ("train_step", "**Training step** (`bench/train_step.py`; median of interleaved repeats)", train_step_table),
@@ -172,6 +194,13 @@ SECTIONS: list[tuple[str, str, Callable[[Results], list[str]]]] = [
         head_loss_table,
     ),
     ("data", "**Data** (`bench/data.py`)", data_table),
+    (
+        "demo_sweep",
+        "**Digits-demo sweep** (`bench/demo_sweep.py`; next-token unless named, one seed per row, CFG / "
+        "temperature / top-k of the sampling; likelihood accuracy: how often a held-out image's own label gives "
+        "its lowest NLL, chance 0.1)",
+        demo_sweep_table,
+    ),
     ("faults", "**Fault injection** (`bench/faults.py`)", faults_table),
 ]
 
@@ -196,12 +225,7 @@ def main() -> None:
     if args.print:
         print(text)
         return
-    content = TARGET.read_text()
-    if START not in content or END not in content:
-        raise SystemExit(f"{TARGET.relative_to(ROOT)} has no {START} ... {END} section")
-    head, rest = content.split(START, 1)
-    _, tail = rest.split(END, 1)
-    TARGET.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+    write_section(TARGET, "bench", text)
 
 
 if __name__ == "__main__":

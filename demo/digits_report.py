@@ -40,15 +40,16 @@ def plot_convergence(evaluations: dict[str, dict[int, list[dict]]], path: Path) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, (key, title, _) in zip(axes, [METRICS[0], METRICS[5]], strict=True):
+    shown = [METRICS[2], METRICS[0], METRICS[5]]  # class consistency, FID, held-out NLL
+    fig, axes = plt.subplots(1, len(shown), figsize=(16, 4))
+    for ax, (key, title, lower) in zip(axes, shown, strict=True):
         for method, label in METHODS.items():
             runs = evaluations[method]
             steps = sorted({row["step"] for rows in runs.values() for row in rows})
             values = np.array([[next(r[key] for r in rows if r["step"] == s) for s in steps] for rows in runs.values()])
             plot_seed_band(ax, steps, values, label)
         ax.set_xlabel("optimizer step")
-        ax.set_title(title + " ↓")
+        ax.set_title(title + (" ↓" if lower else " ↑"), fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("Convergence on 16×16 digits: evaluation at every checkpoint (band: min to max over seeds)")
@@ -128,6 +129,7 @@ def setting(configs: dict, train_images: int, augmented_images: int, colors: int
         "registers": registers.num_registers or grid_tokens,
         "register_share": (registers.num_registers or grid_tokens) / grid_tokens,
         "weight": registers.weight,
+        "batch": configs["ntp"].global_batch_size,
         "layers": model.n_layer,
         "dim": model.dim,
         "params_m": params / 1e6,
@@ -147,7 +149,8 @@ def write_report(
     lines = [
         "# mutor-vision demo: MuToR-2D vs next-token on 16×16 digits",
         "",
-        f"{len(plan.seeds)} seeds per method, {plan.steps} steps each, evaluated every {plan.eval_every} steps "
+        f"{len(plan.seeds)} seeds per method, {plan.steps} steps of {f['batch']} images each, "
+        f"evaluated every {plan.eval_every} steps "
         f"({plan.samples} samples, CFG {plan.cfg_scale}), on {threads} CPU threads (fp32). "
         f"Training, from the runs' logs (median step time × steps, every run): {training_min:.1f} min; this "
         f"invocation: {seconds / 60:.1f} min (runs trained by an earlier invocation are reused, not retrained). "

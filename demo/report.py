@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -49,3 +51,14 @@ def plot_seed_band(ax, steps: list[int], values: np.ndarray, label: str) -> None
     """The mean over seeds of ``values`` (seeds, steps) as a line, min to max as a band."""
     ax.plot(steps, values.mean(0), marker="o", label=f"{label} (mean of {len(values)} seeds)")
     ax.fill_between(steps, values.min(0), values.max(0), alpha=0.2)
+
+
+def publish(readme: Path, section: str, body: str, figures: dict[Path, Path]) -> None:
+    """``body`` into ``readme``'s ``section`` (between its markers) and each figure copied (source ->
+    destination): what ``--publish`` of a demo regenerates."""
+    from mutor_vision.files import write_section
+
+    write_section(readme, section, body)
+    for source, destination in figures.items():
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, destination)

@@ -51,6 +51,7 @@ from demo.digits_report import (  # noqa: E402
     summarise,
     write_report,
 )
+from demo.report import publish  # noqa: E402
 from demo.runs import discard_if_edited  # noqa: E402
 from mutor_vision.cli import setup_logging  # noqa: E402
 from mutor_vision.config import load_yaml  # noqa: E402
@@ -87,8 +88,8 @@ class Plan:
         if args.smoke:
             return cls((0, 1), 4, 2, 20, args.cfg_scale, 1, 8, ("data.num_workers=0", "data.shuffle_buffer=16"))
         if args.full:
-            return cls((0, 1, 2, 3, 4), 3000, 500, 360, args.cfg_scale, 15)
-        return cls(tuple(range(args.seeds)), 600, 150, 360, args.cfg_scale, 15)
+            return cls((0, 1, 2, 3, 4), 19200, 2400, 360, args.cfg_scale, 15)
+        return cls(tuple(range(args.seeds)), 4800, 1200, 360, args.cfg_scale, 15)
 
 
 class Interrupted(SystemExit):
@@ -99,9 +100,9 @@ class Interrupted(SystemExit):
 
 
 def prepare_data(
-    out: Path, images_per_class: int | None = None
+    out: Path, images_per_class: int | None = None, shifts: tuple[tuple[int, int], ...] = SHIFTS
 ) -> tuple[Path, PaletteTokenizer, dict[str, np.ndarray]]:
-    """Digits at 16×16 -> palette -> token shards (train: 5 shifted copies of each image; test: as is)."""
+    """Digits at 16×16 -> palette -> token shards (train: a copy of each image per shift; test: as is)."""
     data = out / "data"
     shutil.rmtree(data, ignore_errors=True)  # deterministic and cheap (~10 s): never mix two versions
     data.mkdir(parents=True)
@@ -111,7 +112,7 @@ def prepare_data(
         test_x, test_y = _per_class(test_x, test_y, images_per_class)
     palette = PaletteTokenizer.fit(train_x, num_colors=NUM_COLORS)
     palette.save(data / "palette.json")
-    augmented = shifted(train_x, train_y)
+    augmented = shifted(train_x, train_y, shifts)
     for split, (x, y) in {"train": augmented, "test": (test_x, test_y)}.items():
         write_image_folder(x, y, data / "images" / split)
         encode(
@@ -220,15 +221,38 @@ def real_floor(arrays: dict[str, np.ndarray], extractor, reference, count: int) 
 
 # ---------------------------------------------------------------- main
 
+FIGURES = {name: ROOT / "docs" / "figures" / f"demo_digits_{name}" for name in ("samples.png", "convergence.png")}
+
+
+def publish_report(out: Path, report: dict) -> None:
+    """The result table into README.md (its demo section) and the samples and convergence figures into
+    docs/figures/."""
+    text = (out / "report.md").read_text()
+    table = text[text.index("| metric |") :].split("\n\n")[0]
+    plan, compute = report["plan"], report["compute"]
+    # Training time from the runs' logs, not this invocation's: a rerun that reuses the runs is quick.
+    training_min = sum(c["step_s"] * c["steps"] for c in compute.values()) * len(plan["seeds"]) / 60
+    body = (
+        f"`make demo` ({len(plan['seeds'])} seeds × {plan['steps']} steps of {report['setting']['batch']} images "
+        f"per method, {training_min:.1f} min of training on {torch.get_num_threads()} CPU threads; "
+        "`python demo/run_demo.py --publish` regenerates this):\n\n"
+        f"{table}\n\n![digits samples](docs/figures/demo_digits_samples.png)\n"
+        "![digits convergence](docs/figures/demo_digits_convergence.png)"
+    )
+    publish(ROOT / "README.md", "demo", body, {out / name: path for name, path in FIGURES.items()})
+
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "demo")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per method (default setting)")
     parser.add_argument("--cfg-scale", type=float, default=2.0)
-    parser.add_argument("--full", action="store_true", help="the longer setting: 5 seeds, 3,000 steps")
+    parser.add_argument("--full", action="store_true", help="the longer setting: 5 seeds, 19,200 steps")
     parser.add_argument("--smoke", action="store_true", help="a few steps of everything (tests)")
+    parser.add_argument("--publish", action="store_true", help="write the table into README.md, the figures to docs/")
     args = parser.parse_args(argv)
+    if args.publish and args.smoke:
+        parser.error("--publish reports a real setting, not --smoke")
     setup_logging()
     start = time.perf_counter()
     plan, out = Plan.of(args), args.out
@@ -273,6 +297,8 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": seconds,
     }
     atomic_write_json(out / "report.json", report)
+    if args.publish:
+        publish_report(out, report)
     log.info("demo done in %.1f min: %s", seconds / 60, out / "report.md")
     return report
 

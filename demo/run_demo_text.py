@@ -37,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from demo.report import cell, compare, plot_seed_band  # noqa: E402
+from demo.report import cell, compare, plot_seed_band, publish  # noqa: E402
 from demo.runs import discard_if_edited  # noqa: E402
 from mutor_vision.cli import setup_logging  # noqa: E402
 from mutor_vision.config import load_yaml  # noqa: E402
@@ -314,12 +314,11 @@ def write_report(out: Path, report: dict, plan: Plan) -> None:
 # ---------------------------------------------------------------- main
 
 
-README_START, README_END = "<!-- demo-text:start -->", "<!-- demo-text:end -->"
 FIGURE = ROOT / "docs" / "figures" / "demo_text_convergence.png"
 
 
-def publish(out: Path, report: dict) -> None:
-    """The result table into README.md (between its demo-text markers) and the figure into docs/figures/."""
+def publish_report(out: Path, report: dict) -> None:
+    """The result table into README.md (its demo-text section) and the figure into docs/figures/."""
     text = (out / "report.md").read_text()
     table = text[text.index("| metric |") :].split("\n\n")[0]
     seeds, steps = len(report["plan"]["seeds"]), report["compute"]["ntp"]["steps"]
@@ -330,14 +329,7 @@ def publish(out: Path, report: dict) -> None:
         f"{table}\n\nMuToR-1D's registers draft greedy answers at {k4:.2f} tokens per forward (k = 4), the "
         "answers unchanged. ![text demo convergence](docs/figures/demo_text_convergence.png)"
     )
-    readme = ROOT / "README.md"
-    content = readme.read_text()
-    if README_START not in content or README_END not in content:
-        raise SystemExit(f"README.md has no {README_START} ... {README_END} section")
-    head, rest = content.split(README_START, 1)
-    atomic_write_text(readme, f"{head}{README_START}\n{body}\n{README_END}{rest.split(README_END, 1)[1]}")
-    FIGURE.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(out / "convergence.png", FIGURE)
+    publish(ROOT / "README.md", "demo-text", body, {out / "convergence.png": FIGURE})
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -385,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_report(out, report, plan)
     atomic_write_json(out / "report.json", report)
     if args.publish:
-        publish(out, report)
+        publish_report(out, report)
     log.info("demo-text done in %.1f min: %s", report["seconds"] / 60, out / "report.md")
     return report
 

@@ -71,6 +71,19 @@ def atomic_write_json(path: str | Path, data: Any, durable: bool = True) -> Path
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n", durable=durable)
 
 
+def write_section(path: str | Path, name: str, body: str) -> None:
+    """Replace what lies between ``<!-- name:start -->`` and ``<!-- name:end -->`` in a Markdown file with
+    ``body`` (generated tables and figures; the rest of the file is left as written). A file without
+    both markers is an error that names them."""
+    path = Path(path)
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    content = path.read_text()
+    if start not in content or end not in content:
+        raise SystemExit(f"{path.name} has no {start} ... {end} section")
+    head, rest = content.split(start, 1)
+    atomic_write_text(path, f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}")
+
+
 def fsync_file(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

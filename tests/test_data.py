@@ -10,6 +10,7 @@ from conftest import COLORS, run_two_cpu_ranks
 from PIL import Image
 
 from mutor_vision.data import token_loader
+from mutor_vision.errors import ConfigError
 from mutor_vision.shards import ShardError, read_manifest
 from tokenizer import PaletteTokenizer, to_model_input
 from tokenizer.encode_imagenet import run as encode_main
@@ -38,10 +39,12 @@ def test_image_folder_to_shards_to_batches(tmp_path, image_folder, palette_file)
     sample = next(iter(wds.WebDataset(str(tmp_path / "shards" / "train-000000.tar"), shardshuffle=False)))
     tokens = np.load(__import__("io").BytesIO(sample["tokens.npy"]))
     assert tokens.dtype == np.uint16 and tokens.shape == (2, 8, 8)
-    image = np.asarray(Image.open(image_folder / "n00000000" / "n00000000_0.png").convert("RGB"))
+    stem = sample["__key__"].split("_", 1)[1]  # key = index + file stem
+    label = int(sample["cls"])
+    image = np.asarray(Image.open(image_folder / f"n{label:08d}" / f"{stem}.png").convert("RGB"))
     expected = tokenizer.encode(to_model_input(image[None])).numpy()[0]
     assert np.array_equal(tokens[0], expected) and np.array_equal(tokens[1], expected[:, ::-1])
-    assert int(sample["cls"]) == 0
+    assert stem.startswith(f"n{label:08d}_")
 
     loader = token_loader(tmp_path / "shards", batch_size=5, num_batches=7, seed=0, num_workers=2, shuffle_buffer=8)
     batches = list(loader)
@@ -57,6 +60,49 @@ def test_image_folder_to_shards_to_batches(tmp_path, image_folder, palette_file)
         token_loader(tmp_path / "shards", batch_size=5, num_batches=7, seed=1, num_workers=2, shuffle_buffer=8)
     )
     assert not all(torch.equal(a[0], b[0]) for a, b in zip(batches, other, strict=True))
+
+
+def shard_labels(out: Path) -> list[list[int]]:
+    import webdataset as wds
+
+    manifest = read_manifest(out)
+    return [[int(x["cls"]) for x in wds.WebDataset(url, shardshuffle=False)] for url in manifest.urls]
+
+
+def test_image_folder_is_spread_over_shards_in_a_seeded_order(tmp_path, palette_file):
+    """In folder order a shard holds one class and the stream's batches a few; the default order is a
+    seeded permutation: every image once, classes mixed in every shard, the same for the same seed."""
+    from conftest import make_image_folder
+
+    from mutor_vision.training.c2i import order_warnings
+
+    images = make_image_folder(tmp_path / "images", classes=4, per_class=6)
+    shuffled = encode(images, tmp_path / "shuffled", palette_file)
+    assert shuffled["order"] == "shuffled" and shuffled["shuffle_seed"] == 0
+    labels = shard_labels(tmp_path / "shuffled")
+    assert sorted(x for shard in labels for x in shard) == sorted(
+        [c for c in range(4) for _ in range(6)]
+    )  # every image once
+    assert all(len(set(shard)) > 1 for shard in labels), labels
+    encode(images, tmp_path / "again", palette_file)
+    assert shard_labels(tmp_path / "again") == labels
+    encode(images, tmp_path / "seed1", palette_file, "--shuffle-seed", "1")
+    assert shard_labels(tmp_path / "seed1") != labels
+    assert order_warnings(read_manifest(tmp_path / "shuffled")) == []
+
+    in_folder_order = encode(images, tmp_path / "sorted", palette_file, "--order", "sorted")
+    assert in_folder_order["order"] == "sorted" and in_folder_order["shuffle_seed"] is None
+    assert [x for shard in shard_labels(tmp_path / "sorted") for x in shard] == [c for c in range(4) for _ in range(6)]
+    (warning,) = order_warnings(read_manifest(tmp_path / "sorted"))
+    assert "class order" in warning and "--order shuffled" in warning
+    # Another order into a folder holding finished shards is refused, never mixed.
+    with pytest.raises(ConfigError, match="order"):
+        encode(images, tmp_path / "sorted", palette_file)
+    # A folder encoded before the order was recorded (folder order) resumes with --order sorted.
+    stamp = tmp_path / "sorted" / "encode_settings.json"
+    recorded = json.loads(stamp.read_text())
+    stamp.write_text(json.dumps({k: v for k, v in recorded.items() if k not in ("order", "shuffle_seed")}))
+    assert encode(images, tmp_path / "sorted", palette_file, "--order", "sorted")["num_samples"] == 24
 
 
 def test_interrupted_encode_resumes_to_identical_shards(tmp_path, image_folder, palette_file):
@@ -113,6 +159,7 @@ RANK_SCRIPT = """
 import json, sys, torch, torch.distributed as dist
 from accelerate import PartialState
 from mutor_vision.data import token_loader
+from mutor_vision.errors import ConfigError
 state = PartialState(cpu=True)
 loader = token_loader(sys.argv[1], batch_size=3, num_batches=6, seed=0, rank=state.process_index,
                       world_size=state.num_processes, num_workers=2, shuffle_buffer=4)

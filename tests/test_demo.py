@@ -55,3 +55,24 @@ def test_demo_stops_on_an_interrupted_run_and_retrains_an_edited_one(tmp_path, m
     edited = run_demo.Plan((0,), 4, 4, 20, 2.0, 1, 8, plan.loader)  # another checkpoint cadence: another config
     run_demo.train_run("ntp", 0, data, tmp_path, edited)
     assert not (run / "checkpoints" / "step_00000002").exists()  # trained anew, not resumed
+
+
+def test_publish_rewrites_only_its_readme_section_and_copies_the_figures(tmp_path):
+    from demo.report import publish
+
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "intro\n<!-- demo:start -->\nold table\n<!-- demo:end -->\n"
+        "<!-- demo-text:start -->\nkept\n<!-- demo-text:end -->\n"
+    )
+    figure = tmp_path / "runs" / "samples.png"
+    figure.parent.mkdir()
+    figure.write_bytes(b"png")
+    publish(readme, "demo", "new table", {figure: tmp_path / "docs" / "figures" / "demo_digits_samples.png"})
+    assert readme.read_text() == (
+        "intro\n<!-- demo:start -->\nnew table\n<!-- demo:end -->\n"
+        "<!-- demo-text:start -->\nkept\n<!-- demo-text:end -->\n"
+    )
+    assert (tmp_path / "docs" / "figures" / "demo_digits_samples.png").read_bytes() == b"png"
+    with pytest.raises(SystemExit, match="no <!-- absent:start -->"):
+        publish(readme, "absent", "x", {})

@@ -9,8 +9,10 @@
 Input: an ImageFolder (class = sorted WordNet-id folder order) or a folder of webdataset tars of
 images (``jpg``/``jpeg``/``png`` + ``cls``). Output: ``train-NNNNNN.tar`` shards of
 ``tokens.npy`` (uint16, (n_crops, h, w)) + ``cls``, a ``train-NNNNNN.json`` sidecar per finished
-shard, and ``manifest.json``. Crops: ``adm-flip`` (ADM centre crop + its mirror; the paper's
-setting, default), ``ten-crop`` (LlamaGen) or ``center`` (one crop, no mirror; the demo).
+shard, and ``manifest.json``. ImageFolder images are spread over the shards in a seeded random
+order (``--order shuffled``, the default; ``--order sorted`` keeps folder order, one or two classes
+per shard, which the training stream's shuffle buffer cannot mix). Crops: ``adm-flip`` (ADM centre
+crop + its mirror; the paper's setting, default), ``ten-crop`` (LlamaGen) or ``center`` (one crop, no mirror; the demo).
 Re-running resumes: finished shards (sidecar present) are kept, a partial one is rewritten; the
 output is byte-identical either way. ``encode_settings.json`` records what decides the output
 (input listing, crop, size, tokenizer checksum, ``--maxcount``): a rerun with other settings into a
@@ -27,6 +29,7 @@ import hashlib
 import io
 import json
 import logging
+import random
 import re
 import sys
 import tarfile
@@ -52,6 +55,8 @@ log = logging.getLogger("encode_imagenet")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 SETTINGS = "encode_settings.json"  # the settings stamp of an output folder
 FORMAT_VERSION = 2  # 2: sample keys are unique by construction (index + name)
+# Stamps written before the order was recorded: those folders were encoded in folder order.
+STAMP_DEFAULTS = {"order": "sorted", "shuffle_seed": None}
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,7 @@ class Source:
     shards: list[list[Item]]  # the items of each output shard, in order
     classes: list[str] | None
     kind: str
+    order: str  # "shuffled" (seeded), "sorted" (folder order) or "as-input" (tars: their own order)
 
 
 def sample_key(index: int, stem: str) -> str:
@@ -80,7 +86,13 @@ def sample_key(index: int, stem: str) -> str:
     return f"{index:08d}_{re.sub(r'[^A-Za-z0-9_-]', '_', stem)[:64]}"
 
 
-def image_folder(root: Path, maxcount: int) -> Source:
+def image_folder(root: Path, maxcount: int, order: str = "shuffled", seed: int = 0) -> Source:
+    """The images of an ImageFolder cut into shards of ``maxcount``, in a seeded random order by default.
+
+    In folder order a shard would hold one or two classes (ImageNet: ~1,300 images per class, 1,000
+    per shard), and the training stream, which reads whole shards through a shuffle buffer of a few
+    thousand samples, would give batches of a handful of classes that change as the stream moves on.
+    """
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
         raise InputError(f"--input {root}: no class folders (expected an ImageFolder: root/<wnid>/<image>)")
@@ -92,8 +104,11 @@ def image_folder(root: Path, maxcount: int) -> Source:
     ]
     if not files:
         raise InputError(f"--input {root}: no images with extensions {sorted(IMAGE_EXTENSIONS)}")
+    if order == "shuffled":
+        random.Random(seed).shuffle(files)  # the same permutation on every Python 3 (seeded Random)
     items = [Item(key=sample_key(i, f.stem), label=label, path=str(f)) for i, (label, f) in enumerate(files)]
-    return Source([items[i : i + maxcount] for i in range(0, len(items), maxcount)], classes, "imagefolder")
+    shards = [items[i : i + maxcount] for i in range(0, len(items), maxcount)]
+    return Source(shards, classes, "imagefolder", order)
 
 
 def tar_folder(root: Path) -> Source:
@@ -129,13 +144,13 @@ def tar_folder(root: Path) -> Source:
         raise InputError(f"--input {root}: no .tar files")
     classes_file = root / "classes.txt"
     classes = classes_file.read_text().split() if classes_file.is_file() else None
-    return Source(shards, classes, "webdataset")
+    return Source(shards, classes, "webdataset", "as-input")
 
 
-def open_source(root: Path, maxcount: int) -> Source:
+def open_source(root: Path, maxcount: int, order: str = "shuffled", seed: int = 0) -> Source:
     if not root.is_dir():
         raise InputError(f"--input {root}: not a directory")
-    return tar_folder(root) if any(root.glob("*.tar")) else image_folder(root, maxcount)
+    return tar_folder(root) if any(root.glob("*.tar")) else image_folder(root, maxcount, order, seed)
 
 
 def load_crops(item: Item, size: int, mode: CropMode, blob: bytes | None = None) -> list[Image.Image] | str:
@@ -224,6 +239,8 @@ def settings_of(source: Source, tokenizer, args: argparse.Namespace) -> dict:
         "input_kind": source.kind,
         "input_listing": listing.hexdigest()[:16],
         "num_shards": len(source.shards),
+        "order": source.order,
+        "shuffle_seed": args.shuffle_seed if source.order == "shuffled" else None,
         "maxcount": args.maxcount,
         "image_size": args.image_size,
         "crop": args.crop,
@@ -258,6 +275,8 @@ def write_dataset_manifest(
         "classes": source.classes,
         "num_classes": len(source.classes) if source.classes else None,
         "input": {"path": str(args.input), "kind": source.kind},
+        "order": source.order,
+        "shuffle_seed": args.shuffle_seed if source.order == "shuffled" else None,
         "skipped": skipped,
         "num_skipped": len(skipped),
     }
@@ -275,6 +294,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--crop", choices=["adm-flip", "ten-crop", "center"], default="adm-flip")
     parser.add_argument("--maxcount", type=int, default=1000, help="images per output shard (ImageFolder input)")
+    parser.add_argument(
+        "--order",
+        choices=["shuffled", "sorted"],
+        default="shuffled",
+        help="ImageFolder input: images across shards in a seeded random order (default; training streams "
+        "shards through a shuffle buffer, so class-sorted shards give batches of few classes) or in folder order",
+    )
+    parser.add_argument("--shuffle-seed", type=int, default=0, help="the seed of --order shuffled")
     parser.add_argument("--batch-size", type=int, default=64, help="images per encoder batch")
     parser.add_argument("--workers", type=int, default=8, help="threads decoding images")
     parser.add_argument(
@@ -288,7 +315,7 @@ def run(argv: list[str] | None = None) -> dict | None:
     """Encode per the command line; return the manifest on the main process (None elsewhere)."""
     args = parse_args(argv)
     state = process_state(args.device)  # CPU ranks need gloo, not NCCL
-    source = open_source(args.input, args.maxcount)
+    source = open_source(args.input, args.maxcount, args.order, args.shuffle_seed)
     tokenizer = load_tokenizer(args.tokenizer, str(args.tokenizer_path))
     # One run per --out (mutor_vision/locks.py): two would rewrite each other's partial shards.
     with main_process_holds(state, args.out, "--out", force=args.force):
@@ -304,10 +331,10 @@ def encode_held(args: argparse.Namespace, state, source: Source, tokenizer) -> d
     # Every rank compares; the main process records. Kept shards made with other settings refuse.
     stamp_args = (args.out / SETTINGS, settings_of(source, tokenizer, args), bool(finished))
     remedy = "use another --out, or delete it to start over"
-    check_stamp(*stamp_args, remedy=remedy, write=False)
+    check_stamp(*stamp_args, remedy=remedy, write=False, defaults=STAMP_DEFAULTS)
     if state.is_main_process:
         args.out.mkdir(parents=True, exist_ok=True)
-        check_stamp(*stamp_args, remedy=remedy, write=True)
+        check_stamp(*stamp_args, remedy=remedy, write=True, defaults=STAMP_DEFAULTS)
     state.wait_for_everyone()
     if isinstance(tokenizer, torch.nn.Module):
         tokenizer = tokenizer.to(state.device)

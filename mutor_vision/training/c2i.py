@@ -46,7 +46,7 @@ class ImageTask:
         self.config = config
         self.manifest = read_manifest(config.data.root)
         check_manifest(self.manifest, **_expectations(config.model))
-        self.warnings = class_count_warnings(self.manifest, config.model.num_classes)
+        self.warnings = class_count_warnings(self.manifest, config.model.num_classes) + order_warnings(self.manifest)
         self.total_steps = config.steps
         registers = config.model.registers
         self.num_tokens = config.model.num_tokens
@@ -122,6 +122,22 @@ class ImageTask:
         manifest = self.manifest.raw
         data = {"num_classes": manifest.get("num_classes"), "classes": manifest.get("classes")}
         save_export(directory, weights, unwrapped.config, tokenizer=manifest.get("tokenizer"), data=data)
+
+
+def order_warnings(manifest: Manifest) -> list[str]:
+    """Shards written in class order (``encode_imagenet.py --order sorted``, or an ImageFolder encoded before
+    the order was recorded): the stream reads whole shards through a shuffle buffer, so its batches hold a
+    few classes at a time. Training runs, and says so once."""
+    raw = manifest.raw
+    sorted_folder = raw.get("order") == "sorted"
+    unrecorded = "order" not in raw and (raw.get("input") or {}).get("kind") == "imagefolder"
+    if not (sorted_folder or unrecorded):
+        return []
+    how = "are in class order" if sorted_folder else "may be in class order (encoded before the order was recorded)"
+    return [
+        f"the shards of {manifest.root} {how}: each batch then holds the few classes in the shuffle buffer; "
+        "encode again with tokenizer/encode_imagenet.py (default --order shuffled) for batches of all classes"
+    ]
 
 
 def class_count_warnings(manifest: Manifest, num_classes: int) -> list[str]:
