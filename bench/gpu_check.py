@@ -460,11 +460,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     stages = select(args.stages)
     print(describe(stages, args.budget_s))
-    import torch
+    if args.dry_run:
+        return 0
+    import torch  # after the plan is printed: importing torch takes seconds
 
-    if args.dry_run or not torch.cuda.is_available():
-        if not args.dry_run:
-            print("gpu-check: no CUDA device here: nothing run (the stages above need one)")
+    if not torch.cuda.is_available():
+        print("gpu-check: no CUDA device here: nothing run (the stages above need one)")
         return 0
     name = torch.cuda.get_device_name()
     path = args.out or BENCH / "results" / f"gpu_check_{device_slug(name)}.json"

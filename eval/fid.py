@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: tokenizer/
 
-from mutor_vision.cli import FORCE_HELP, run_command, setup_logging
+from mutor_vision.cli import EXIT_INTERRUPTED, FORCE_HELP, TOOL_EXIT_CODES, run_command, setup_logging
 from mutor_vision.core.drafting import check_draft_tokens
 from mutor_vision.errors import ConfigError, InputError
 from mutor_vision.evaluation import (
@@ -52,7 +52,9 @@ log = logging.getLogger("eval.fid")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TOOL_EXIT_CODES
+    )
     p.add_argument("--ckpt", required=True, help="an export dir, a .safetensors file, or an official LlamaGen .pt")
     p.add_argument("--size", default="GPT-B", help="architecture for official files (exports carry their config)")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow unpickling (LlamaGen DDP files)")
@@ -259,7 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     # A full disk: the PNGs written are kept; the same command samples only the missing ones.
     hint = "the samples written are kept: make room (or pass --no-npz), then run the same command to go on"
-    return run_command("eval/fid.py", lambda: run(argv), storage_hint=hint)
+    try:
+        return run_command("eval/fid.py", lambda: run(argv), storage_hint=hint)
+    except KeyboardInterrupt:
+        # Each PNG is written atomically as it comes: a rerun with the same --out samples only the rest.
+        print(
+            "eval/fid.py: interrupted (Ctrl-C); the samples written are kept, the same command resumes", file=sys.stderr
+        )
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

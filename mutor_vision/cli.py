@@ -41,11 +41,18 @@ from mutor_vision.files import storage_error
 from mutor_vision.locks import LEASE_S
 
 EXIT_OK, EXIT_BUG, EXIT_CONFIG, EXIT_DIVERGED, EXIT_INPUT, EXIT_STORAGE = 0, 1, 2, 3, 4, 5
+EXIT_INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
 EXIT_CODES = (
     "exit codes: 0 done (also after a clean stop on SIGTERM/SIGINT: continue with --resume auto); "
     "1 a bug (with its traceback); 2 a bad command line or config; 3 training diverged (NaN/inf); "
     "4 bad input data or checkpoint; 5 a storage fault (disk full, file size limit, I/O error: make room, "
     "then the same command resumes). Errors 2-5 print one line naming the key, the file or the folder."
+)
+TOOL_EXIT_CODES = (  # the commands that do not train (eval/fid.py, tokenizer/encode_imagenet.py)
+    "exit codes: 0 done; 1 a bug (with its traceback); 2 a bad command line, or --out in use by another run "
+    "or made with other settings; 4 bad or missing input (images, checkpoint, reference, weights); 5 a storage "
+    "fault (disk full, file size limit, I/O error: make room, then the same command resumes); 130 Ctrl-C (the "
+    "same command resumes). Errors 2, 4 and 5 print one line naming the flag, the file or the folder."
 )
 # The output folder is held by one run at a time (mutor_vision/locks.py); --force overrides that.
 FORCE_HELP = (

@@ -587,3 +587,20 @@ def test_timings_add_up_each_part_of_each_batch(tmp_path, export):
     merged = _union([(0.0, 1.0), (0.5, 2.0), (3.0, 4.0)])
     assert merged == [(0.0, 2.0), (3.0, 4.0)] and _length(merged) == 3.0
     assert _intersect(merged, [(1.5, 3.5)]) == [(1.5, 2.0), (3.0, 3.5)]
+
+
+def test_ctrl_c_is_one_line_and_exit_130_and_help_lists_the_exit_codes(monkeypatch, capsys):
+    from tokenizer import encode_imagenet
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fid_cli, "run", interrupted)
+    assert fid_cli.main(["--ckpt", "x"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("eval/fid.py:") == 1 and "same command resumes" in err
+    for parse in (fid_cli.parse_args, encode_imagenet.parse_args):
+        with pytest.raises(SystemExit):
+            parse(["--help"])
+        out = capsys.readouterr().out
+        assert "exit codes: 0 done" in out and "5 a storage fault" in out and "130 Ctrl-C" in out

@@ -43,7 +43,7 @@ from PIL import Image
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mutor_vision.cli import FORCE_HELP, run_command, setup_logging
+from mutor_vision.cli import EXIT_INTERRUPTED, FORCE_HELP, TOOL_EXIT_CODES, run_command, setup_logging
 from mutor_vision.errors import InputError
 from mutor_vision.files import atomic_write_json, check_stamp
 from mutor_vision.processes import main_process_holds, process_state
@@ -285,7 +285,9 @@ def write_dataset_manifest(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TOOL_EXIT_CODES
+    )
     parser.add_argument("--input", type=Path, required=True, help="ImageFolder root, or a folder of .tar shards")
     parser.add_argument("--out", type=Path, required=True, help="the output folder, held by one run at a time")
     parser.add_argument("--force", action="store_true", help=FORCE_HELP.format(what="--out"))
@@ -365,9 +367,6 @@ def encode_held(args: argparse.Namespace, state, source: Source, tokenizer) -> d
         )
         return manifest
     return None
-
-
-EXIT_INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
 
 
 def main(argv: list[str] | None = None) -> int:
