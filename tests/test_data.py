@@ -95,6 +95,11 @@ def test_image_folder_is_spread_over_shards_in_a_seeded_order(tmp_path, palette_
     assert [x for shard in shard_labels(tmp_path / "sorted") for x in shard] == [c for c in range(4) for _ in range(6)]
     (warning,) = order_warnings(read_manifest(tmp_path / "sorted"))
     assert "class order" in warning and "--order shuffled" in warning
+    manifest_path = tmp_path / "shuffled" / "manifest.json"  # as written before the order was recorded
+    raw = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({k: v for k, v in raw.items() if k not in ("order", "shuffle_seed")}))
+    (warning,) = order_warnings(read_manifest(tmp_path / "shuffled"))
+    assert "may be in class order" in warning
     # Another order into a folder holding finished shards is refused, never mixed.
     with pytest.raises(ConfigError, match="order"):
         encode(images, tmp_path / "sorted", palette_file)
