@@ -52,11 +52,11 @@ def git_commit() -> str:
     return done.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
 
 
-def cached_setup(cache: Path, shifts: int):
+def cached_setup(cache: Path, shifts: int, colors: int):
     """The data (shards, palette) and the classifier, made once into ``cache``."""
     data = cache / "data"
     if not (data / "palette.json").is_file():
-        run_demo.prepare_data(cache, shifts=SHIFTS[:shifts])
+        run_demo.prepare_data(cache, shifts=SHIFTS[:shifts], num_colors=colors)
     train_x, train_y, _, _ = load_digits_rgb()
     weights = cache / "classifier.pt"
     if weights.is_file():
@@ -97,12 +97,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sampling", action="append", default=[], help="cfg,temperature,top_k (default 2,1,0)")
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights (export_ema/)")
     parser.add_argument("--samples", type=int, default=360)
+    parser.add_argument("--colors", type=int, default=run_demo.NUM_COLORS, help="palette size (set model.vocab_size)")
     parser.add_argument("--shifts", type=int, default=len(SHIFTS), help="training copies per image (1: no shift)")
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "demo-sweep")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "demo_sweep_cpu.json")
     args = parser.parse_args(argv)
     setup_logging()
-    data, palette, extractor, reference = cached_setup(args.cache, args.shifts)
+    data, palette, extractor, reference = cached_setup(args.cache, args.shifts, args.colors)
 
     run = args.cache / "runs" / args.name
     overrides = [f"data.root={data / 'shards' / 'train'}", f"out_dir={run}", f"seed={args.seed}"]
@@ -141,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
             "seed": args.seed,
             "overrides": args.set,
             "shifts": args.shifts,
+            "colors": palette.vocab_size,
             "data_order": json.loads((data / "shards" / "train" / "manifest.json").read_text()).get("order", "sorted"),
             "steps": steps,
             "batch": config.global_batch_size,

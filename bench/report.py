@@ -168,7 +168,7 @@ def demo_sweep_table(results: Results) -> list[str]:
             likelihood = r.get("likelihood_accuracy")
             rows.append([
                 r["name"] + ("" if r["method"] == "ntp" else f" ({r['method']})"),
-                f"{r['data_order']}, {r['shifts']} cop{'y' if r['shifts'] == 1 else 'ies'}",
+                f"{r['data_order']}, {r['shifts']} cop{'y' if r['shifts'] == 1 else 'ies'}, {r['colors']} colours",
                 f"{r['batch']} × {r['steps']}",
                 f"{r['step_s']:.3f}",
                 f"{s['cfg_scale']:g} / {s['temperature']:g} / {s['top_k']}",

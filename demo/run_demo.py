@@ -100,7 +100,10 @@ class Interrupted(SystemExit):
 
 
 def prepare_data(
-    out: Path, images_per_class: int | None = None, shifts: tuple[tuple[int, int], ...] = SHIFTS
+    out: Path,
+    images_per_class: int | None = None,
+    shifts: tuple[tuple[int, int], ...] = SHIFTS,
+    num_colors: int = NUM_COLORS,
 ) -> tuple[Path, PaletteTokenizer, dict[str, np.ndarray]]:
     """Digits at 16×16 -> palette -> token shards (train: a copy of each image per shift; test: as is)."""
     data = out / "data"
@@ -110,7 +113,7 @@ def prepare_data(
     if images_per_class is not None:
         train_x, train_y = _per_class(train_x, train_y, images_per_class)
         test_x, test_y = _per_class(test_x, test_y, images_per_class)
-    palette = PaletteTokenizer.fit(train_x, num_colors=NUM_COLORS)
+    palette = PaletteTokenizer.fit(train_x, num_colors=num_colors)
     palette.save(data / "palette.json")
     augmented = shifted(train_x, train_y, shifts)
     for split, (x, y) in {"train": augmented, "test": (test_x, test_y)}.items():
