@@ -39,7 +39,7 @@ from mutor_vision.cli import setup_logging  # noqa: E402
 from mutor_vision.config import load_yaml  # noqa: E402
 from mutor_vision.evaluation import evaluate, reference_from_images  # noqa: E402
 from mutor_vision.models import GPT, SamplingConfig  # noqa: E402
-from mutor_vision.shards import iter_samples, read_manifest  # noqa: E402
+from mutor_vision.shards import read_manifest  # noqa: E402
 from mutor_vision.training.c2i import train  # noqa: E402
 from mutor_vision.training.checkpoints import CheckpointManager  # noqa: E402
 from mutor_vision.training.config import TrainConfig  # noqa: E402
@@ -75,11 +75,7 @@ def cached_setup(cache: Path, shifts: int, colors: int):
 def likelihood_accuracy(model: GPT, shards: Path, count: int = 200) -> float:
     """How much the model uses the class: the share of ``count`` held-out images whose own label gives the
     lowest NLL of the ten (argmin over labels of the image's mean token NLL; chance 0.1)."""
-    tokens, labels = [], []
-    for _, grids, label in iter_samples(read_manifest(shards)):
-        tokens.append(torch.from_numpy(grids[0].astype("int64")).flatten())
-        labels.append(label)
-    tokens, labels = torch.stack(tokens[:count]), torch.tensor(labels[:count])
+    tokens, labels = (part[:count] for part in run_demo.heldout_split(shards))
     nll = []
     for label in range(model.config.num_classes):
         logits = model(tokens, torch.full_like(labels, label)).logits
@@ -123,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     model = GPT.from_pretrained(weights).eval()
     params = sum(p.numel() for p in model.parameters())
     uses_class = likelihood_accuracy(model, data / "shards" / "test")
+    data_order = read_manifest(data / "shards" / "train").raw.get("order", "sorted")  # older shards: folder order
 
     rows = []
     for text in args.sampling or ["2,1,0"]:
@@ -143,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
             "overrides": args.set,
             "shifts": args.shifts,
             "colors": palette.vocab_size,
-            "data_order": json.loads((data / "shards" / "train" / "manifest.json").read_text()).get("order", "sorted"),
+            "data_order": data_order,
             "steps": steps,
             "batch": config.global_batch_size,
             "params": params,

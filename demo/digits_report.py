@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from demo.report import cell, compare, plot_seed_band
+from demo.report import cell, compare, convergence_panels
 from mutor_vision.files import atomic_write_text
 
 METHODS = {"ntp": "Next-token", "mutor2d": "MuToR-2D"}
@@ -35,27 +35,9 @@ def summarise(final: dict[str, list[dict]]) -> dict[str, dict]:
 
 
 def plot_convergence(evaluations: dict[str, dict[int, list[dict]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     shown = [METRICS[2], METRICS[0], METRICS[5]]  # class consistency, FID, held-out NLL
-    fig, axes = plt.subplots(1, len(shown), figsize=(16, 4))
-    for ax, (key, title, lower) in zip(axes, shown, strict=True):
-        for method, label in METHODS.items():
-            runs = evaluations[method]
-            steps = sorted({row["step"] for rows in runs.values() for row in rows})
-            values = np.array([[next(r[key] for r in rows if r["step"] == s) for s in steps] for rows in runs.values()])
-            plot_seed_band(ax, steps, values, label)
-        ax.set_xlabel("optimizer step")
-        ax.set_title(title + (" ↓" if lower else " ↑"), fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle("Convergence on 16×16 digits: evaluation at every checkpoint (band: min to max over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    title = "Convergence on 16×16 digits: evaluation at every checkpoint (band: min to max over seeds)"
+    convergence_panels(evaluations, shown, METHODS, title, path)
 
 
 def plot_losses(records: dict[str, dict[int, dict]], path: Path) -> None:

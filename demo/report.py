@@ -53,6 +53,31 @@ def plot_seed_band(ax, steps: list[int], values: np.ndarray, label: str) -> None
     ax.fill_between(steps, values.min(0), values.max(0), alpha=0.2)
 
 
+def convergence_panels(evaluations: dict, metrics: list, methods: dict[str, str], title: str, path: Path) -> None:
+    """One panel per metric ``(key, title, lower is better)``: each method's mean over seeds against the step,
+    min to max as a band. ``evaluations``: method -> seed -> rows of ``{"step": ..., key: ...}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4))
+    for ax, (key, name, lower) in zip(axes, metrics, strict=True):
+        for method, label in methods.items():
+            runs = evaluations[method]
+            steps = sorted({row["step"] for rows in runs.values() for row in rows})
+            values = np.array([[next(r[key] for r in rows if r["step"] == s) for s in steps] for rows in runs.values()])
+            plot_seed_band(ax, steps, values, label)
+        ax.set_xlabel("optimizer step")
+        ax.set_title(f"{name} {'↓' if lower else '↑'}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def publish(readme: Path, section: str, body: str, figures: dict[Path, Path]) -> None:
     """``body`` into ``readme``'s ``section`` (between its markers) and each figure copied (source ->
     destination): what ``--publish`` of a demo regenerates."""

@@ -168,15 +168,20 @@ def training_record(run: Path) -> dict[str, float]:
 # ---------------------------------------------------------------- evaluation
 
 
-@torch.no_grad()
-def heldout_nll(model: GPT, shards: Path) -> float:
-    """Mean next-token NLL (nats per token) of the held-out split, every sample once."""
-    model.eval()
+def heldout_split(shards: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The held-out split as (tokens (N, 256) of each sample's first crop, labels (N,)), in shard order."""
     tokens, labels = [], []
     for _, grids, label in iter_samples(read_manifest(shards)):
         tokens.append(torch.from_numpy(grids[0].astype(np.int64)).flatten())
         labels.append(label)
-    tokens, labels = torch.stack(tokens), torch.tensor(labels)
+    return torch.stack(tokens), torch.tensor(labels)
+
+
+@torch.no_grad()
+def heldout_nll(model: GPT, shards: Path) -> float:
+    """Mean next-token NLL (nats per token) of the held-out split, every sample once."""
+    model.eval()
+    tokens, labels = heldout_split(shards)
     logits = model(tokens, labels).logits
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1)).item()
 

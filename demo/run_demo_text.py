@@ -37,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from demo.report import cell, compare, plot_seed_band, publish  # noqa: E402
+from demo.report import cell, compare, convergence_panels, publish  # noqa: E402
 from demo.runs import discard_if_edited  # noqa: E402
 from mutor_vision.cli import setup_logging  # noqa: E402
 from mutor_vision.config import load_yaml  # noqa: E402
@@ -231,26 +231,8 @@ def step_seconds(run: Path) -> float:
 
 
 def plot_convergence(evaluations: dict[str, dict[int, list[dict]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, (key, title, lower) in zip(axes, METRICS, strict=True):
-        for method, label in METHODS.items():
-            runs = list(evaluations[method].values())
-            steps = [row["step"] for row in runs[0]]
-            values = np.array([[row[key] for row in rows] for rows in runs])
-            plot_seed_band(ax, steps, values, label)
-        ax.set_xlabel("optimizer step")
-        ax.set_title(f"{title} {'↓' if lower else '↑'}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle("Multi-step arithmetic, held-out problems (band: min to max over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    title = "Multi-step arithmetic, held-out problems (band: min to max over seeds)"
+    convergence_panels(evaluations, METRICS, METHODS, title, path)
 
 
 def write_report(out: Path, report: dict, plan: Plan) -> None:
