@@ -33,6 +33,7 @@ def train_step_table(results: Results) -> list[str]:
         c = result["config"]
         config = c.get("size") or f"{c['n_layer']}L-{c['dim']}d grid{c.get('grid_size', 16)}"
         config += f", batch {c['batch_size']}, {c['dtype']}"
+        config += f", {c['chain']} chained" if c.get("chain", 1) > 1 else ""
         for row in result["rows"]:
             rows.append([
                 name, result["device"], config, row["variant"], row["registers"], f"{row['step_s']:.4f}",

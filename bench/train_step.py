@@ -7,8 +7,11 @@
     python bench/train_step.py --device cuda --dtype bf16 --size GPT-B --batch-size 128 \
         --variants ntp,mutor2d:80+flex,mutor2d:80+sdpa,ntp+chunk8192,mutor2d:80+flex+chunk8192
 
-Each step is forward + backward + AdamW on one batch. Variants run interleaved (A B C A B C ...)
-after warm-up, and the median per variant is reported, so machine noise hits all alike. A variant
+Each step is forward + backward + AdamW on one batch, its register layout and mask built inside it
+as the trainer does. Variants run interleaved (A B C A B C ...) after warm-up, and the median per
+variant is reported, so machine noise hits all alike. ``--chain K`` times K steps back to back (one
+wait for the GPU at the end, so a step's host work overlaps the last one's kernels, as in training)
+and reports the time per step; the isolated step's median is kept as ``step_s_isolated``. A variant
 may override the attention backend (``+flex``, ``+sdpa``) and the head chunk (``+chunkN``); its
 ratio is against the next-token variant with the same head chunk (else the first variant). The
 goal (docs/method.md §2): step(MuToR) / step(NTP) <= 1.05 × (N + R) / N.
@@ -78,6 +81,7 @@ def main() -> None:
     parser.add_argument("--variants", default="ntp,mutor2d:80,mutor2d:all,mutor1d:80")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--chain", type=int, default=1, help="time K steps back to back, per step (1: isolated)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--attention", choices=["auto", "flex", "sdpa"], default="auto")
@@ -89,6 +93,8 @@ def main() -> None:
     )
     parser.add_argument("--out", default=None, help="write results JSON here (e.g. bench/results/x.json)")
     args = parser.parse_args()
+    if args.chain < 1:
+        parser.error(f"--chain must be >= 1, got {args.chain}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -132,14 +138,22 @@ def main() -> None:
         if device.type == "cuda":
             memory[name] = step_memory(steps[name][0])
     times: dict[str, list[float]] = {name: [] for name in names}
+    isolated: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.repeats):
         for name in names:
-            times[name].append(wall_time(steps[name][0]))
+            step = steps[name][0]
+            isolated[name].append(wall_time(step))
+            if args.chain > 1:
+                times[name].append(wall_time(lambda step=step: chained(step, args.chain)) / args.chain)
+    if args.chain == 1:
+        times = isolated
 
     # Where a step's time goes (CUDA): GPU kernel time against wall time and the top kernels, one step
     # per variant after the timed ones, so MuToR's extra cost over next-token can be read kernel by kernel.
     profiling = args.profile and device.type == "cuda"
-    profiles = {name: profile_run(steps[name][0], 1) for name in names} if profiling else {}
+    profiles = {}
+    for name in names if profiling else ():
+        profiles[name] = profile_run(lambda n=name: chained(steps[n][0], args.chain), args.chain)
     medians = {name: statistics.median(times[name]) for name in names}
     rows = []
     for name in names:
@@ -156,6 +170,8 @@ def main() -> None:
             "tokens": n,
             "registers": r,
             "step_s": medians[name],
+            "step_s_isolated": statistics.median(isolated[name]),
+            "chain": args.chain,
             "images_per_s": args.batch_size / medians[name],
             "ratio": ratio,
             "ideal": (n + r) / n,
@@ -179,10 +195,25 @@ def main() -> None:
     if args.out:
         result = {
             **provenance("train_step", device),
-            "config": {k: v for k, v in vars(args).items() if k != "out"},
+            "config": {k: v for k, v in vars(args).items() if k != "out" and not (args.size and k in SMALL_ONLY)},
+            "model": model_summary(steps[names[0]][1]),
             "rows": rows,
         }
         save(args.out, result)
+
+
+SMALL_ONLY = ("n_layer", "dim", "vocab_size")  # flags --size overrides: not recorded as if they applied
+
+
+def model_summary(config: GPTConfig) -> dict:
+    """The architecture that ran (what ``--size`` or the small-config flags resolved to)."""
+    keys = ("size", "n_layer", "n_head", "dim", "ffn_hidden", "vocab_size", "grid_size", "num_tokens")
+    return {key: getattr(config, key) for key in keys}
+
+
+def chained(step, count: int) -> None:
+    for _ in range(count):
+        step()
 
 
 def baseline(name: str, names: list[str], steps: dict) -> str:

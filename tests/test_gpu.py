@@ -169,6 +169,39 @@ def test_compiled_mutor2d_step_has_no_graph_break_or_recompile(head_chunk_size):
     assert len(graphs) == warm == 1, f"{len(graphs)} graphs compiled ({warm} at warm-up)"
 
 
+def test_register_layout_reaches_the_gpu_without_waiting_for_it():
+    # The trainer draws each step's layout on the host; moving it must not block on the GPU's queue
+    # (a blocking copy would idle the GPU while the host then builds the mask).
+    model = small_model()
+    expected = model.register_layout(8, generator=torch.Generator().manual_seed(3))
+    busy = torch.randn(2048, 2048, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(4):
+            busy = busy @ busy / 2048  # queued work the layout's copies must not wait for
+        layout = model.register_layout(8, generator=torch.Generator().manual_seed(3), device="cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert layout.anchor.is_cuda and layout.valid.is_cuda
+    for name in ("anchor", "target", "position", "valid", "offset", "length", "prefix_len"):
+        assert torch.equal(getattr(layout, name).cpu(), getattr(expected, name)), name
+
+
+def test_batches_reach_the_gpu_without_waiting_for_it():
+    from mutor_vision.training.runtime import batch_to_device
+
+    batch = (torch.arange(12).view(3, 4), {"labels": torch.tensor([1, 2, 3]), "name": "kept"})
+    busy = torch.randn(2048, 2048, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        busy = busy @ busy
+        moved = batch_to_device(batch, torch.device("cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert moved[0].is_cuda and torch.equal(moved[0].cpu(), batch[0])
+    assert torch.equal(moved[1]["labels"].cpu(), batch[1]["labels"]) and moved[1]["name"] == "kept"
+
+
 def test_chunked_head_loss_in_bf16_matches_whole_logits_and_saves_their_memory():
     from dataclasses import replace
 

@@ -1,6 +1,7 @@
 """The register core against the spec (docs/method.md): worked examples, invariants, mask, loss."""
 
 from collections import Counter
+from dataclasses import fields
 
 import pytest
 import torch
@@ -133,6 +134,32 @@ def test_generator_reproducible():
     c = grid_layout(sample_offsets_2d(8, 4, 16, generator=gen(3)), 16, 16, num_registers=80, generator=gen(5))
     assert torch.equal(a.anchor, b.anchor) and torch.equal(a.offset, b.offset)
     assert not torch.equal(a.anchor, c.anchor)
+
+
+def test_sampled_grid_layout_never_reads_a_tensor_on_the_host():
+    # Meta tensors hold no data: any host read (.item(), int(), bool()) raises. A layout that builds on
+    # them never makes a training step wait for the GPU. Offsets made by hand carry no host-side bound
+    # on their columns, so their check reads one (the test's control).
+    offsets = sample_offsets_2d(4, 4, 16, device="meta")
+    layout = grid_layout(offsets, 16, 16, num_registers=80, edge="drop")
+    assert layout.anchor.device.type == "meta" and layout.anchor.shape == (4, 80)
+    with pytest.raises(RuntimeError, match="meta"):
+        grid_layout(Offsets(offsets.d, offsets.rows, offsets.cols), 16, 16, num_registers=80)
+
+
+def test_layout_to_moves_every_tensor_and_keeps_the_rest():
+    layout = grid_layout(sample_offsets_2d(3, 4, 16, generator=gen(0)), 16, 16, num_registers=20, generator=gen(1))
+    moved = layout.to("meta")
+    for field in fields(layout):
+        before, after = getattr(layout, field.name), getattr(moved, field.name)
+        if isinstance(before, torch.Tensor):
+            assert after.device.type == "meta" and after.shape == before.shape and after.dtype == before.dtype
+        else:
+            assert after == before, field.name
+    back = layout.to("cpu")
+    for field in fields(layout):
+        if isinstance(getattr(layout, field.name), torch.Tensor):
+            assert torch.equal(getattr(back, field.name), getattr(layout, field.name)), field.name
 
 
 # ---------------------------------------------------------------- slots and triples

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 import torch
@@ -40,11 +40,13 @@ class Offsets:
 
     For 2D offsets the target sits ``rows`` rows below and ``cols`` columns right of the anchor
     cell (``rows = d_h - 1``, ``cols = d_w - 1``); 1D offsets have ``rows = cols = None``.
+    ``max_cols`` is a bound on ``cols`` known on the host, so checking it never waits for a GPU.
     """
 
     d: Tensor  # (B,) long, >= 1
     rows: Tensor | None = None  # (B,) long, d_h - 1
     cols: Tensor | None = None  # (B,) long, d_w - 1
+    max_cols: int | None = None  # an upper bound on cols (None: read from the tensor)
 
     @property
     def batch_size(self) -> int:
@@ -80,7 +82,7 @@ def sample_offsets_2d(
     k = torch.randint(0, d_max_2d**2 - 1, (batch_size,), generator=generator, device=_rng_device(generator))
     rows, cols = torch.div(k + 1, d_max_2d, rounding_mode="floor"), (k + 1) % d_max_2d
     d = rows * width + cols
-    return Offsets(d=d.to(device), rows=rows.to(device), cols=cols.to(device))
+    return Offsets(d=d.to(device), rows=rows.to(device), cols=cols.to(device), max_cols=d_max_2d - 1)
 
 
 def offsets_2d_support(d_max_2d: int, width: int) -> list[int]:
@@ -125,6 +127,18 @@ class RegisterLayout:
     def total_len(self) -> int:
         """L + R: the length of the two-block sequence."""
         return self.seq_len + self.num_registers
+
+    def to(self, device: torch.device | str) -> RegisterLayout:
+        """This layout on ``device``. From CPU to CUDA the copies go through pinned memory without
+        blocking, so a layout built on the host never makes it wait for the GPU's queued work."""
+        device = torch.device(device)
+        pinned = device.type == "cuda" and self.anchor.device.type == "cpu"
+
+        def move(t: Tensor) -> Tensor:
+            return t.pin_memory().to(device, non_blocking=True) if pinned else t.to(device)
+
+        tensors = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+        return replace(self, **{name: move(t) for name, t in tensors.items()})
 
     def register_labels(self, sequence_ids: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
         """(B, R) labels gathered from ``sequence_ids`` (B, >= max valid target + 1); ignore where invalid."""
@@ -250,8 +264,10 @@ def grid_layout(
         raise ValueError(f"height and width must be >= 1, got {height}x{width}")
     if edge not in ("wrap", "drop"):
         raise ValueError(f"edge must be 'wrap' or 'drop', got {edge!r}")
-    if offsets.cols is not None and width <= int(offsets.cols.max()):
-        raise ValueError(f"width ({width}) too small for 2D offsets with d_w up to {int(offsets.cols.max()) + 1}")
+    if offsets.cols is not None:
+        max_cols = offsets.max_cols if offsets.max_cols is not None else int(offsets.cols.max())
+        if width <= max_cols:
+            raise ValueError(f"width ({width}) too small for 2D offsets with d_w up to {max_cols + 1}")
     num_tokens = height * width
     batch, device = offsets.batch_size, offsets.d.device
     slot = torch.arange(num_tokens, device=device).expand(batch, -1)  # anchor = slot index

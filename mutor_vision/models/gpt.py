@@ -279,15 +279,19 @@ class GPT(nn.Module):
     def register_layout(
         self, batch_size: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
     ) -> RegisterLayout | None:
-        """A fresh random register layout for one batch, per ``config.registers`` (None for next-token)."""
+        """A fresh random register layout for one batch, per ``config.registers`` (None for next-token).
+
+        Built where ``generator`` draws (the host for a CPU generator, the default) and moved to
+        ``device`` once, without blocking: a training step never waits here for the GPU.
+        """
         reg, grid = self.config.registers, self.config.grid_size
         if not reg.enabled:
             return None
         if reg.mode == "mutor2d":
-            offsets = sample_offsets_2d(batch_size, reg.d_max_2d, grid, generator=generator, device=device)
+            offsets = sample_offsets_2d(batch_size, reg.d_max_2d, grid, generator=generator)
         else:
-            offsets = sample_offsets_1d(batch_size, reg.d_max, generator=generator, device=device)
-        return grid_layout(
+            offsets = sample_offsets_1d(batch_size, reg.d_max, generator=generator)
+        layout = grid_layout(
             offsets,
             grid,
             grid,
@@ -296,6 +300,7 @@ class GPT(nn.Module):
             edge=reg.edge,
             generator=generator,
         )
+        return layout if device is None else layout.to(device)
 
     def loss(self, tokens: Tensor, output: GPTOutput, layout: RegisterLayout | None) -> LossParts:
         """The combined loss (1 - a)·L_ntp + a·L_reg from ``output``'s logits; plain L_ntp without registers."""

@@ -24,7 +24,6 @@ from typing import Any, Protocol
 
 import torch
 import yaml
-from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -43,6 +42,7 @@ from mutor_vision.training.runtime import (
     TrainResult,
     any_rank,
     backward_and_step,
+    batch_to_device,
     flat_hparams,
     make_accelerator,
 )
@@ -264,7 +264,7 @@ def optimizer_step(
     for batch in batches:
         counted = task.count(batch)
         samples, tokens = samples + counted[0], tokens + counted[1]
-        batch = send_to_device(batch, accelerator.device)
+        batch = batch_to_device(batch, accelerator.device)
         with accelerator.accumulate(trainee.model):
             inputs = task.inputs(trainee.unwrapped, batch, generator)
             with accelerator.autocast():

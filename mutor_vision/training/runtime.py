@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, recursively_apply, send_to_device
 
 from mutor_vision.errors import ConfigError, TrainingDiverged
 from mutor_vision.processes import process_state, use_cuda
@@ -93,6 +93,15 @@ def reduce_fsdp_gradients_in_fp32(accelerator: Accelerator) -> None:
         plugin.mixed_precision_policy = MixedPrecision(
             param_dtype=torch.bfloat16, reduce_dtype=torch.float32, buffer_dtype=torch.float32
         )
+
+
+def batch_to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` (tensors, maybe nested) on ``device``. To CUDA through pinned memory without blocking:
+    the copy waits in the GPU's queue, not the host, which meanwhile prepares the step (register
+    layout, mask) while the last step's update still runs. A plain copy would wait for it."""
+    if device.type != "cuda":
+        return send_to_device(batch, device)
+    return send_to_device(recursively_apply(torch.Tensor.pin_memory, batch), device, non_blocking=True)
 
 
 def any_rank(accelerator: Accelerator, flag: bool) -> bool:
