@@ -7,11 +7,12 @@
     python bench/train_step.py --device cuda --dtype bf16 --size GPT-B --batch-size 128 \
         --variants ntp,mutor2d:80+flex,mutor2d:80+sdpa,ntp+chunk8192,mutor2d:80+flex+chunk8192
 
-Each step is forward + backward + AdamW on one batch, its register layout and mask built inside it
-as the trainer does. Variants run interleaved (A B C A B C ...) after warm-up, and the median per
-variant is reported, so machine noise hits all alike. ``--chain K`` times K steps back to back (one
-wait for the GPU at the end, so a step's host work overlaps the last one's kernels, as in training)
-and reports the time per step; the isolated step's median is kept as ``step_s_isolated``. A variant
+Each step is the trainer's on one batch: register layout and mask, forward + backward, the loss
+parts and the clipped grad norm read on the host, the trainer's AdamW (fused on CUDA). Variants
+run interleaved (A B C A B C ...) after warm-up, and the median per variant is reported, so
+machine noise hits all alike. ``--chain K`` times K steps back to back and reports the time per
+step: the host work before a step's forward (its layout and mask) then overlaps the previous
+step's update, as in training; the isolated step's median is kept as ``step_s_isolated``. A variant
 may override the attention backend (``+flex``, ``+sdpa``) and the head chunk (``+chunkN``); its
 ratio is against the next-token variant with the same head chunk (else the first variant). The
 goal (docs/method.md §2): step(MuToR) / step(NTP) <= 1.05 × (N + R) / N.
@@ -25,12 +26,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 from contextlib import nullcontext
 
 import torch
 from common import profile_run, provenance, save, wall_time  # bench/common.py (the script's folder is on sys.path)
 
 from mutor_vision.models import GPT, GPTConfig, RegisterConfig
+from mutor_vision.training.loop_config import OptimConfig
+from mutor_vision.training.optim import build_optimizer
 
 
 def variant(name: str) -> RegisterConfig:
@@ -101,29 +105,41 @@ def main() -> None:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
 
     names = args.variants.split(",")
-    steps = {}
+    steps, preparing = {}, {}
     graphs: dict[str, list] = {name: [] for name in names}
     for name in names:
         registers, attention, chunk = parse_variant(name, args)
         torch.manual_seed(0)
         model = GPT(build(args, registers, attention, chunk)).to(device).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+        optimizer = build_optimizer(model, OptimConfig())  # the trainer's: fused on CUDA, decay groups
+        params = [p for p in model.parameters() if p.requires_grad]
         forward = torch.compile(model, backend=counting_backend(graphs[name])) if args.compile else model
         config = model.config
         g = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, config.vocab_size, (args.batch_size, config.num_tokens), generator=g).to(device)
         labels = torch.randint(0, config.num_classes, (args.batch_size,), generator=g).to(device)
 
-        def step(model=model, forward=forward, optimizer=optimizer, tokens=tokens, labels=labels, g=g) -> None:
+        def step(model=model, forward=forward, optimizer=optimizer, params=params, tokens=tokens, labels=labels, g=g):
             layout = model.register_layout(tokens.shape[0], generator=g, device=device)
             mask = None if layout is None else model.attention_mask(layout)  # outside the compiled forward
             with autocast:
-                loss = forward(tokens, labels, layout, mask, return_loss=True)["loss"]
-            loss.backward()
+                parts = forward(tokens, labels, layout, mask, return_loss=True)
+            parts["loss"].backward()
+            # What the trainer does between backward and update (mutor_vision/training/runtime.py
+            # backward_and_step): read the loss parts, clip and read the grad norm (a non-finite one
+            # refuses the update) — two waits for the GPU per step, paid by every variant alike.
+            torch.stack([value.detach().float() for value in parts.values()]).tolist()
+            float(torch.nn.utils.clip_grad_norm_(params, OptimConfig().grad_clip))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
+        def prepare(model=model, batch=tokens.shape[0], g=g) -> None:
+            layout = model.register_layout(batch, generator=g, device=device)
+            if layout is not None:
+                model.attention_mask(layout)
+
         steps[name] = (step, model.config)
+        preparing[name] = prepare
 
     # Warm-up one variant at a time, so compilation, graph breaks and memory are each its own.
     compiled: dict[str, dict] = {}
@@ -154,6 +170,9 @@ def main() -> None:
     profiles = {}
     for name in names if profiling else ():
         profiles[name] = profile_run(lambda n=name: chained(steps[n][0], args.chain), args.chain)
+    # The host's share of a step's preparation (layout, mask), not waiting for the GPU: it runs while the
+    # previous step's update does, so only what exceeds that stays on the critical path.
+    prep_ms = {name: 1e3 * statistics.median(host_time(preparing[name]) for _ in range(args.repeats)) for name in names}
     medians = {name: statistics.median(times[name]) for name in names}
     rows = []
     for name in names:
@@ -177,6 +196,7 @@ def main() -> None:
             "ideal": (n + r) / n,
             "ratio_over_ideal": ratio / ((n + r) / n),
             "all_s": times[name],
+            "prepare_host_ms": prep_ms[name],
             **memory.get(name, {}),
         }
         if name in profiles:
@@ -209,6 +229,13 @@ def model_summary(config: GPTConfig) -> dict:
     """The architecture that ran (what ``--size`` or the small-config flags resolved to)."""
     keys = ("size", "n_layer", "n_head", "dim", "ffn_hidden", "vocab_size", "grid_size", "num_tokens")
     return {key: getattr(config, key) for key in keys}
+
+
+def host_time(fn) -> float:
+    """Seconds the host spends in ``fn`` (no wait for the GPU before or after)."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def chained(step, count: int) -> None:

@@ -141,16 +141,25 @@ def test_train_step_variant_options_set_attention_and_head_chunk(tmp_path):
     out = tmp_path / "train_step.json"
     command = [sys.executable, str(ROOT / "bench" / "train_step.py"), "--n-layer", "1", "--dim", "32",
                "--vocab-size", "16", "--grid-size", "4", "--batch-size", "2", "--repeats", "1", "--warmup", "1",
-               "--variants", "ntp,mutor2d:4+sdpa,ntp+chunk8,mutor2d:4+sdpa+chunk8", "--out", str(out)]  # fmt: skip
+               "--chain", "2", "--variants", "ntp,mutor2d:4+sdpa,ntp+chunk8,mutor2d:4+sdpa+chunk8",
+               "--out", str(out)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
+    result = json.loads(out.read_text())
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert result["model"]["n_layer"] == 1 and result["model"]["num_tokens"] == 16
+    for row in rows.values():
+        assert row["chain"] == 2 and row["step_s_isolated"] > 0 and row["prepare_host_ms"] >= 0
     assert rows["mutor2d:4+sdpa+chunk8"]["head_chunk_size"] == 8
     assert rows["mutor2d:4+sdpa+chunk8"]["attention"] == "sdpa"
     assert rows["mutor2d:4+sdpa+chunk8"]["baseline"] == "ntp+chunk8"  # against next-token with the same chunk
     assert rows["mutor2d:4+sdpa"]["baseline"] == "ntp"
     bad = subprocess.run([*command[:-4], "--variants", "ntp+fast"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode != 0 and "unknown option 'fast'" in bad.stderr
+    # The compiled stage times chained steps and runs the split sdpa path beside flex.
+    (compiled,) = gpu_check.train_compiled_commands(tmp_path)
+    assert "mutor2d:80+sdpa" in compiled[compiled.index("--variants") + 1].split(",")
+    assert compiled[compiled.index("--chain") + 1] == "3"
 
 
 def test_the_sample_stages_decode_attentions_run_on_a_tiny_cpu_model(tmp_path):
