@@ -115,7 +115,7 @@ def read_tier(out: Path) -> dict[str, Any]:
 
 def train_eager_commands(out: Path) -> list[list[str]]:
     variants = "ntp,mutor2d:80+flex,mutor2d:80+sdpa,ntp+chunk8192,mutor2d:80+flex+chunk8192"
-    return [python("train_step.py", *B128, "--variants", variants, "--repeats", "7", "--chain", "3",
+    return [python("train_step.py", *B128, "--variants", variants, "--repeats", "7", "--chain", "3", "--profile",
                    "--out", str(out / "eager.json"))]  # fmt: skip
 
 
@@ -175,8 +175,8 @@ def needs_llamagen() -> str | None:
 
 
 # Estimates: seconds the stage took on one H100 (bench/results/gpu_check_h100_20261127.json: train_eager 43
-# (+15 for the chained timings), train_compiled 83 (+40: the sdpa variant's compile, the chained timings),
-# train_compiled_chunked 91; gpu_check_h100_20261127_s2.json: tier 93 with 6 workers
+# (+25: the chained timings, the profiles), train_compiled 83 (+40: the sdpa variant's compile, the
+# chained timings), train_compiled_chunked 91; gpu_check_h100_20261127_s2.json: tier 93 with 6 workers
 # and 14 tests, eval 48, llamagen 163, draft 10 without the demo model), rounded up; tier has 20 tests
 # since the decode attentions (+5 compiled, a guess of +30 s). sample and
 # sample_ab are guesses until a run completes them: about 20 s per compiled graph set on a bare machine
@@ -189,8 +189,8 @@ STAGES = [
     Stage("tier", "GPU test tier (pytest -m gpu)", 130, tier_commands, read=read_tier),
     Stage(
         "train_eager",
-        "GPT-B train step, eager, 3 chained: NTP vs MuToR-2D R=80, flex/sdpa, chunk 0/8192",
-        65,
+        "GPT-B train step, eager, 3 chained: NTP vs MuToR-2D R=80, flex/sdpa, chunk 0/8192, profiles",
+        75,
         train_eager_commands,
     ),
     Stage(
