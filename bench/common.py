@@ -62,7 +62,7 @@ def _sync() -> None:
 
 def profile_run(fn, steps: int) -> dict:
     """GPU kernel time of one ``fn()`` against its wall time, per step (``steps`` steps in one call: decode
-    steps for sampling, 1 for a training step), and the top kernels. CUDA only."""
+    steps for sampling, the chained training steps), and the top kernels. CUDA only."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()  # warm: compiled code and CUDA graphs exist before recording

@@ -106,12 +106,13 @@ def main() -> None:
 
     names = args.variants.split(",")
     steps, preparing = {}, {}
+    optim = OptimConfig()
     graphs: dict[str, list] = {name: [] for name in names}
     for name in names:
         registers, attention, chunk = parse_variant(name, args)
         torch.manual_seed(0)
         model = GPT(build(args, registers, attention, chunk)).to(device).train()
-        optimizer = build_optimizer(model, OptimConfig())  # the trainer's: fused on CUDA, decay groups
+        optimizer = build_optimizer(model, optim)  # the trainer's: fused on CUDA, decay groups
         params = [p for p in model.parameters() if p.requires_grad]
         forward = torch.compile(model, backend=counting_backend(graphs[name])) if args.compile else model
         config = model.config
@@ -119,9 +120,13 @@ def main() -> None:
         tokens = torch.randint(0, config.vocab_size, (args.batch_size, config.num_tokens), generator=g).to(device)
         labels = torch.randint(0, config.num_classes, (args.batch_size,), generator=g).to(device)
 
-        def step(model=model, forward=forward, optimizer=optimizer, params=params, tokens=tokens, labels=labels, g=g):
-            layout = model.register_layout(tokens.shape[0], generator=g, device=device)
-            mask = None if layout is None else model.attention_mask(layout)  # outside the compiled forward
+        def prepare(model=model, batch=tokens.shape[0], g=g):
+            """The step's register layout and mask, built outside the compiled forward as the trainer does."""
+            layout = model.register_layout(batch, generator=g, device=device)
+            return layout, None if layout is None else model.attention_mask(layout)
+
+        def step(forward=forward, optimizer=optimizer, params=params, tokens=tokens, labels=labels, prepare=prepare):
+            layout, mask = prepare()
             with autocast:
                 parts = forward(tokens, labels, layout, mask, return_loss=True)
             parts["loss"].backward()
@@ -129,14 +134,9 @@ def main() -> None:
             # backward_and_step): read the loss parts, clip and read the grad norm (a non-finite one
             # refuses the update) — two waits for the GPU per step, paid by every variant alike.
             torch.stack([value.detach().float() for value in parts.values()]).tolist()
-            float(torch.nn.utils.clip_grad_norm_(params, OptimConfig().grad_clip))
+            float(torch.nn.utils.clip_grad_norm_(params, optim.grad_clip))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-
-        def prepare(model=model, batch=tokens.shape[0], g=g) -> None:
-            layout = model.register_layout(batch, generator=g, device=device)
-            if layout is not None:
-                model.attention_mask(layout)
 
         steps[name] = (step, model.config)
         preparing[name] = prepare

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: tokenizer/
 
-from mutor_vision.cli import EXIT_INTERRUPTED, FORCE_HELP, TOOL_EXIT_CODES, run_command, setup_logging
+from mutor_vision.cli import FORCE_HELP, TOOL_EXIT_CODES, run_command, setup_logging
 from mutor_vision.core.drafting import check_draft_tokens
 from mutor_vision.errors import ConfigError, InputError
 from mutor_vision.evaluation import (
@@ -261,14 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     # A full disk: the PNGs written are kept; the same command samples only the missing ones.
     hint = "the samples written are kept: make room (or pass --no-npz), then run the same command to go on"
-    try:
-        return run_command("eval/fid.py", lambda: run(argv), storage_hint=hint)
-    except KeyboardInterrupt:
-        # Each PNG is written atomically as it comes: a rerun with the same --out samples only the rest.
-        print(
-            "eval/fid.py: interrupted (Ctrl-C); the samples written are kept, the same command resumes", file=sys.stderr
-        )
-        return EXIT_INTERRUPTED
+    # Each PNG is written atomically as it comes: a rerun with the same --out samples only the rest.
+    interrupted = "the samples written are kept, the same command resumes"
+    return run_command("eval/fid.py", lambda: run(argv), storage_hint=hint, interrupt_hint=interrupted)
 
 
 if __name__ == "__main__":

@@ -63,14 +63,22 @@ FORCE_HELP = (
 )
 
 
-def run_command(name: str, body: Callable[[], Any], storage_hint: str | None = None) -> int:
+def run_command(
+    name: str, body: Callable[[], Any], storage_hint: str | None = None, interrupt_hint: str | None = None
+) -> int:
     """Run ``body`` and map the project's errors to one line on stderr and an exit code.
 
     ``storage_hint`` ends the line of a storage fault: what was kept and how to go on.
+    ``interrupt_hint`` turns Ctrl-C into one line ending with it and exit 130 (None: it propagates).
     """
     ignore_file_size_signal()
     try:
         body()
+    except KeyboardInterrupt:
+        if interrupt_hint is None:
+            raise
+        _say(name, f"interrupted (Ctrl-C); {interrupt_hint}")
+        return EXIT_INTERRUPTED
     except ConfigError as error:
         _say(name, f"config error: {error}")
         return EXIT_CONFIG

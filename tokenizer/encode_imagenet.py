@@ -43,7 +43,7 @@ from PIL import Image
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mutor_vision.cli import EXIT_INTERRUPTED, FORCE_HELP, TOOL_EXIT_CODES, run_command, setup_logging
+from mutor_vision.cli import FORCE_HELP, TOOL_EXIT_CODES, run_command, setup_logging
 from mutor_vision.errors import InputError
 from mutor_vision.files import atomic_write_json, check_stamp
 from mutor_vision.processes import main_process_holds, process_state
@@ -374,15 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     disk; 130: Ctrl-C)."""
     setup_logging()
     hint = "finished shards are kept: make room, then run the same command to go on"
-    try:
-        return run_command("encode_imagenet", lambda: run(argv), storage_hint=hint)
-    except KeyboardInterrupt:
-        # Shards are written atomically with their sidecar last: what finished is kept, the rest resumes.
-        print(
-            "encode_imagenet: interrupted (Ctrl-C); finished shards are kept, the same command resumes",
-            file=sys.stderr,
-        )
-        return EXIT_INTERRUPTED
+    # Shards are written atomically with their sidecar last: what finished is kept, the rest resumes.
+    interrupted = "finished shards are kept, the same command resumes"
+    return run_command("encode_imagenet", lambda: run(argv), storage_hint=hint, interrupt_hint=interrupted)
 
 
 if __name__ == "__main__":

@@ -137,8 +137,8 @@ class RegisterLayout:
         def move(t: Tensor) -> Tensor:
             return t.pin_memory().to(device, non_blocking=True) if pinned else t.to(device)
 
-        tensors = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
-        return replace(self, **{name: move(t) for name, t in tensors.items()})
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{name: move(v) for name, v in values.items() if isinstance(v, Tensor)})
 
     def register_labels(self, sequence_ids: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
         """(B, R) labels gathered from ``sequence_ids`` (B, >= max valid target + 1); ignore where invalid."""
