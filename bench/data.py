@@ -54,7 +54,7 @@ def step_rate(size: str, batch_size: int, repeats: int) -> float:
     for _ in range(repeats + 1):
         start = time.perf_counter()
         layout = model.register_layout(batch_size)
-        model.loss(tokens, model(tokens, labels, layout), layout).loss.backward()
+        model(tokens, labels, layout, return_loss=True).loss["loss"].backward()
         optimizer.step()
         optimizer.zero_grad()
         times.append(time.perf_counter() - start)

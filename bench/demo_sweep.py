@@ -37,7 +37,7 @@ from demo import run_demo  # noqa: E402
 from demo.digits import SHIFTS, DigitsCNN, digits_extractor, load_digits_rgb, train_classifier  # noqa: E402
 from mutor_vision.cli import setup_logging  # noqa: E402
 from mutor_vision.config import load_yaml  # noqa: E402
-from mutor_vision.evaluation import evaluate, reference_from_images  # noqa: E402
+from mutor_vision.evaluation import EvalConfig, Scoring, evaluate, reference_from_images  # noqa: E402
 from mutor_vision.models import GPT, SamplingConfig  # noqa: E402
 from mutor_vision.shards import read_manifest  # noqa: E402
 from mutor_vision.training.c2i import train  # noqa: E402
@@ -128,9 +128,10 @@ def main(argv: list[str] | None = None) -> None:
         tag = f"cfg{cfg}_t{temperature}_k{top_k}" + ("_ema" if args.ema else "")
         begin = time.perf_counter()
         results = evaluate(
-            model, lambda codes: to_uint8(palette.decode(codes)), extractor, reference,
-            run / "eval" / tag, num_samples=args.samples, sampling=sampling, batch_size=120,
-            feature_batch_size=360, save_npz=False, extra_metrics=run_demo.class_consistency,
+            model, lambda codes: to_uint8(palette.decode(codes)),
+            Scoring(extractor, reference, run_demo.class_consistency),
+            EvalConfig(run / "eval" / tag, num_samples=args.samples, sampling=sampling, batch_size=120,
+                       feature_batch_size=360, save_npz=False),
         )  # fmt: skip
         metrics = results["metrics"]
         row = {

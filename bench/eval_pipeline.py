@@ -40,7 +40,14 @@ from decode_precision import pixel_changes  # bench/decode_precision.py
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mutor_vision.evaluation import INCEPTION_FILE, evaluate, inception_extractor, save_random_inception_weights  # noqa: E402
+from mutor_vision.evaluation import (  # noqa: E402
+    INCEPTION_FILE,
+    EvalConfig,
+    Scoring,
+    evaluate,
+    inception_extractor,
+    save_random_inception_weights,
+)
 from mutor_vision.evaluation import run as evaluation_run  # noqa: E402
 from mutor_vision.evaluation.features import features_on_device  # noqa: E402
 from mutor_vision.evaluation.samples import PngWriter, write_png  # noqa: E402
@@ -115,11 +122,12 @@ def end_to_end(model, decode, extractor, folder: Path, num_samples: int, args, o
     timings = Timings(device)
     start = time.perf_counter()
     sampling = SamplingConfig(cfg_scale=args.cfg_scale)
-    results = evaluate(
-        model, decode, extractor, None, folder, num_samples=num_samples, sampling=sampling,
-        batch_size=args.batch_size, feature_batch_size=args.batch_size, save_npz=False, compile=args.compile,
-        decode_precision=args.decode_precision, overlap=overlap, timings=timings,
+    config = EvalConfig(
+        folder, num_samples=num_samples, sampling=sampling, batch_size=args.batch_size,
+        feature_batch_size=args.batch_size, save_npz=False, compile=args.compile,
+        decode_precision=args.decode_precision, overlap=overlap,
     )  # fmt: skip
+    results = evaluate(model, decode, Scoring(extractor), config, timings)
     total = time.perf_counter() - start
     seconds = results["sample_and_measure_seconds_this_run"]
     return {
@@ -210,8 +218,9 @@ def main() -> None:
     starts = range(0, args.num_samples, args.batch_size)
     batches = [torch.arange(s, min(args.num_samples, s + args.batch_size)) for s in starts]
     first = (batches[0] % model.config.num_classes).to(device)
-    codes = generate(model, first, sampling, compile=args.compile)  # warm-up (CUDA-graph capture)
-    rows: dict[str, Any] = {"raw_sampling": raw_sampling(model, batches, sampling, args.compile, device)}
+    graphs = args.compile and device.type == "cuda"  # as evaluate() decides: the CPU runs eager
+    codes = generate(model, first, sampling, compile=graphs)  # warm-up (CUDA-graph capture)
+    rows: dict[str, Any] = {"raw_sampling": raw_sampling(model, batches, sampling, graphs, device)}
     report: dict[str, Any] = {
         **provenance("eval_pipeline", device),
         "config": {k: v for k, v in vars(args).items() if k != "out"},

@@ -12,16 +12,14 @@ Stages, in order, each in its own process (a crash or a hang in one costs only t
   train_eager    GPT-B training step, bf16, batch 128: next-token vs MuToR-2D R=80, flex vs sdpa,
                  head_chunk_size 0 vs 8192; images/s, step ratio over the ideal (N+R)/N, peak memory
   train_compiled the same compiled (next-token, MuToR-2D R=80): + graph breaks and recompiles
-  sample         GPT-B compiled sampling (CUDA graphs), CFG 2.0, bf16, batch 32 and 64 in one process: the
-                 decode attention sdpa (dense mask, the old default) vs flex (the default), and at batch 64
-                 flex with 4 decode steps per CUDA graph (steps_per_graph=4), each profiled at batch 64
-                 (GPU time per step against wall time, top kernels)
+  sample         GPT-B compiled sampling (CUDA graphs, flex decode attention), CFG 2.0, bf16, batch 32
+                 and 64 in one process, and at batch 64 with 4 decode steps per CUDA graph
+                 (bench/decode_variants.py), each profiled at batch 64 (GPU time per step against wall
+                 time, top kernels)
   eval           eval/fid.py's pipeline on 1,000 samples end to end vs raw sampling
   draft          register drafting at batch 1, 8, 64, greedy and sampled, CFG 2.0, on the demo's
                  MuToR-2D model (make demo; its rows are skipped without it), and the verify cost at GPT-B
   llamagen       with LLAMAGEN_REF=DIR: bench/vs_llamagen.py (LlamaGen's generate and train step)
-  sample_ab      compiled sampling at batch 64: the other decode attentions (math: explicit attention
-                 fused by inductor; math+bucket64: the same over 64-slot buckets) against sdpa, profiled
   train_compiled_chunked  the compiled step with head_chunk_size 8192
 
 After every stage the whole result is rewritten to ``bench/results/gpu_check_<device>.json``
@@ -134,19 +132,11 @@ SAMPLE = ["--size", "GPT-B", "--dtype", "bf16", "--variants", "", "--warmup", "1
 
 
 def sample_commands(out: Path) -> list[list[str]]:
-    # One process, the compiled decode only (eager: bench/results/gpu_check_h100_20261127_s2.json): the
-    # dense-mask sdpa decode (the default before decode.py) against flex (the default now), and flex with
-    # 4 decode steps per CUDA graph at batch 64 (its remainder reuses flex's single-step graph), all
-    # profiled. k = 2 would add another ~30 s compile: bench/sample.py --steps-per-graph 1,2,4 alone.
-    args = ["--batch-size", "32,64", "--decode-attention", "sdpa,flex,flex+steps4@64"]
-    return [python("sample.py", *SAMPLE, *args, "--out", str(out / "decode_attention.json"))]
-
-
-def sample_ab_commands(out: Path) -> list[list[str]]:
-    # The other designs at batch 64 against sdpa in the same process: explicit attention fused by
-    # inductor over the whole cache and over 64-slot buckets (four graphs).
-    args = ["--batch-size", "64", "--decode-attention", "sdpa,math,math+bucket64"]
-    return [python("sample.py", *SAMPLE, *args, "--out", str(out / "decode_attention_ab.json"))]
+    # One process, the compiled decode only (eager: bench/results/gpu_check_h100_20261127_s2.json), and
+    # 4 decode steps per CUDA graph at batch 64 (its remainder reuses the single-step graph), all
+    # profiled. k = 2 would add another ~30 s compile: bench/sample.py --steps-per-graph 2,4 alone.
+    args = ["--batch-size", "32,64", "--compile", "--steps-per-graph", "4@64"]
+    return [python("sample.py", *SAMPLE, *args, "--out", str(out / "compiled_sampling.json"))]
 
 
 def eval_commands(out: Path) -> list[list[str]]:
@@ -178,11 +168,9 @@ def needs_llamagen() -> str | None:
 # (+25: the chained timings, the profiles), train_compiled 83 (+40: the sdpa variant's compile, the
 # chained timings), train_compiled_chunked 91; gpu_check_h100_20261127_s2.json: tier 93 with 6 workers
 # and 14 tests, eval 48, llamagen 163, draft 10 without the demo model), rounded up; tier has 20 tests
-# since the decode attentions (+5 compiled, a guess of +30 s). sample and
-# sample_ab are guesses until a run completes them: about 20 s per compiled graph set on a bare machine
-# (s2's sample stage: 93 s for two compiles, the eager runs and a profile), 8 s per extra bucket graph,
-# 5 s per profile. sample 150: 114 s in gpu_check_h100_20261127_s3.json, + flex+steps4@64 (a guess: one
-# graph of 4 unrolled steps, ~30 s to compile, and its profile).
+# since the decode attentions (+5 compiled, a guess of +30 s). sample 150: 114 s in
+# gpu_check_h100_20261127_s3.json for sdpa and flex at two batch sizes; now flex alone, + 4 steps per
+# graph at batch 64 (a guess: one graph of 4 unrolled steps, ~30 s to compile, and its profile).
 # eval 60 = 48 + the serial run (375 samples), the decoder variants and the PNG rates, less what the
 # overlap saves (an estimate until a run).
 STAGES = [
@@ -201,7 +189,7 @@ STAGES = [
     ),
     Stage(
         "sample",
-        "GPT-B compiled sampling, CFG 2.0, batch 32/64: decode attention sdpa vs flex, flex 4 steps/graph, profiles",
+        "GPT-B compiled sampling, CFG 2.0, batch 32/64, and 4 decode steps per graph at 64, profiles",
         150,
         sample_commands,
     ),
@@ -209,12 +197,6 @@ STAGES = [
     Stage("draft", "register drafting at batch 1/8/64 (demo model) and the GPT-B verify cost", 35, draft_commands),
     Stage(
         "llamagen", "LlamaGen's own generate and train step side by side", 170, llamagen_commands, needs=needs_llamagen
-    ),
-    Stage(
-        "sample_ab",
-        "GPT-B compiled sampling, batch 64: decode attention sdpa vs math, math+bucket64, profiles",
-        120,
-        sample_ab_commands,
     ),
     Stage(
         "train_compiled_chunked",
@@ -393,19 +375,15 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 
     # Without the llamagen stage: LlamaGen's compiled generate ran 188 images/s at batch 64 on the H100
     # (bench/results/vs_llamagen_h100.json), so 1.5x is 282 (0.9 ms per decode step).
-    decode = _stage_data(result, "sample").get("decode_attention", {}).get("rows", {})
-    row = decode.get("cache_cfg_compiled_flex@64")
+    decode = _stage_data(result, "sample").get("compiled_sampling", {}).get("rows", {})
+    row = decode.get("cache_cfg_compiled@64")
     value = None if row is None else round(row["images_per_s"], 1)
-    add("compiled sampling images/s, batch 64, flex decode (H100)", ">= 282", value, value is not None and value >= 282)
-    value = None if row is None or "speedup_over_sdpa" not in row else round(row["speedup_over_sdpa"], 3)
-    add("compiled sampling, batch 64: flex / sdpa decode attention", "> 1", value, value is not None and value > 1)
-    row = decode.get("cache_cfg_compiled_flex+steps4@64")
+    add("compiled sampling images/s, batch 64 (H100)", ">= 282", value, value is not None and value >= 282)
+    row = decode.get("cache_cfg_compiled+steps4@64")
     value = None if row is None else round(row["images_per_s"], 1)
-    add(
-        "compiled sampling images/s, batch 64, flex, 4 steps/graph", ">= 282", value, value is not None and value >= 282
-    )
+    add("compiled sampling images/s, batch 64, 4 steps/graph", ">= 282", value, value is not None and value >= 282)
     value = None if row is None or "speedup_over_steps1" not in row else round(row["speedup_over_steps1"], 3)
-    add("compiled sampling, batch 64, flex: 4 / 1 steps per graph", "> 1", value, value is not None and value > 1)
+    add("compiled sampling, batch 64: 4 / 1 steps per graph", "> 1", value, value is not None and value > 1)
 
     pipeline = _stage_data(result, "eval").get("eval_pipeline")
     value = None if pipeline is None else round(pipeline["ratio"], 3)

@@ -44,7 +44,7 @@ def make_step(args: argparse.Namespace, chunk: int, device: torch.device):
         layout = model.register_layout(args.batch_size, generator=g, device=device)
         mask = None if layout is None else model.attention_mask(layout)
         with autocast:
-            loss = forward(tokens, labels, layout, mask, return_loss=True)["loss"]
+            loss = forward(tokens, labels, layout, mask, return_loss=True).loss["loss"]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -181,6 +181,16 @@ def demo_sweep_table(results: Results) -> list[str]:
     return table(header, rows)
 
 
+def equivalence_table(results: Results) -> list[str]:
+    header = ["file", "before", "after", "cases", "equal", "different"]
+    rows = [
+        [name, r["before"]["commit"][:10], r["after"]["commit"][:10], r["cases"], r["equal"],
+         ", ".join(r["different"]) or "none"]
+        for name, r in results
+    ]  # fmt: skip
+    return table(header, rows)
+
+
 SECTIONS: list[tuple[str, str, Callable[[Results], list[str]]]] = [
     ("gpu_check", "**GPU check** (`make gpu-check`; each stage's rows and status are in the file)", gpu_check_table),
     ("train_step", "**Training step** (`bench/train_step.py`; median of interleaved repeats)", train_step_table),
@@ -203,6 +213,13 @@ SECTIONS: list[tuple[str, str, Callable[[Results], list[str]]]] = [
         demo_sweep_table,
     ),
     ("faults", "**Fault injection** (`bench/faults.py`)", faults_table),
+    (
+        "equivalence",
+        "**Refactors, bit for bit** (`bench/equivalence.py`: sha256 of sampled codes — eager, no-cache, "
+        "compiled through inductor, drafted —, model logits, losses and gradients, trained weights, and "
+        "eval/fid.py's PNGs, features, npz and results.json, on tiny CPU models, before and after)",
+        equivalence_table,
+    ),
 ]
 
 

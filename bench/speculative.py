@@ -29,7 +29,7 @@ import torch
 from common import median_time, provenance, save  # bench/common.py (the script's folder is on sys.path)
 
 from mutor_vision.core.drafting import DecodeStats
-from mutor_vision.models import GPT, GPTConfig, RegisterConfig, SamplingConfig, generate
+from mutor_vision.models import GPT, GPTConfig, RegisterConfig, SamplingConfig, generate, generate_drafted
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,8 +46,8 @@ def images(export: Path, repeats: int, device: torch.device, batches: list[int],
                 plain = median_time(lambda s=settings, lab=labels: generate(model, lab, s), repeats, warmup=1)
                 for k in (2, 3):
                     stats = DecodeStats()
-                    drafted = median_time(lambda s=settings, lab=labels, k=k, st=stats: generate(
-                        model, lab, s, draft_tokens=k, stats=st), repeats)  # fmt: skip
+                    drafted = median_time(lambda s=settings, lab=labels, k=k, st=stats: generate_drafted(
+                        model, lab, s, k, st), repeats)  # fmt: skip
                     rows.append({
                         "batch": batch, "temperature": temperature, "cfg_scale": cfg, "draft_tokens": k,
                         "tokens_per_forward": stats.tokens_per_forward,

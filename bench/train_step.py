@@ -128,7 +128,7 @@ def main() -> None:
         def step(forward=forward, optimizer=optimizer, params=params, tokens=tokens, labels=labels, prepare=prepare):
             layout, mask = prepare()
             with autocast:
-                parts = forward(tokens, labels, layout, mask, return_loss=True)
+                parts = forward(tokens, labels, layout, mask, return_loss=True).loss
             parts["loss"].backward()
             # What the trainer does between backward and update (mutor_vision/training/runtime.py
             # backward_and_step): read the loss parts, clip and read the grad norm (a non-finite one

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from common import median_time, provenance, save, wall_time  # bench/common.py (the script's folder is on sys.path)
 
-from mutor_vision.models import GPT, GPTConfig, RegisterConfig, generate
+from mutor_vision.models import GPT, GPTConfig, RegisterConfig, SamplingConfig, generate
 
 CFG = 2.0
 
@@ -69,8 +69,8 @@ def sampling(root: Path, batches: list[int], repeats: int) -> dict[str, dict]:
             "llamagen_compiled": lambda m=theirs_compiled, c=labels: llamagen_generate(
                 m, c, 256, cfg_scale=CFG, top_k=0
             ),
-            "ours_eager": lambda c=labels: generate(ours, c, cfg_scale=CFG),
-            "ours_compiled": lambda c=labels: generate(ours, c, cfg_scale=CFG, compile=True),
+            "ours_eager": lambda c=labels: generate(ours, c, SamplingConfig(cfg_scale=CFG)),
+            "ours_compiled": lambda c=labels: generate(ours, c, SamplingConfig(cfg_scale=CFG), compile=True),
         }
         row = {f"{name}_images_per_s": batch / median_time(fn, repeats, warmup=2) for name, fn in runs.items()}
         row["ours_compiled_over_llamagen_compiled"] = (
@@ -104,7 +104,7 @@ def training(root: Path, batch: int, repeats: int) -> dict:
             else:
                 layout = model.register_layout(batch, generator=g, device="cuda")
                 mask = None if layout is None else model.attention_mask(layout)
-                loss = model(tokens, labels, layout, mask, return_loss=True)["loss"]
+                loss = model(tokens, labels, layout, mask, return_loss=True).loss["loss"]
         loss.backward()
         optimizers[name].step()
         optimizers[name].zero_grad(set_to_none=True)

@@ -55,7 +55,7 @@ from demo.report import publish  # noqa: E402
 from demo.runs import discard_if_edited  # noqa: E402
 from mutor_vision.cli import setup_logging  # noqa: E402
 from mutor_vision.config import load_yaml  # noqa: E402
-from mutor_vision.evaluation import evaluate, reference_from_images  # noqa: E402
+from mutor_vision.evaluation import EvalConfig, Scoring, evaluate, reference_from_images  # noqa: E402
 from mutor_vision.evaluation.metrics import frechet_distance, inception_score, precision_recall, statistics  # noqa: E402
 from mutor_vision.files import atomic_write_json  # noqa: E402
 from mutor_vision.models import GPT, SamplingConfig  # noqa: E402
@@ -203,12 +203,13 @@ def evaluate_run(run: Path, data: Path, palette: PaletteTokenizer, extractor, re
     for checkpoint in evaluated_checkpoints(run, plan):
         step = checkpoint_step(checkpoint)
         model = GPT.from_pretrained(checkpoint / "export").eval()
-        results = evaluate(
-            model, lambda codes: to_uint8(palette.decode(codes)), extractor, reference,
+        config = EvalConfig(
             run / "eval" / f"step_{step:08d}", num_samples=plan.samples,
             sampling=SamplingConfig(cfg_scale=plan.cfg_scale, seed=0), batch_size=120, feature_batch_size=360,
-            save_npz=False, extra_metrics=class_consistency,
+            save_npz=False,
         )  # fmt: skip
+        decode = lambda codes: to_uint8(palette.decode(codes))  # noqa: E731
+        results = evaluate(model, decode, Scoring(extractor, reference, class_consistency), config)
         rows.append({"step": step, **results["metrics"], "heldout_nll": heldout_nll(model, data / "shards" / "test")})
     return rows
 

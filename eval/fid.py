@@ -33,6 +33,8 @@ from mutor_vision.cli import FORCE_HELP, TOOL_EXIT_CODES, run_command, setup_log
 from mutor_vision.core.drafting import check_draft_tokens
 from mutor_vision.errors import ConfigError, InputError
 from mutor_vision.evaluation import (
+    EvalConfig,
+    Scoring,
     evaluate,
     evaluation_state,
     inception_extractor,
@@ -177,23 +179,42 @@ def data_classes(args: argparse.Namespace, model: GPT) -> int:
 def run(argv: list[str] | None = None) -> dict | None:
     """Evaluate per the command line; the results on rank 0 (None on other ranks)."""
     args = parse_args(argv)
-    sampling = SamplingConfig(
-        cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
-    )
+    config = eval_config(args)
     check_inputs(args)
     state = evaluation_state(args.device)  # first: each rank's device (cuda:<local rank>), gloo on CPU
     # One run per --out (mutor_vision/locks.py): two would write and skip each other's samples.
     with main_process_holds(state, args.out, "--out", force=args.force):
-        return evaluate_held(args, state, sampling)
+        return evaluate_held(args, state, config)
 
 
-def evaluate_held(args: argparse.Namespace, state, sampling: SamplingConfig) -> dict | None:
+def eval_config(args: argparse.Namespace) -> EvalConfig:
+    """The flags' settings (checked here, before any input is read); the classes are resolved later."""
+    sampling = SamplingConfig(
+        cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+    )
+    return EvalConfig(
+        out_dir=args.out,
+        num_samples=args.num_samples,
+        per_class=args.per_class,
+        num_classes=args.num_classes,
+        sampling=sampling,
+        draft_tokens=args.draft_tokens,
+        decode_precision=args.decode_precision,
+        batch_size=args.batch_size,
+        feature_batch_size=args.feature_batch_size,
+        save_npz=args.save_npz,
+        compile=args.compile,
+        device=args.device,
+    )
+
+
+def evaluate_held(args: argparse.Namespace, state, config: EvalConfig) -> dict | None:
     """Load, sample and measure into ``args.out`` (held by this run); the results on rank 0."""
     device = state.device
     model = GPT.from_pretrained(args.ckpt, size=args.size, trust=args.trust_checkpoint).to(device).eval()
     if args.draft_tokens > 1:  # a model that cannot draft is refused before any work
         check_draft_tokens(args.draft_tokens, *trained_raster_offsets(model))
-    num_classes = data_classes(args, model)
+    config = config.replace(num_classes=data_classes(args, model))
     kind, path, checksum = resolve_tokenizer(args)
     kind = kind or tokenizer_kind(path)
     try:
@@ -227,33 +248,16 @@ def evaluate_held(args: argparse.Namespace, state, sampling: SamplingConfig) -> 
             )
         else:
             log.warning("no --ref-batch / --ref-folder: only the Inception Score is computed")
-    return evaluate(
-        model,
-        decode,
-        extractor,
-        reference,
-        args.out,
-        num_samples=args.num_samples,
-        sampling=sampling,
-        per_class=args.per_class,
-        batch_size=args.batch_size,
-        feature_batch_size=args.feature_batch_size,
-        save_npz=args.save_npz,
-        compile=args.compile,
-        device=args.device,
-        draft_tokens=args.draft_tokens,
-        num_classes=num_classes,
-        decode_precision=args.decode_precision,
-        extra={
-            "checkpoint": str(args.ckpt),
-            "tokenizer": {"kind": kind, "path": str(path), "sha256": tokenizer.checksum},
-            "precision": precision,
-            "compile": args.compile,
-            # cuDNN's TF32 for the decoder's convolutions (PyTorch's default, and LlamaGen's setting)
-            "decode_tf32_convolutions": device.type == "cuda" and torch.backends.cudnn.allow_tf32,
-            "resolution": resolution,
-        },
-    )
+    notes = {
+        "checkpoint": str(args.ckpt),
+        "tokenizer": {"kind": kind, "path": str(path), "sha256": tokenizer.checksum},
+        "precision": precision,
+        "compile": args.compile,
+        # cuDNN's TF32 for the decoder's convolutions (PyTorch's default, and LlamaGen's setting)
+        "decode_tf32_convolutions": device.type == "cuda" and torch.backends.cudnn.allow_tf32,
+        "resolution": resolution,
+    }
+    return evaluate(model, decode, Scoring(extractor, reference), config.replace(notes=notes))
 
 
 def main(argv: list[str] | None = None) -> int:

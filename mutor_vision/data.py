@@ -69,7 +69,7 @@ class _TokenStream(torch.utils.data.IterableDataset):
             yield torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch], dtype=torch.long)
 
     def _samples(self, rng: random.Random) -> Iterator[tuple[torch.Tensor, int]]:
-        # lazy: webdataset takes ~1 s to import; only tar reading/writing needs it
+        # lazy: webdataset is a slow import; only tar reading/writing needs it
         from webdataset.tariterators import tarfile_samples
 
         usable = list(range(len(self.urls)))

@@ -193,7 +193,7 @@ def write_shard(path: str | Path, samples: Iterable[tuple[str, np.ndarray, int]]
 
     Keys must be unique within the shard (a duplicate makes an invalid webdataset tar).
     """
-    import webdataset as wds  # lazy: webdataset takes ~1 s to import; only tar reading/writing needs it
+    import webdataset as wds  # lazy: webdataset is a slow import; only tar reading/writing needs it
 
     count, seen = 0, set()
 
@@ -223,7 +223,7 @@ def write_shard(path: str | Path, samples: Iterable[tuple[str, np.ndarray, int]]
 
 def iter_samples(manifest: Manifest, spec: SampleSpec | None = None) -> Iterator[tuple[str, np.ndarray, int]]:
     """Every sample once, in shard order: ``(key, tokens (n_crops, h, w), label)``, checked."""
-    # lazy: webdataset takes ~1 s to import; only tar reading/writing needs it
+    # lazy: webdataset is a slow import; only tar reading/writing needs it
     from webdataset.tariterators import tarfile_samples
 
     spec = spec or SampleSpec.of(manifest)

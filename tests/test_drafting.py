@@ -16,7 +16,7 @@ from mutor_vision.core.drafting import (
 )
 from mutor_vision.core.registers import anchored_layout
 from mutor_vision.errors import ConfigError
-from mutor_vision.models import GPT, GPTConfig, RegisterConfig, SamplingConfig, generate
+from mutor_vision.models import GPT, GPTConfig, RegisterConfig, SamplingConfig, generate, generate_drafted
 
 
 def model_with(registers: RegisterConfig, grid: int = 4, vocab: int = 12, seed: int = 0) -> GPT:
@@ -40,9 +40,10 @@ def test_greedy_drafting_equals_plain_greedy(registers, k, cfg_scale):
     for seed in range(3):
         model = model_with(registers, seed=seed)
         labels = torch.tensor([0, 1, 2, 3, 4, 0])
-        plain = generate(model, labels, cfg_scale=cfg_scale, temperature=0.0)
+        greedy = SamplingConfig(cfg_scale=cfg_scale, temperature=0.0)
+        plain = generate(model, labels, greedy)
         stats = DecodeStats()
-        drafted = generate(model, labels, cfg_scale=cfg_scale, temperature=0.0, draft_tokens=k, stats=stats)
+        drafted = generate_drafted(model, labels, greedy, k, stats)
         assert torch.equal(plain, drafted), (seed, k)
         assert 1.0 <= stats.tokens_per_forward <= k and stats.forwards <= 16
 
@@ -83,7 +84,7 @@ def test_drafted_sampling_has_the_model_distribution(cfg_scale):
     for seed in range(800):
         stats = DecodeStats()
         labels = torch.zeros(2, dtype=torch.long)
-        drafted.append(generate(model, labels, settings.replace(seed=seed), draft_tokens=3, stats=stats).view(2, -1))
+        drafted.append(generate_drafted(model, labels, settings.replace(seed=seed), 3, stats).view(2, -1))
         forwards += stats.forwards
     drafted = torch.cat(drafted)
     assert forwards < 800 * 16 * 0.8  # many drafts accepted: the multi-token path was exercised
@@ -109,12 +110,14 @@ def test_acceptance_rule_on_a_worked_example():
 def test_what_was_never_trained_is_a_clear_error():
     labels = torch.tensor([0])
     with pytest.raises(ConfigError, match="trained without registers"):
-        generate(model_with(RegisterConfig(mode="ntp")), labels, draft_tokens=2)
+        generate_drafted(model_with(RegisterConfig(mode="ntp")), labels, SamplingConfig(), 2)
     expected = r"never trained on offsets \[4\] \(mode mutor2d, d_max_2d 4, grid 8\).*at most draft_tokens 3"
     with pytest.raises(ConfigError, match=expected):  # on an 8-wide grid, offset 4 is no 2D target
-        generate(model_with(MUTOR2D, grid=8), labels, draft_tokens=4)
+        generate_drafted(model_with(MUTOR2D, grid=8), labels, SamplingConfig(), 4)
     with pytest.raises(ConfigError, match=r"offsets \[2, 3\].*d_max_2d 2.*cannot draft consecutive tokens"):
-        generate(model_with(RegisterConfig(mode="mutor2d", d_max_2d=2, num_registers=None)), labels, draft_tokens=3)
+        generate_drafted(
+            model_with(RegisterConfig(mode="mutor2d", d_max_2d=2, num_registers=None)), labels, SamplingConfig(), 3
+        )
     with pytest.raises(ConfigError, match="draft_tokens must be >= 2"):
         check_draft_tokens(1, [1, 2], "")
 

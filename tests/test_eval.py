@@ -1,6 +1,7 @@
 """Evaluation: metric maths against independent computations, and the eval/fid.py pipeline."""
 
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from eval import fid as fid_cli
 from mutor_vision.errors import ConfigError, InputError
 from mutor_vision.evaluation import (
     INCEPTION_FILE,
+    EvalConfig,
     frechet_distance,
     inception_extractor,
     inception_score,
@@ -23,7 +25,7 @@ from mutor_vision.evaluation import (
     save_random_inception_weights,
     statistics,
 )
-from mutor_vision.models import GPT, GPTConfig, RegisterConfig
+from mutor_vision.models import GPT, GPTConfig, RegisterConfig, SamplingConfig
 from mutor_vision.models.checkpoint import save_export
 from tokenizer import PaletteTokenizer, to_uint8
 
@@ -211,18 +213,18 @@ def test_in_memory_features_equal_the_png_files_features(tmp_path, export, incep
     # equal those read back from the files (a rerun's kept samples), batch for batch.
     from mutor_vision.evaluation import inception_extractor
     from mutor_vision.evaluation.run import sample_and_measure
-    from mutor_vision.models import SamplingConfig
 
     model = GPT.from_pretrained(export / "export").eval()
     palette = PaletteTokenizer(COLORS)
     extractor = inception_extractor(inception_weights)
-    args = (model, lambda codes: to_uint8(palette.decode(codes)), extractor, np.arange(12) % 3, range(12),
-            tmp_path / "samples", SamplingConfig(cfg_scale=1.5), 4, 4)  # fmt: skip
-    from_memory, written = sample_and_measure(*args, show_progress=False)
-    from_files, rewritten = sample_and_measure(*args, show_progress=False)
-    assert (written, rewritten) == (12, 0)
-    assert all(np.array_equal(a, b) for a, b in zip(from_memory, from_files, strict=True))
-    assert from_memory[0].shape == (12, 2048) and from_memory[0].dtype == np.float32
+    config = EvalConfig(tmp_path, sampling=SamplingConfig(cfg_scale=1.5), batch_size=4, feature_batch_size=4)
+    args = (model, lambda codes: to_uint8(palette.decode(codes)), extractor, np.arange(12) % 3, range(12), config)
+    from_memory = sample_and_measure(*args, show_progress=False)
+    from_files = sample_and_measure(*args, show_progress=False)
+    assert (from_memory.written, from_files.written) == (12, 0)
+    assert np.array_equal(from_memory.indices, np.arange(12))
+    assert all(np.array_equal(a, b) for a, b in zip(from_memory.features, from_files.features, strict=True))
+    assert from_memory.features[0].shape == (12, 2048) and from_memory.features[0].dtype == np.float32
 
 
 def test_a_corrupt_png_is_sampled_again(tmp_path, export, inception_weights):
@@ -465,8 +467,7 @@ class TwoFeatures(torch.nn.Module):
 
 
 def test_decode_precision_fp32_is_the_decoder_as_it_is_and_bf16_is_stamped(tmp_path, export, inception_weights):
-    from mutor_vision.evaluation import evaluate
-    from mutor_vision.models import SamplingConfig
+    from mutor_vision.evaluation import Scoring, evaluate
     from tokenizer import VQ16, VQ16Config, uint8_decoder
 
     torch.manual_seed(0)
@@ -483,24 +484,67 @@ def test_decode_precision_fp32_is_the_decoder_as_it_is_and_bf16_is_stamped(tmp_p
     # Samples decoded in one precision never mix with another's: the stamp records it.
     model = GPT.from_pretrained(export / "export").eval()
     decode = uint8_decoder(PaletteTokenizer(COLORS))
-    common = dict(num_samples=4, sampling=SamplingConfig(), batch_size=4, feature_batch_size=4, save_npz=False)
-    evaluate(model, decode, TwoFeatures(), None, tmp_path / "run", **common)
+    config = EvalConfig(
+        tmp_path / "run", num_samples=4, sampling=SamplingConfig(), batch_size=4, feature_batch_size=4, save_npz=False
+    )
+    evaluate(model, decode, Scoring(TwoFeatures()), config)
     with pytest.raises(ValueError, match="decode_precision"):
-        evaluate(model, decode, TwoFeatures(), None, tmp_path / "run", decode_precision="bf16", **common)
+        evaluate(model, decode, Scoring(TwoFeatures()), config.replace(decode_precision="bf16"))
+
+
+def test_eval_config_is_the_one_source_of_the_stamp_its_defaults_and_the_record(export):
+    model = GPT.from_pretrained(export / "export").eval()
+    config = EvalConfig("unused", num_samples=12, sampling=SamplingConfig(cfg_scale=1.5, top_k=3)).for_model(model)
+    stamp = config.stamp(model)
+    settings = ["num_samples", "per_class", "num_classes", "cfg_scale", "temperature", "top_k", "top_p", "seed"]
+    assert list(stamp) == [*settings, "draft_tokens", "decode_precision", "model"]
+    assert (stamp["num_classes"], stamp["cfg_scale"], stamp["top_k"]) == (3, 1.5, 3)  # None resolved: every class
+    assert set(stamp["model"]) == {"config", "checksum"}
+    defaults = EvalConfig.stamp_defaults(model)  # what a stamp of older code stands for, key by key
+    assert set(stamp) - {"model"} <= set(defaults) and "model.config.grid_size" in defaults
+    assert (defaults["num_classes"], defaults["draft_tokens"], defaults["decode_precision"]) == (3, 1, "fp32")
+    record = config.record()
+    assert record["num_samples"] == 12 and record["decode_precision"] == "fp32"
+    assert record["sampling"] == {**{k: stamp[k] for k in settings[3:]}, "labels": "per-class", "batch_size": 64,
+                                  "num_classes": 3}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"num_classes 4: the model has classes 0\.\.2"):
+        EvalConfig("unused", num_classes=4).for_model(model)
+    for bad, key in [(dict(batch_size=0), "batch_size"), (dict(num_samples=0), "num_samples"),
+                     (dict(device="cuda:1"), "device")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=key):
+            EvalConfig("unused", **bad)
+
+
+def test_compile_on_the_cpu_samples_eager_and_says_so(tmp_path, export, caplog):
+    from mutor_vision.evaluation import Scoring, evaluate
+    from tokenizer import uint8_decoder
+
+    model = GPT.from_pretrained(export / "export").eval()
+    decode = uint8_decoder(PaletteTokenizer(COLORS))
+    config = EvalConfig(tmp_path / "eager", num_samples=4, batch_size=4, feature_batch_size=4, save_npz=False)
+    eager = evaluate(model, decode, Scoring(TwoFeatures()), config)
+    with caplog.at_level(logging.INFO, logger="mutor_vision.evaluation.run"):
+        compiled = evaluate(model, decode, Scoring(TwoFeatures()), config.replace(out_dir=tmp_path / "c", compile=True))
+    assert "runs eager" in caplog.text and compiled["metrics"] == eager["metrics"]
+    assert model.layers[0].attention.kv_cache is None  # nothing compiled: the eager cache was freed
+    for i in range(4):
+        name = f"samples/{i:06d}.png"
+        assert (tmp_path / "eager" / name).read_bytes() == (tmp_path / "c" / name).read_bytes()
 
 
 # ---------------------------------------------------------------- the pipeline: overlap, PNG writer, timings
 
 
-def pipeline_args(export: Path, folder: Path):
-    from mutor_vision.models import SamplingConfig
+def pipeline_args(export: Path, folder: Path, overlap: bool):
     from tokenizer import uint8_decoder
 
     model = GPT.from_pretrained(export / "export").eval()
     labels = np.arange(10) % 3
     # 10 samples in batches of 4 (the last one short), features 3 at a time (not a divisor of 4)
-    return (model, uint8_decoder(PaletteTokenizer(COLORS)), TwoFeatures(), labels, range(10), folder,
-            SamplingConfig(cfg_scale=1.5, seed=3), 4, 3)  # fmt: skip
+    config = EvalConfig(
+        folder, sampling=SamplingConfig(cfg_scale=1.5, seed=3), batch_size=4, feature_batch_size=3, overlap=overlap
+    )
+    return model, uint8_decoder(PaletteTokenizer(COLORS)), TwoFeatures(), labels, range(10), config
 
 
 def test_the_overlapped_pipeline_writes_and_measures_exactly_what_each_batch_computes(tmp_path, export):
@@ -510,8 +554,9 @@ def test_the_overlapped_pipeline_writes_and_measures_exactly_what_each_batch_com
     from mutor_vision.evaluation.run import sample_and_measure
     from mutor_vision.models import generate, sample_uniforms
 
-    args = pipeline_args(export, tmp_path / "overlap")
-    model, decode, extractor, labels, _, _, sampling, batch_size, feature_batch = args
+    args = pipeline_args(export, tmp_path / "overlap", overlap=True)
+    model, decode, extractor, labels, _, config = args
+    sampling, batch_size, feature_batch = config.sampling, config.batch_size, config.feature_batch_size
     images, pool, logits = [], [], []
     for start in range(0, 10, batch_size):
         batch = list(range(start, min(10, start + batch_size)))
@@ -526,13 +571,13 @@ def test_the_overlapped_pipeline_writes_and_measures_exactly_what_each_batch_com
     images, pool, logits = np.concatenate(images), np.concatenate(pool), np.concatenate(logits)
     assert len({image.tobytes() for image in images}) == 10  # ten different images: a mix-up would show
 
-    overlapped, written = sample_and_measure(*args, show_progress=False, overlap=True)
-    serial, _ = sample_and_measure(*pipeline_args(export, tmp_path / "serial"), show_progress=False, overlap=False)
-    assert written == 10
+    overlapped = sample_and_measure(*args, show_progress=False)
+    serial = sample_and_measure(*pipeline_args(export, tmp_path / "serial", overlap=False), show_progress=False)
+    assert overlapped.written == 10
     for measured in (overlapped, serial):
-        assert np.array_equal(measured[0], pool) and np.array_equal(measured[1], logits)
+        assert np.array_equal(measured.features[0], pool) and np.array_equal(measured.features[1], logits)
     for i in range(10):
-        name = f"{i:06d}.png"
+        name = f"samples/{i:06d}.png"
         assert np.array_equal(np.asarray(Image.open(tmp_path / "overlap" / name)), images[i]), name
         assert (tmp_path / "overlap" / name).read_bytes() == (tmp_path / "serial" / name).read_bytes()
 
@@ -545,8 +590,8 @@ def test_an_interrupted_overlapped_run_still_writes_the_batch_in_flight(tmp_path
 
     kill_generate_at_call(monkeypatch, evaluation_run, 3)
     with pytest.raises(KeyboardInterrupt):
-        sample_and_measure(*pipeline_args(export, tmp_path / "run"), show_progress=False, overlap=True)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [f"{i:06d}.png" for i in range(8)]
+        sample_and_measure(*pipeline_args(export, tmp_path / "run", overlap=True), show_progress=False)
+    assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == [f"{i:06d}.png" for i in range(8)]
 
 
 def test_png_writer_holds_at_most_max_pending_images_and_counts_its_waits(tmp_path, monkeypatch):
@@ -575,7 +620,7 @@ def test_timings_add_up_each_part_of_each_batch(tmp_path, export):
     from mutor_vision.evaluation.timing import Timings, _intersect, _length, _union
 
     timings = Timings("cpu")
-    sample_and_measure(*pipeline_args(export, tmp_path / "run"), show_progress=False, overlap=True, timings=timings)
+    sample_and_measure(*pipeline_args(export, tmp_path / "run", overlap=True), False, timings)
     summary = timings.summary()
     assert {name: part["batches"] for name, part in summary["parts"].items()} == {
         "sample": 3, "decode": 3, "features": 3, "copy": 3,

@@ -14,8 +14,7 @@ import pytest
 import torch
 from conftest import COLORS, ROOT, make_image_folder
 
-from mutor_vision.models import GPT, GPTConfig, RegisterConfig, generate
-from mutor_vision.models.decode import DecodeAttention
+from mutor_vision.models import GPT, GPTConfig, RegisterConfig, SamplingConfig, generate
 from mutor_vision.shards import write_synthetic_shards
 
 pytestmark = [
@@ -82,7 +81,8 @@ def test_flex_equals_sdpa_register_attention_in_bf16(registers):
     for model in (flex, sdpa):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(tokens, labels, layout)
-        model.loss(tokens, out, layout).loss.backward()
+            loss = model(tokens, labels, layout, return_loss=True).loss["loss"]
+        loss.backward()
         outputs.append(out)
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert relative_error(outputs[0].logits, outputs[1].logits) < 2e-2
@@ -92,43 +92,37 @@ def test_flex_equals_sdpa_register_attention_in_bf16(registers):
         assert relative_error(grads[0][name], grads[1][name]) < 5e-2, name
 
 
-@pytest.mark.parametrize("name", ["sdpa", "math", "math+bucket64", "flex"])
-def test_kv_cache_decode_equals_full_forward_on_cuda(name):
-    # Eager; flex here is the one compiled flex_attention of attend() with the step's BlockMask.
-    model, attention = small_model().eval(), DecodeAttention.parse(name)
+def test_kv_cache_decode_equals_full_forward_on_cuda():
+    # Eager: SDPA with the dense mask over the whole cache.
+    model = small_model().eval()
     tokens, labels = small_batch(model.config, size=4)
-    num_tokens = model.config.num_tokens
     with torch.no_grad():
         full = model(tokens, labels).logits
         model.setup_caches(4)
         steps = [model.prefill(labels)]
-        for t in range(1, num_tokens):
-            position = torch.tensor([t], device="cuda")
-            steps.append(model.decode(tokens[:, t - 1 : t], position, attention, attention.kv_len(t, num_tokens)))
+        for t in range(1, model.config.num_tokens):
+            steps.append(model.decode(tokens[:, t - 1 : t], torch.tensor([t], device="cuda")))
         model.clear_caches()
     assert (torch.stack(steps, 1) - full).abs().max().item() < 1e-3
 
 
-@pytest.mark.parametrize("name", ["flex", "math"])
-def test_compiled_bf16_decode_attention_matches_eager_sdpa(name):
-    # bf16 as the benchmarks run: the compiled step's kernel (flex: inductor's flex decoding, blocks
-    # past t skipped) against the eager dense-mask decode, every step, over stale caches.
-    model, attention = small_model().to(torch.bfloat16).eval(), DecodeAttention.parse(name)
+def test_compiled_bf16_decode_matches_eager_sdpa():
+    # bf16 as the benchmarks run: the compiled step's kernel (inductor's flex decoding, blocks past t
+    # skipped) against the eager dense-mask decode, every step, over stale caches.
+    model = small_model().to(torch.bfloat16).eval()
     model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
     tokens, labels = small_batch(model.config, size=8)
-    num_tokens = model.config.num_tokens
     compiled = torch.compile(model.decode, fullgraph=True, dynamic=False)
     logits = {}
     with torch.no_grad():
-        for key, decode, setting in [("eager", model.decode, DecodeAttention()), ("compiled", compiled, attention)]:
+        for key, decode in [("eager", model.decode), ("compiled", compiled)]:
             model.setup_caches(8)
             for layer in model.layers:
                 layer.attention.kv_cache.k.normal_(0, 10)
                 layer.attention.kv_cache.v.normal_(0, 10)
             steps = [model.prefill(labels)]
-            for t in range(1, num_tokens):
-                position = torch.tensor([t], device="cuda")
-                steps.append(decode(tokens[:, t - 1 : t], position, setting, setting.kv_len(t, num_tokens)))
+            for t in range(1, model.config.num_tokens):
+                steps.append(decode(tokens[:, t - 1 : t], torch.tensor([t], device="cuda")))
             model.clear_caches()
             logits[key] = torch.stack(steps, 1)
     for t in (0, 1, 63, 64, 65, 127, 128, 255):
@@ -160,7 +154,7 @@ def test_compiled_mutor2d_step_has_no_graph_break_or_recompile(head_chunk_size):
         mask = model.attention_mask(layout)  # built outside the compiled region, as the trainer does
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = compiled(tokens, labels, layout, mask, return_loss=True)
-        out["loss"].backward()
+        out.loss["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step == 0:
@@ -219,7 +213,7 @@ def test_chunked_head_loss_in_bf16_matches_whole_logits_and_saves_their_memory()
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            parts = model(tokens, labels, layout, mask, return_loss=True)
+            parts = model(tokens, labels, layout, mask, return_loss=True).loss
         parts["loss"].backward()
         torch.cuda.synchronize()
         peaks.append(torch.cuda.max_memory_allocated() - start)
@@ -264,49 +258,47 @@ def test_fsdp2_one_process_saves_and_resumes(tmp_path):
     assert GPT.from_pretrained(tmp_path / "run" / "checkpoints" / "step_00000006" / "export") is not None
 
 
-@pytest.mark.parametrize("decode_attention", ["auto", "math+bucket64"])
-def test_compiled_greedy_sampling_equals_eager_on_cuda(decode_attention):
-    # auto: flex, the CUDA-graph default; math+bucket64: four graphs, one per bucket, in one decode.
+def test_compiled_greedy_sampling_equals_eager_on_cuda():
+    # The CUDA-graph decode (flex) against the eager one (SDPA), greedy and sampled.
     model = small_model().eval()
     labels = torch.arange(8, device="cuda") % model.config.num_classes
-    graph = dict(compile=True, decode_attention=decode_attention)
-    eager = generate(model, labels, cfg_scale=2.0, temperature=0.0)
-    compiled = generate(model, labels, cfg_scale=2.0, temperature=0.0, **graph)
-    assert torch.equal(eager, compiled)
-    sampled = generate(model, labels, cfg_scale=2.0, temperature=1.0, top_k=100, seed=3, **graph)
-    assert torch.equal(sampled, generate(model, labels, cfg_scale=2.0, temperature=1.0, top_k=100, seed=3))
+    greedy, sampled = SamplingConfig(cfg_scale=2.0, temperature=0.0), SamplingConfig(2.0, 1.0, top_k=100, seed=3)
+    assert torch.equal(generate(model, labels, greedy), generate(model, labels, greedy, compile=True))
+    assert torch.equal(generate(model, labels, sampled), generate(model, labels, sampled, compile=True))
     # The graph path keeps its KV cache for the next call at this batch size: other labels, same result.
     other = labels.flip(0)
-    assert torch.equal(generate(model, other, cfg_scale=2.0, temperature=0.0, **graph),
-                       generate(model, other, cfg_scale=2.0, temperature=0.0))  # fmt: skip
+    assert torch.equal(generate(model, other, greedy, compile=True), generate(model, other, greedy))
     model.clear_caches()
 
 
 def test_compiled_sampling_with_four_steps_per_graph_equals_one_step():
-    # steps_per_graph=4: four unrolled decode steps captured in one CUDA graph (flex: a BlockMask per
-    # step, the KV cache written in place four times per replay), the last 255 mod 4 = 3 steps by the
-    # single-step graph; the codes of one step per graph, greedy and sampled, then over the kept caches.
+    # bench/decode_variants.py's steps_per_graph=4: four unrolled decode steps captured in one CUDA
+    # graph (a BlockMask per step, the KV cache written in place four times per replay), the last
+    # 255 mod 4 = 3 steps by the single-step graph; the codes of one step per graph, greedy and
+    # sampled, then over the kept caches.
+    sys.path.insert(0, str(ROOT / "bench"))
+    from decode_variants import generate_in_groups
+
     model = small_model().eval()
     labels = torch.arange(8, device="cuda") % model.config.num_classes
-    for settings in (dict(temperature=0.0), dict(temperature=1.0, top_k=100, seed=3)):
-        one = generate(model, labels, cfg_scale=2.0, compile=True, **settings)
-        four = generate(model, labels, cfg_scale=2.0, compile=True, steps_per_graph=4, **settings)
-        assert torch.equal(one, four)
+    for sampling in (SamplingConfig(2.0, temperature=0.0), SamplingConfig(2.0, 1.0, top_k=100, seed=3)):
+        one = generate(model, labels, sampling, compile=True)
+        assert torch.equal(one, generate_in_groups(model, labels, sampling, 4, compile=True))
+    greedy = SamplingConfig(2.0, temperature=0.0)
     other = labels.flip(0)
-    assert torch.equal(generate(model, other, cfg_scale=2.0, temperature=0.0, compile=True, steps_per_graph=4),
-                       generate(model, other, cfg_scale=2.0, temperature=0.0))  # fmt: skip
+    assert torch.equal(generate_in_groups(model, other, greedy, 4, compile=True), generate(model, other, greedy))
     model.clear_caches()
 
 
 @pytest.mark.parametrize("filters", [dict(), dict(top_k=1000), dict(top_p=0.9)])
 def test_compiled_sampling_at_the_vq16_vocabulary_equals_eager(filters):
     # V = 16,384 is where inductor's scan and searchsorted lowerings once failed on CUDA (the draw's
-    # cdf and pick: bench/results/gpu_check_h100_20261127.log); a smaller vocabulary never reached them.
+    # cdf and pick: core/draw.py); a smaller vocabulary never reached them.
     model = small_model(vocab_size=16384).eval()
     labels = torch.arange(8, device="cuda") % model.config.num_classes
-    settings = dict(cfg_scale=2.0, temperature=1.0, seed=5, **filters)
-    compiled = generate(model, labels, compile=True, **settings)
-    eager = generate(model, labels, **settings)
+    sampling = SamplingConfig(cfg_scale=2.0, temperature=1.0, seed=5, **filters)
+    compiled = generate(model, labels, sampling, compile=True)
+    eager = generate(model, labels, sampling)
     model.clear_caches()
     # The same uniform numbers: codes agree but where float rounding moves a draw across a boundary
     # (after which that image's sequence diverges), so most images match whole.
@@ -358,9 +350,9 @@ def test_eval_overlap_on_cuda_writes_and_measures_what_the_serial_order_does(tmp
     # one: the same kernels on the same inputs as the serial order (everything on the current
     # stream), so the same PNG bytes and bit-identical features; compiled, the captured decode step
     # replays on the sampling stream.
+    from mutor_vision.evaluation import EvalConfig
     from mutor_vision.evaluation.run import sample_and_measure
     from mutor_vision.evaluation.timing import Timings
-    from mutor_vision.models import SamplingConfig
     from tokenizer import VQ16, VQ16Config, uint8_decoder
 
     model = small_model(registers=None).eval()
@@ -370,18 +362,20 @@ def test_eval_overlap_on_cuda_writes_and_measures_what_the_serial_order_does(tmp
     outputs = {}
     for overlap in (False, True):
         timings = Timings("cuda")
+        config = EvalConfig(
+            tmp_path / str(overlap), sampling=SamplingConfig(cfg_scale=2.0), batch_size=4, feature_batch_size=3,
+            compile=compile, overlap=overlap,
+        )  # fmt: skip
         outputs[overlap] = sample_and_measure(
-            model, decode, ConvFeatures(), np.arange(10) % 10, range(10), tmp_path / str(overlap),
-            SamplingConfig(cfg_scale=2.0), 4, 3, compile=compile, show_progress=False, overlap=overlap,
-            timings=timings,
-        )[0]  # fmt: skip
+            model, decode, ConvFeatures(), np.arange(10) % 10, range(10), config, False, timings
+        ).features
         summary = timings.summary()
         assert summary["parts"]["decode"]["batches"] == 3 and summary["parts"]["decode"]["gpu_s"] > 0
         assert 0 <= summary["gpu_timeline"]["both_s"] <= summary["gpu_timeline"]["sampling_s"]
     model.clear_caches()
     assert all(np.array_equal(a, b) for a, b in zip(outputs[False], outputs[True], strict=True))
     for i in range(10):
-        name = f"{i:06d}.png"
+        name = f"samples/{i:06d}.png"
         assert (tmp_path / "False" / name).read_bytes() == (tmp_path / "True" / name).read_bytes(), name
 
 

@@ -162,53 +162,35 @@ def test_train_step_variant_options_set_attention_and_head_chunk(tmp_path):
     assert compiled[compiled.index("--chain") + 1] == "3"
 
 
-def test_the_sample_stages_decode_attentions_run_on_a_tiny_cpu_model(tmp_path):
-    # The stages' --decode-attention lists, on a tiny model at two batch sizes (compile falls back to
-    # eager on the CPU): every name runs (here at every batch size), NAME@B at B only, rows carry their
-    # speed-up over sdpa and, with k decode steps per graph, over the same variant at the first k.
-    specs = []
-    for commands in (gpu_check.sample_commands(tmp_path), gpu_check.sample_ab_commands(tmp_path)):
-        for command in commands:
-            specs += [spec.partition("@")[0] for spec in command[command.index("--decode-attention") + 1].split(",")]
-    assert {"sdpa", "flex", "flex+steps4", "math", "math+bucket64"} <= set(specs)
+def test_the_sample_stage_runs_on_a_tiny_cpu_model(tmp_path):
+    # The stage's command on a tiny model at two batch sizes (the CPU samples eager and the rows say
+    # so): the compiled decode at every batch size, k steps per graph at B only, with its speed-up
+    # over one step per graph.
+    (command,) = gpu_check.sample_commands(tmp_path)
+    assert "--compile" in command and command[command.index("--steps-per-graph") + 1] == "4@64"
     out = tmp_path / "sample.json"
     command = [sys.executable, str(ROOT / "bench" / "sample.py"), "--grid-size", "4", "--batch-size", "2,3",
-               "--variants", "", "--repeats", "1", "--warmup", "0", "--out", str(out),
-               "--decode-attention", ",".join([*dict.fromkeys(specs), "math+bucket8@3", "sdpa+steps5@3"])]  # fmt: skip
+               "--variants", "cache_cfg", "--repeats", "1", "--warmup", "0", "--out", str(out),
+               "--compile", "--steps-per-graph", "4@3,2"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
-    assert "cache_cfg_compiled_flex@2" in rows and "cache_cfg_compiled_math+bucket8@3" in rows
-    assert "cache_cfg_compiled_math+bucket8@2" not in rows and "cache_cfg_compiled_sdpa+steps5@2" not in rows
-    assert rows["cache_cfg_compiled_sdpa@3"]["speedup_over_sdpa"] == 1.0
-    flex = rows["cache_cfg_compiled_flex@3"]
-    assert flex["batch_size"] == 3 and flex["speedup_over_sdpa"] > 0 and flex["speedup_over_steps1"] == 1.0
-    assert rows["cache_cfg_compiled_flex+steps4@3"]["speedup_over_steps1"] > 0
-    assert rows["cache_cfg_compiled_sdpa+steps5@3"]["speedup_over_steps1"] > 0
-    # --steps-per-graph crosses with every decode attention.
-    crossed = [
-        *command[: command.index("--decode-attention")],
-        "--decode-attention",
-        "sdpa,math@3",
-        "--steps-per-graph",
-        "1,2",
-    ]
-    done = subprocess.run(crossed, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
-    expected = [f"cache_cfg_compiled_{name}{steps}@{b}" for name, b in [("sdpa", 2), ("sdpa", 3), ("math", 3)]
-                for steps in ("", "+steps2")]  # fmt: skip
-    assert set(rows) == set(expected)
-    assert rows["cache_cfg_compiled_math+steps2@3"]["speedup_over_steps1"] > 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    expected = {"cache_cfg@2", "cache_cfg_compiled@2", "cache_cfg_compiled+steps2@2"}
+    assert set(rows) == expected | {name.replace("@2", "@3") for name in expected} | {"cache_cfg_compiled+steps4@3"}
+    assert rows["cache_cfg_compiled@3"]["compiled"] is False and rows["cache_cfg_compiled@3"]["batch_size"] == 3
+    assert rows["cache_cfg_compiled+steps4@3"]["speedup_over_steps1"] > 0
+    assert result["ratios"]["graph_over_eager_cfg@2"] > 0
+    bad = subprocess.run([*command, "--variants", "cache"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode != 0 and "unknown cache" in bad.stderr
 
 
-def test_the_sampling_targets_read_the_flex_row():
-    rows = {"cache_cfg_compiled_flex@64": {"images_per_s": 300.0, "speedup_over_sdpa": 1.7}}
-    rows["cache_cfg_compiled_flex+steps4@64"] = {"images_per_s": 270.0, "speedup_over_steps1": 0.9}
-    result = {"stages": {"sample": {"status": "done", "seconds": 1.0, "data": {"decode_attention": {"rows": rows}}}}}
+def test_the_sampling_targets_read_the_compiled_rows():
+    rows = {"cache_cfg_compiled@64": {"images_per_s": 300.0}}
+    rows["cache_cfg_compiled+steps4@64"] = {"images_per_s": 270.0, "speedup_over_steps1": 0.9}
+    result = {"stages": {"sample": {"status": "done", "seconds": 1.0, "data": {"compiled_sampling": {"rows": rows}}}}}
     found = {row["measure"]: row for row in targets(result)}
-    assert found["compiled sampling images/s, batch 64, flex decode (H100)"]["met"] is True
-    assert found["compiled sampling, batch 64: flex / sdpa decode attention"]["value"] == 1.7
-    assert found["compiled sampling images/s, batch 64, flex, 4 steps/graph"]["met"] is False
-    assert found["compiled sampling, batch 64, flex: 4 / 1 steps per graph"]["value"] == 0.9
+    assert found["compiled sampling images/s, batch 64 (H100)"]["met"] is True
+    assert found["compiled sampling images/s, batch 64, 4 steps/graph"]["met"] is False
+    assert found["compiled sampling, batch 64: 4 / 1 steps per graph"]["value"] == 0.9
     assert found["eval/fid.py end to end / raw sampling"]["met"] is None

@@ -149,7 +149,7 @@ def test_chunked_head_loss_equals_whole_logits_loss(kind, mode, normalization):
         adapter = MuToRAdapter(tiny_causal_lm(32, kind), registers, head_chunk_size=chunk)
         assert adapter.head_chunk_size == chunk
         layout = adapter.layout(prompt_len, answer_len, 8, torch.Generator().manual_seed(0))
-        parts = adapter(input_ids, prompt_len, answer_len, layout=layout, return_loss=True)
+        parts = adapter(input_ids, prompt_len, answer_len, layout=layout, return_loss=True).loss
         parts["loss"].backward()
         grads = {name: p.grad.clone() for name, p in adapter.named_parameters() if p.grad is not None}
         results.append((parts, grads))
@@ -173,7 +173,7 @@ def test_softcapped_head_falls_back_to_whole_logits():
     assert adapter.head_chunk_size == 0
     input_ids, prompt_len, answer_len = worked_batch()
     layout = adapter.layout(prompt_len, answer_len, 8, torch.Generator().manual_seed(0))
-    parts = adapter(input_ids, prompt_len, answer_len, layout=layout, return_loss=True)
+    parts = adapter(input_ids, prompt_len, answer_len, layout=layout, return_loss=True).loss
     expected = adapter.loss(
         input_ids, prompt_len, answer_len, adapter(input_ids, prompt_len, answer_len, layout=layout)
     )

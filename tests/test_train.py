@@ -67,17 +67,17 @@ def test_tiny_config_learns_a_small_dataset(tmp_path):
 
 
 def stop_after(monkeypatch, calls: int) -> None:
-    """Send this process SIGTERM during the ``calls``-th loss computation."""
-    original = GPT.loss
+    """Send this process SIGTERM during the ``calls``-th training forward (loss computation)."""
+    original = GPT.forward
     count = {"n": 0}
 
-    def loss(self, *args, **kwargs):
+    def forward(self, *args, **kwargs):
         count["n"] += 1
         if count["n"] == calls:
             signal.raise_signal(signal.SIGTERM)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(GPT, "loss", loss)
+    monkeypatch.setattr(GPT, "forward", forward)
 
 
 def test_resume_is_exact_mid_segment_with_ema(tmp_path, shards, monkeypatch):
@@ -131,17 +131,17 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, shards, monkeypatc
 
 
 def test_nan_loss_stops_with_checkpoint_intact(tmp_path, shards, monkeypatch):
-    original = GPT.loss
+    original = GPT.forward
     count = {"n": 0}
 
-    def loss(self, *args, **kwargs):
+    def forward(self, *args, **kwargs):
         count["n"] += 1
-        parts = original(self, *args, **kwargs)
+        output = original(self, *args, **kwargs)
         if count["n"] > 8:  # from step 5 on (2 micro-batches per step)
-            object.__setattr__(parts, "loss", parts.loss * float("nan"))
-        return parts
+            output.loss["loss"] = output.loss["loss"] * float("nan")
+        return output
 
-    monkeypatch.setattr(GPT, "loss", loss)
+    monkeypatch.setattr(GPT, "forward", forward)
     with pytest.raises(TrainingDiverged, match=r"step 4 .*last good checkpoint: .*step_00000003"):
         train(config(tmp_path, shards, "steps=8", "save_every=3"))
     checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())

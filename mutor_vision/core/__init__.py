@@ -7,5 +7,6 @@ the project (only ``mutor_vision.errors``), which ``make lint`` checks (import-l
 - ``linear_ce.py``: the head + cross-entropy in chunks of rows (``loss.py`` uses it);
 - ``draw.py``: the inverse-CDF draw from a filtered distribution (temperature, top-k, top-p);
 - ``drafting.py``: register drafting's round (acceptance rule, correction draw, next drafts) for every
-  modality, and the decode counts (``DecodeStats``).
+  modality, and the decode counts (``DecodeStats``);
+- ``device.py``: a generator's device and the host-to-GPU copy that never waits, which every layer uses.
 """

@@ -33,8 +33,8 @@ def cumulative(probs: Tensor, block: int = 128) -> Tensor:
     """``probs.cumsum(-1)`` for (B, V) as two short scans (within blocks of ``block``, then over blocks).
 
     Inductor compiles a single scan over V = 16,384 as a split scan whose codegen fails on CUDA
-    (torch 2.11: ``InductorError ... list indices must be integers``; bench/results/gpu_check_h100_20261127.log),
-    which broke every compiled non-greedy sampling run. Short scans compile as plain ones.
+    (torch 2.11: ``InductorError ... list indices must be integers``), which broke every compiled
+    non-greedy sampling run. Short scans compile as plain ones.
     """
     v = probs.shape[-1]
     if v <= block or v % block:
@@ -51,8 +51,8 @@ def draw(probs: Tensor, uniform: Tensor) -> Tensor:
     target = (uniform.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
     # The first token with mass whose cdf passes the target: searchsorted(right=True) where the cdf
     # rises, as a plain reduction (inductor's searchsorted lowering fails on the scan's output on
-    # CUDA, torch 2.11: bench/results/gpu_check_h100_20261127_rerun.log). Requiring mass means a cdf that a
-    # scan's rounding makes dip by an ulp can never pick a filtered-out (zero) token.
+    # CUDA, torch 2.11). Requiring mass means a cdf that a scan's rounding makes dip by an ulp can
+    # never pick a filtered-out (zero) token.
     passes = (cdf > target) & (probs > 0)
     index = passes.to(torch.uint8).argmax(dim=-1)  # argmax returns the first of equal maxima
     # Rounding can put the target at the total: fall back to the last token with mass, never past it.

@@ -1,8 +1,8 @@
 """The MuToR loss: ``(1 - a)·L_ntp + a·L_reg`` over the two blocks ``[regular | registers]``.
 
 :func:`combined_loss` takes the logits; :func:`combined_loss_from_hidden` takes the final hidden
-states and the head weight and runs the head + CE in chunks (``linear_ce.py``), so the
-(B, N + R, V) float32 logits never exist whole. The register labels come from the layout
+states and the head weight, and runs the head then :func:`combined_loss`, or the head + CE in chunks
+(``linear_ce.py``) so that the (B, N + R, V) float32 logits never exist whole. The register labels come from the layout
 (``RegisterLayout.register_labels`` in ``registers.py``).
 """
 
@@ -74,24 +74,39 @@ def combined_loss_from_hidden(
     ntp_labels: Tensor,
     register_labels: Tensor | None = None,
     register_weight: float = 0.5,
-    chunk_size: int = 8192,
+    chunk_size: int = 0,
     ignore_index: int = IGNORE_INDEX,
     normalization: LossNormalization = "token",
 ) -> LossParts:
     """:func:`combined_loss` from the final hidden states of ``[regular | registers]`` (B, N + R, D)
-    and the head weight (V, D), the head and CE run ``chunk_size`` positions at a time
-    (``linear_ce.py``): the (B, N + R, V) logits are never materialised whole.
+    and the head weight (V, D) of a bias-free linear head.
+
+    ``chunk_size`` 0: the head over each block, then :func:`combined_loss` on the float32 logits.
+    Otherwise the head and CE run ``chunk_size`` positions at a time (``linear_ce.py``): the
+    (B, N + R, V) logits are never materialised whole.
     """
     _check_loss_args(register_weight, normalization)
     batch, num_tokens = ntp_labels.shape
+    num_registers = 0 if register_labels is None else register_labels.shape[1]
+    if hidden.shape[:2] != (batch, num_tokens + num_registers):
+        registers = "" if register_labels is None else f" + {tuple(register_labels.shape)}"
+        raise ValueError(f"hidden {tuple(hidden.shape)} does not match the labels {tuple(ntp_labels.shape)}{registers}")
+    if not chunk_size:
+        # Each block through the head on its own: slicing (B, T, D) is cheap, slicing (B, T, V) logits
+        # is not (their backward zero-fills, and the CE would run on non-contiguous views).
+        ntp_logits = F.linear(hidden[:, :num_tokens], head_weight).float()
+        register_logits = None
+        if register_labels is not None:
+            register_logits = F.linear(hidden[:, num_tokens:], head_weight).float()
+        return combined_loss(
+            ntp_logits, ntp_labels, register_logits, register_labels, register_weight, ignore_index, normalization
+        )
     ntp_weights = _token_weights(ntp_labels, ignore_index, normalization)
     labels, weights = ntp_labels, ntp_weights
     if register_labels is not None:
         reg_weights = _token_weights(register_labels, ignore_index, normalization)
         labels = torch.cat([ntp_labels, register_labels], dim=1)
         weights = torch.cat([(1.0 - register_weight) * ntp_weights, register_weight * reg_weights], dim=1)
-    if hidden.shape[:2] != labels.shape:
-        raise ValueError(f"hidden {tuple(hidden.shape)} does not match the labels {tuple(labels.shape)}")
     rows = hidden.reshape(-1, hidden.shape[-1])
     loss, per_token = weighted_linear_cross_entropy(
         rows, head_weight, labels.reshape(-1), weights.reshape(-1), chunk_size, ignore_index

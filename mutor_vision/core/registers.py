@@ -24,6 +24,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from mutor_vision.core.device import generator_device, to_device
+
 EdgePolicy = Literal["wrap", "drop"]
 PromptAttention = Literal["causal", "bidirectional"]
 IGNORE_INDEX = -100
@@ -62,7 +64,7 @@ def sample_offsets_1d(
     """Draw ``d`` uniformly from {1..d_max}, once per sample."""
     if d_max < 1:
         raise ValueError(f"d_max must be >= 1, got {d_max}")
-    d = torch.randint(1, d_max + 1, (batch_size,), generator=generator, device=_rng_device(generator))
+    d = torch.randint(1, d_max + 1, (batch_size,), generator=generator, device=generator_device(generator))
     return Offsets(d=d.to(device))
 
 
@@ -79,7 +81,7 @@ def sample_offsets_2d(
     if width < d_max_2d:
         raise ValueError(f"width ({width}) must be >= d_max_2d ({d_max_2d})")
     # D² - 1 pairs; index k + 1 enumerates (d_h - 1, d_w - 1) in raster order, skipping (0, 0).
-    k = torch.randint(0, d_max_2d**2 - 1, (batch_size,), generator=generator, device=_rng_device(generator))
+    k = torch.randint(0, d_max_2d**2 - 1, (batch_size,), generator=generator, device=generator_device(generator))
     rows, cols = torch.div(k + 1, d_max_2d, rounding_mode="floor"), (k + 1) % d_max_2d
     d = rows * width + cols
     return Offsets(d=d.to(device), rows=rows.to(device), cols=cols.to(device), max_cols=d_max_2d - 1)
@@ -88,11 +90,6 @@ def sample_offsets_2d(
 def offsets_2d_support(d_max_2d: int, width: int) -> list[int]:
     """The sorted set of raster offsets that :func:`sample_offsets_2d` can return."""
     return sorted(r * width + c for r in range(d_max_2d) for c in range(d_max_2d) if (r, c) != (0, 0))
-
-
-def _rng_device(generator: torch.Generator | None) -> torch.device:
-    # torch.randint needs the generator's own device; results are moved afterwards.
-    return generator.device if generator is not None else torch.device("cpu")
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,14 +128,8 @@ class RegisterLayout:
     def to(self, device: torch.device | str) -> RegisterLayout:
         """This layout on ``device``. From CPU to CUDA the copies go through pinned memory without
         blocking, so a layout built on the host never makes it wait for the GPU's queued work."""
-        device = torch.device(device)
-        pinned = device.type == "cuda" and self.anchor.device.type == "cpu"
-
-        def move(t: Tensor) -> Tensor:
-            return t.pin_memory().to(device, non_blocking=True) if pinned else t.to(device)
-
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return replace(self, **{name: move(v) for name, v in values.items() if isinstance(v, Tensor)})
+        return replace(self, **{name: to_device(v, device) for name, v in values.items() if isinstance(v, Tensor)})
 
     def register_labels(self, sequence_ids: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
         """(B, R) labels gathered from ``sequence_ids`` (B, >= max valid target + 1); ignore where invalid."""
@@ -183,7 +174,7 @@ class RegisterLayout:
         self, num_heads: int | None = None, block_size: int = 128, compile: bool = False, size: int | None = None
     ):
         """A FlexAttention BlockMask of the rule, on the layout's device (``size = L``: regular block)."""
-        # Lazy: FlexAttention's module takes ~0.3 s to import; only the FlexAttention paths need a BlockMask.
+        # Lazy: FlexAttention's module is a slow import; only the FlexAttention paths need a BlockMask.
         from torch.nn.attention.flex_attention import create_block_mask
 
         total = size or self.total_len
@@ -401,7 +392,7 @@ def _place_registers(
         # Uniform keys in [0, 1), pushed back by 1 for slots we would rather not use and by 2 for
         # slots that do not exist: the R smallest keys are R distinct slots drawn uniformly among
         # the preferred ones first. Shapes stay static (R fixed per batch).
-        keys = torch.rand(batch, num_slots, generator=generator, device=_rng_device(generator))
+        keys = torch.rand(batch, num_slots, generator=generator, device=generator_device(generator))
         keys = keys.to(slot_anchor.device) + 2.0 * (~slot_exists)
         if valid_slots_only:
             keys = keys + 1.0 * (~target_exists)

@@ -1,6 +1,7 @@
-"""Evaluation: sample files (``samples.py``), features and references (``features.py``), metrics
-(``metrics.py``), and the distributed run that ties them together (``run.py``)."""
+"""Evaluation: its settings (``config.py``), sample files (``samples.py``), features and references
+(``features.py``), metrics (``metrics.py``), and the distributed run that ties them together (``run.py``)."""
 
+from mutor_vision.evaluation.config import EvalConfig
 from mutor_vision.evaluation.features import (
     INCEPTION_FILE,
     Reference,
@@ -12,12 +13,14 @@ from mutor_vision.evaluation.features import (
     save_random_inception_weights,
 )
 from mutor_vision.evaluation.metrics import frechet_distance, inception_score, precision_recall, statistics
-from mutor_vision.evaluation.run import evaluate, evaluation_state
+from mutor_vision.evaluation.run import Scoring, evaluate, evaluation_state
 from mutor_vision.evaluation.samples import label_list
 
 __all__ = [
     "INCEPTION_FILE",
+    "EvalConfig",
     "Reference",
+    "Scoring",
     "evaluate",
     "evaluation_state",
     "extract_features",

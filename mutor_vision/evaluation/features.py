@@ -69,7 +69,7 @@ def inception_extractor(weights: str | Path | None = None, allow_download: bool 
     meaningless, and results say so). The extractor carries ``weights_info``: where its weights
     came from, their file's sha256, and whether they are random.
     """
-    # lazy: torch-fidelity takes ~1 s to import
+    # lazy: torch-fidelity is a slow import
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     if isinstance(weights, str) and weights.startswith(RANDOM_WEIGHTS):
@@ -125,7 +125,7 @@ def save_random_inception_weights(path: str | Path, seed: int = 0) -> Path:
     For tests and benchmarks of the pipeline without the real file (no network): every number
     computed with it is meaningless and must never be reported.
     """
-    import torch_fidelity.feature_extractor_inceptionv3 as inception  # lazy: torch-fidelity takes ~1 s to import
+    import torch_fidelity.feature_extractor_inceptionv3 as inception  # lazy: torch-fidelity is a slow import
 
     cls = inception.FeatureExtractorInceptionV3
     saved = (inception.load_state_dict_from_url, cls.load_state_dict)
@@ -150,7 +150,7 @@ def extractor_digest(extractor: torch.nn.Module) -> str:
     """sha256 of the extractor's state dict (names, dtypes, shapes, bytes): what its features depend on.
 
     Remembered on the module while no tensor changed (same storage, same version counter: an
-    in-place update bumps it), since hashing Inception's 95 MB takes a noticeable fraction of a second.
+    in-place update bumps it), since hashing all of Inception's weights at every call is not free.
     """
     state = sorted(extractor.state_dict().items())
     witness = tuple((name, t.data_ptr(), t._version, t.device.type) for name, t in state)

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 def statistics(features: Tensor | np.ndarray) -> dict[str, np.ndarray]:
     """mu, sigma (float64) of features (N, D): torch-fidelity's ``fid_features_to_statistics``."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics  # lazy: torch-fidelity takes ~1 s to import
+    from torch_fidelity.metric_fid import fid_features_to_statistics  # lazy: torch-fidelity is a slow import
 
     array = np.asarray(features, dtype=np.float64)
     if array.ndim != 2 or len(array) < 2:
@@ -29,7 +29,7 @@ def statistics(features: Tensor | np.ndarray) -> dict[str, np.ndarray]:
 
 def frechet_distance(stats: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
     """FID between two (mu, sigma) pairs, both cast to float64 (torch-fidelity asserts equal dtypes)."""
-    from torch_fidelity.metric_fid import (  # lazy: torch-fidelity takes ~1 s to import
+    from torch_fidelity.metric_fid import (  # lazy: torch-fidelity is a slow import
         KEY_METRIC_FID,
         fid_statistics_to_metric,
     )
@@ -43,7 +43,7 @@ def frechet_distance(stats: dict[str, np.ndarray], reference: dict[str, np.ndarr
 
 def inception_score(logits: Tensor | np.ndarray, splits: int = 10) -> tuple[float, float]:
     """IS mean and std over ``splits`` in-order splits (ADM), from unbiased logits (N, C)."""
-    # lazy: torch-fidelity takes ~1 s to import
+    # lazy: torch-fidelity is a slow import
     from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 
     result = isc_features_to_metric(torch.as_tensor(np.asarray(logits)), splits=splits, shuffle=False)
@@ -74,7 +74,7 @@ def precision_recall(
     torch-fidelity's ``prc_features_to_metric`` on float64 features, in chunks of ``chunk`` rows
     (its default of 10,000 rows holds a 10,000 × 50,000 distance block in memory).
     """
-    # lazy: torch-fidelity takes ~1 s to import
+    # lazy: torch-fidelity is a slow import
     from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 
     fake = torch.as_tensor(np.asarray(samples), dtype=torch.float64)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import time
@@ -28,20 +27,23 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mutor_vision import __version__
-from mutor_vision.config import default_values, to_dict
+from mutor_vision.core.device import to_device
 from mutor_vision.core.drafting import DecodeStats
 from mutor_vision.errors import ConfigError
+from mutor_vision.evaluation.config import EvalConfig
 from mutor_vision.evaluation.features import Reference, extract_features, extractor_record, features_on_device
 from mutor_vision.evaluation.metrics import frechet_distance, inception_score_metrics, precision_recall, statistics
 from mutor_vision.evaluation.samples import PngWriter, label_list, missing_indices, read_pngs, save_grid, write_npz
 from mutor_vision.evaluation.timing import NO_TIMINGS, SAMPLE, Timings
 from mutor_vision.files import atomic_write, atomic_write_json, check_stamp, storage_faults
-from mutor_vision.models import GPT, SamplingConfig, generate, sample_uniforms
+from mutor_vision.models import GPT, generate, generate_drafted, sample_uniforms
 from mutor_vision.processes import process_state
 from mutor_vision.seeds import hash_seed
 
 log = logging.getLogger(__name__)
 Decode = Callable[[Tensor], Tensor]  # codes (B, h, w) -> uint8 images (B, 3, H, W) on the same device
+# The caller's metrics from the labels (N,) and the features (pool, logits): the demo's class consistency.
+ExtraMetrics = Callable[[np.ndarray, tuple[np.ndarray, np.ndarray | None]], dict[str, float]]
 SETTINGS = "sampling_settings.json"
 RANDOM_WARNING = (
     "the Inception weights are RANDOM (--inception-weights random:SEED): a smoke test of the pipeline; "
@@ -58,31 +60,45 @@ def evaluation_state(device: str = "auto"):
     return process_state(device, timeout=timedelta(hours=12))
 
 
+@dataclasses.dataclass
+class Scoring:
+    """What the samples are measured with: the feature network (pool features, and logits for the
+    Inception Score), the reference set (FID, precision, recall; None: the Inception Score only),
+    and metrics of the caller's own from the same features."""
+
+    extractor: torch.nn.Module
+    reference: Reference | None = None
+    extra_metrics: ExtraMetrics | None = None
+
+
+@dataclasses.dataclass
+class RankSamples:
+    """What one rank sampled and measured; rank 0 gathers one from every rank."""
+
+    indices: np.ndarray  # the sample indices of this rank, in order
+    features: list[np.ndarray]  # one array per feature (pool, logits), a row per index
+    written: int  # PNGs written by this run (the rest were kept from an earlier one)
+    drafting: DecodeStats  # the forwards and tokens of register drafting (zero without it)
+
+
 def sample_and_measure(
     model: GPT,
     decode: Decode,
     extractor: torch.nn.Module,
     labels: np.ndarray,
     indices: Sequence[int],
-    folder: Path,
-    sampling: SamplingConfig,
-    batch_size: int,
-    feature_batch_size: int,
-    compile: bool = False,
+    config: EvalConfig,
     show_progress: bool = True,
-    draft_tokens: int = 1,
-    stats: DecodeStats | None = None,
-    overlap: bool | None = None,
     timings: Timings | None = None,
-) -> tuple[list[np.ndarray], int]:
-    """Features of every sample of ``indices`` (in that order) and how many PNGs were written now.
+) -> RankSamples:
+    """Sample, write and measure ``indices`` (classes ``labels[indices]``) into ``config.out_dir/samples``.
 
     Samples whose PNG is missing or broken are sampled; sample i's random numbers derive from
     (seed, i) alone, so a rerun reproduces exactly the images an uninterrupted run would have
     written, whatever batches they fall into (with ``draft_tokens > 1``, register drafting draws its
     own numbers per batch: the same distribution, but a refill is no longer the same image).
 
-    ``overlap`` (default: on CUDA) collects each batch's images and features one batch late: on
+    ``config.overlap`` (default: on CUDA) collects each batch's images and features one batch late: on
     CUDA the sampling runs on a high-priority stream and batch i is decoded, measured and copied to
     pinned host memory on a second stream while batch i + 1 samples, with no host sync between them
     (the decoder's large kernels fill the SMs that the sampler's small ones leave idle; its priority
@@ -91,19 +107,21 @@ def sample_and_measure(
     collected. An error or Ctrl-C still writes the batch in flight. ``timings``
     (bench/eval_pipeline.py) records where the time goes.
     """
+    folder = config.out_dir / "samples"
     folder.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     extractor = extractor.to(device).eval()
-    overlap = device.type == "cuda" if overlap is None else overlap
+    overlap = device.type == "cuda" if config.overlap is None else config.overlap
     sampler = measurer = None  # the streams of the overlap on CUDA (None: the current stream)
     if overlap and device.type == "cuda":
         sampler = torch.cuda.Stream(device, priority=SAMPLING_PRIORITY)
         measurer = torch.cuda.Stream(device)
         sampler.wait_stream(torch.cuda.current_stream(device))
     timings = timings or NO_TIMINGS
-    measure = _Measure(decode, extractor, feature_batch_size, sampler, measurer, timings, batch_size)
+    measure = _Measure(decode, extractor, config.feature_batch_size, sampler, measurer, timings, config.batch_size)
     todo = missing_indices(folder, indices, verify=True)
     rows: dict[int, list[np.ndarray]] = {}
+    drafting = DecodeStats()
     timings.begin()
     with PngWriter(folder) as writer:
 
@@ -115,13 +133,11 @@ def sample_and_measure(
 
         pending: _Measured | None = None
         try:
-            starts = range(0, len(todo), batch_size)
+            starts = range(0, len(todo), config.batch_size)
             for number, start in enumerate(tqdm(starts, disable=not show_progress, unit="batch", desc="sampling")):
-                batch = todo[start : start + batch_size]
+                batch = todo[start : start + config.batch_size]
                 with _on(sampler), timings.part(SAMPLE, number):
-                    codes = _sample_batch(
-                        model, labels[batch], batch, sampling, compile, batch_size, draft_tokens, stats
-                    )
+                    codes = _sample_batch(model, labels[batch], batch, config, drafting)
                 measured = measure(codes, batch, number)
                 if not overlap:
                     collect(measured)
@@ -139,42 +155,34 @@ def sample_and_measure(
     for stream in (sampler, measurer):
         if stream is not None:  # what follows on the current stream sees all their work
             torch.cuda.current_stream(device).wait_stream(stream)
-    written = len(todo)  # the writer waited for every PNG and raised if one failed
     timings.add_wait("png_queue", writer.waited_s)
     timings.add_wait("png_drain", writer.drain_s)
     timings.end()
     kept = [int(i) for i in indices if int(i) not in rows]
     for start in tqdm(range(0, len(kept), 1024), disable=not show_progress or not kept, desc="features of kept PNGs"):
         chunk = kept[start : start + 1024]
-        features = extract_features(extractor, read_pngs(folder, chunk), feature_batch_size, device)
+        features = extract_features(extractor, read_pngs(folder, chunk), config.feature_batch_size, device)
         rows.update({index: [f[row] for f in features] for row, index in enumerate(chunk)})
-    if not rows:
-        return [], written
-    columns = len(next(iter(rows.values())))
-    return [np.stack([rows[int(i)][c] for i in indices]) for c in range(columns)], written
+    columns = len(next(iter(rows.values()))) if rows else 0
+    features = [np.stack([rows[int(i)][c] for i in indices]) for c in range(columns)]
+    # The writer waited for every PNG and raised if one failed: all of todo is written.
+    return RankSamples(np.asarray(indices, dtype=np.int64), features, len(todo), drafting)
 
 
 def _sample_batch(
-    model: GPT,
-    labels: np.ndarray,
-    batch: list[int],
-    sampling: SamplingConfig,
-    compile: bool,
-    size: int,
-    draft_tokens: int = 1,
-    stats: DecodeStats | None = None,
+    model: GPT, labels: np.ndarray, batch: list[int], config: EvalConfig, drafting: DecodeStats
 ) -> Tensor:
     """The codes (B, h, w) of one batch, on the model's device (on CUDA: queued, not waited for)."""
     device = next(model.parameters()).device
-    labels = _to_device(torch.as_tensor(labels), device)
+    labels = to_device(torch.as_tensor(labels), device)
     try:
-        if draft_tokens > 1:  # drafting draws its own numbers: seeded by (seed, the batch's first index)
-            batch_sampling = sampling.replace(seed=hash_seed(sampling.seed, batch[0]))
-            return generate(model, labels, batch_sampling, draft_tokens=draft_tokens, stats=stats)
-        uniform = _to_device(sample_uniforms(sampling.seed, batch, model.config.num_tokens), device)
-        return generate(model, labels, sampling, uniform=uniform, compile=compile)
+        if config.draft_tokens > 1:  # drafting draws its own numbers: seeded by (seed, the batch's first index)
+            sampling = config.sampling.replace(seed=hash_seed(config.sampling.seed, batch[0]))
+            return generate_drafted(model, labels, sampling, config.draft_tokens, drafting)
+        uniform = to_device(sample_uniforms(config.sampling.seed, batch, model.config.num_tokens), device)
+        return generate(model, labels, config.sampling, uniform, compile=config.compile and device.type == "cuda")
     except torch.OutOfMemoryError:
-        raise ConfigError(_OOM.format(size=size)) from None
+        raise ConfigError(_OOM.format(size=config.batch_size)) from None
 
 
 _OOM = "--batch-size {size}: a batch does not fit in GPU memory with this model; lower --batch-size"
@@ -183,13 +191,6 @@ SAMPLING_PRIORITY = -1  # CUDA stream priority of the overlapped sampling (lower
 
 def _on(stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext() if stream is None else torch.cuda.stream(stream)
-
-
-def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
-    """On CUDA through pinned memory, without waiting (a pageable copy would wait for the GPU)."""
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 @dataclasses.dataclass
@@ -259,114 +260,69 @@ def _pinned_copy(tensor: Tensor) -> Tensor:
     return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)
 
 
-def _weights_checksum(model: torch.nn.Module) -> str:
-    """A cheap fingerprint of the weights (sum and first elements of every tensor)."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        flat = tensor.detach().float().flatten()
-        digest.update(f"{name}:{flat.sum().item():.6e}:{flat[:4].tolist()}".encode())
-    return digest.hexdigest()[:16]
-
-
 def evaluate(
-    model: GPT,
-    decode: Decode,
-    extractor: torch.nn.Module,
-    reference: Reference | None,
-    out_dir: Path,
-    num_samples: int,
-    sampling: SamplingConfig,
-    per_class: bool = True,
-    batch_size: int = 64,
-    feature_batch_size: int = 64,
-    save_npz: bool = True,
-    compile: bool = False,
-    extra: dict[str, Any] | None = None,
-    extra_metrics=None,
-    device: str = "auto",
-    draft_tokens: int = 1,
-    num_classes: int | None = None,
-    decode_precision: str = "fp32",
-    overlap: bool | None = None,
-    timings: Timings | None = None,
+    model: GPT, decode: Decode, scoring: Scoring, config: EvalConfig, timings: Timings | None = None
 ) -> dict[str, Any] | None:
-    """Sample ``num_samples`` images across ranks, then (rank 0) compute the metrics.
+    """Sample ``config.num_samples`` images across ranks into ``config.out_dir``, then (rank 0) compute
+    the metrics with ``scoring``.
 
     Returns the results (also written to ``out_dir/results.json``) on rank 0, None elsewhere.
-    ``extra_metrics(labels, features)`` may add entries (the demo's class-consistency accuracy).
-    Samples already in ``out_dir/samples`` must come from the same model and settings
-    (``sampling_settings.json``); a rerun samples only the missing or broken ones. Labels are
-    classes ``0 .. num_classes - 1`` (default: all the model's classes). ``decode_precision`` names
-    what ``decode`` computes in (``eval/fid.py --decode-precision``): it changes pixels, so it is part
-    of the stamp and of the results. ``overlap`` and ``timings``: see :func:`sample_and_measure`.
+    Samples already in ``out_dir/samples`` must come from the same model and settings (the stamp,
+    ``sampling_settings.json``: :meth:`EvalConfig.stamp`); a rerun samples only the missing or broken
+    ones. ``decode`` turns codes into uint8 images; ``config.decode_precision`` names what it computes
+    in. ``timings``: see :func:`sample_and_measure`.
     """
-    state = evaluation_state(device)
-    if num_samples < state.num_processes:
-        raise ConfigError(f"num_samples ({num_samples}) must be at least the number of ranks ({state.num_processes})")
+    state = evaluation_state(config.device)
+    if config.num_samples < state.num_processes:
+        raise ConfigError(
+            f"num_samples ({config.num_samples}) must be at least the number of ranks ({state.num_processes})"
+        )
     model = model.to(state.device)
-    num_classes = num_classes or model.config.num_classes
-    if not 1 <= num_classes <= model.config.num_classes:
-        raise ConfigError(f"num_classes {num_classes}: the model has classes 0..{model.config.num_classes - 1}")
-    random_weights = extractor_record(extractor)["random_weights"]
+    config = config.for_model(model)
+    if config.compile and state.device.type != "cuda":
+        log.info("compile: the CUDA-graph decode needs CUDA; sampling on the CPU runs eager")
+    random_weights = extractor_record(scoring.extractor)["random_weights"]
     if random_weights:
         log.warning(RANDOM_WARNING)
-    out_dir = Path(out_dir)
-    samples_dir = out_dir / "samples"
-    settings = {
-        "num_samples": num_samples,
-        "per_class": per_class,
-        "num_classes": num_classes,
-        **dataclasses.asdict(sampling),
-        "draft_tokens": draft_tokens,
-        "decode_precision": decode_precision,
-        "model": {"config": to_dict(model.config), "checksum": _weights_checksum(model)},
-    }
-    stamp = (out_dir / SETTINGS, settings, any(samples_dir.glob("*.png")))
+    out_dir = config.out_dir
+    stamp = (out_dir / SETTINGS, config.stamp(model), any((out_dir / "samples").glob("*.png")))
     remedy = "use another --out, or delete it to start over"
-    # Samples of older code stay valid: its stamp lacks the keys added since, at their defaults.
-    defaults = {f"model.config.{key}": value for key, value in default_values(type(model.config)).items()}
-    defaults.update(default_values(SamplingConfig), draft_tokens=1, num_classes=model.config.num_classes)
-    defaults["decode_precision"] = "fp32"
+    defaults = EvalConfig.stamp_defaults(model)
     check_stamp(*stamp, remedy=remedy, write=False, defaults=defaults)  # every rank checks, the main records
     if state.is_main_process:
         check_stamp(*stamp, remedy=remedy, write=True, defaults=defaults)
     state.wait_for_everyone()
-    labels = label_list(num_samples, num_classes, per_class=per_class, seed=sampling.seed)
-    mine = np.arange(num_samples)[state.process_index :: state.num_processes]
+    labels = label_list(config.num_samples, config.num_classes, per_class=config.per_class, seed=config.sampling.seed)
+    mine = np.arange(config.num_samples)[state.process_index :: state.num_processes]
     start = time.perf_counter()
-    drafting = DecodeStats()
-    features, written = sample_and_measure(
-        model, decode, extractor, labels, mine, samples_dir, sampling, batch_size, feature_batch_size,
-        compile=compile, show_progress=state.is_local_main_process, draft_tokens=draft_tokens, stats=drafting,
-        overlap=overlap, timings=timings,
-    )  # fmt: skip
+    ranks = sample_and_measure(
+        model, decode, scoring.extractor, labels, mine, config, state.is_local_main_process, timings
+    )
     seconds = time.perf_counter() - start
-    gathered = gather_object([(mine, features, written, drafting)])
+    gathered: list[RankSamples] = gather_object([ranks])
     if not state.is_main_process:
         return None
-    order = np.concatenate([g[0] for g in gathered])
+    order = np.concatenate([rank.indices for rank in gathered])
     inverse = np.argsort(order)
-    if not np.array_equal(order[inverse], np.arange(num_samples)):
+    if not np.array_equal(order[inverse], np.arange(config.num_samples)):
         raise RuntimeError("ranks did not cover every sample index exactly once")
-    features = [np.concatenate([g[1][j] for g in gathered])[inverse] for j in range(len(gathered[0][1]))]
-    results = _results(gathered, num_samples, sampling, per_class, batch_size, extractor, feature_batch_size, seconds)
-    results["sampling"]["num_classes"] = num_classes
-    results["decode_precision"] = decode_precision
-    results.update(extra or {})
+    columns = len(gathered[0].features)
+    features = [np.concatenate([rank.features[c] for rank in gathered])[inverse] for c in range(columns)]
+    results = _results(gathered, config, scoring.extractor, seconds)
     if random_weights:
         results["warning"] = RANDOM_WARNING
-    if draft_tokens > 1:
-        total = sum((g[3] for g in gathered), DecodeStats())
-        results["drafting"] = {"draft_tokens": draft_tokens, "tokens_per_forward": total.tokens_per_forward}
+    if config.draft_tokens > 1:
+        total = sum((rank.drafting for rank in gathered), DecodeStats())
+        results["drafting"] = {"draft_tokens": config.draft_tokens, "tokens_per_forward": total.tokens_per_forward}
     pool, logits = features[0], (features[1] if len(features) > 1 else None)
-    results["metrics"] = _metrics(pool, logits, labels, reference, extra_metrics)
-    if reference is not None:
-        results["reference"] = reference.record()
+    results["metrics"] = _metrics(pool, logits, labels, scoring)
+    if scoring.reference is not None:
+        results["reference"] = scoring.reference.record()
     with storage_faults(out_dir, "cannot write the evaluation's outputs"):  # a full disk: exit 5, samples kept
         atomic_write(out_dir / "labels.npy", lambda tmp: _save_npy(tmp, labels))
-        if save_npz:
-            write_npz(samples_dir, num_samples, out_dir / "samples.npz")
-        save_grid(read_pngs(samples_dir, range(min(num_samples, 64))), out_dir / "grid.png")
+        if config.save_npz:
+            write_npz(out_dir / "samples", config.num_samples, out_dir / "samples.npz")
+        save_grid(read_pngs(out_dir / "samples", range(min(config.num_samples, 64))), out_dir / "grid.png")
         atomic_write_json(out_dir / "results.json", results)
     log.info("metrics: %s", json.dumps(results["metrics"]))
     if random_weights:
@@ -374,34 +330,34 @@ def evaluate(
     return results
 
 
-def _results(gathered, num_samples, sampling, per_class, batch_size, extractor, feature_batch_size, seconds) -> dict:
+def _results(gathered: list[RankSamples], config: EvalConfig, extractor: torch.nn.Module, seconds: float) -> dict:
     """What ``results.json`` records besides the metrics: counts per rank, every setting, timing."""
+    settings = config.record()
     return {
         "package": {"name": "mutor-vision", "version": __version__},
-        "num_samples": num_samples,
-        "written_this_run": int(sum(g[2] for g in gathered)),
-        "per_rank": [len(g[0]) for g in gathered],
+        "num_samples": settings.pop("num_samples"),
+        "written_this_run": int(sum(rank.written for rank in gathered)),
+        "per_rank": [len(rank.indices) for rank in gathered],
         "world_size": len(gathered),
-        "sampling": {
-            **dataclasses.asdict(sampling),
-            "labels": "per-class" if per_class else "random",
-            "batch_size": batch_size,
-        },
-        "features": {**extractor_record(extractor), "batch_size": feature_batch_size, "tf32": False},
+        "sampling": settings.pop("sampling"),
+        "features": {**extractor_record(extractor), "batch_size": config.feature_batch_size, "tf32": False},
         "sample_and_measure_seconds_this_run": seconds,
+        **settings,
+        **config.notes,
     }
 
 
-def _metrics(pool, logits, labels, reference: Reference | None, extra_metrics) -> dict[str, float]:
+def _metrics(pool: np.ndarray, logits: np.ndarray | None, labels: np.ndarray, scoring: Scoring) -> dict[str, float]:
     metrics: dict[str, float] = {}
+    reference = scoring.reference
     if reference is not None:
         metrics["fid"] = frechet_distance(statistics(pool), {"mu": reference.mu, "sigma": reference.sigma})
         if reference.features is not None:
             metrics["precision"], metrics["recall"] = precision_recall(pool, reference.features, k=3)
     if logits is not None:
         metrics.update(inception_score_metrics(logits, splits=10))  # null, with a note, for <= 10 samples
-    if extra_metrics is not None:
-        metrics.update(extra_metrics(labels, (pool, logits)))
+    if scoring.extra_metrics is not None:
+        metrics.update(scoring.extra_metrics(labels, (pool, logits)))
     return metrics
 
 

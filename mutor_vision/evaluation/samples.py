@@ -171,7 +171,7 @@ def check_space(out_dir: Path, num_samples: int, resolution: int, npz: bool) -> 
 
 def save_grid(images: np.ndarray, path: Path, columns: int = 8) -> None:
     """A PNG grid of uint8 images (N, H, W, 3)."""
-    from torchvision.utils import make_grid  # lazy: torchvision takes ~1.5 s to import
+    from torchvision.utils import make_grid  # lazy: a slow import, needed only for the grid
 
     tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     grid = make_grid(tensor, nrow=columns, padding=2, pad_value=255)

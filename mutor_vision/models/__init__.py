@@ -3,7 +3,7 @@
 from mutor_vision.models.checkpoint import CheckpointError
 from mutor_vision.models.config import SIZES, GPTConfig, RegisterConfig
 from mutor_vision.models.gpt import GPT, GPTOutput
-from mutor_vision.models.sampling import SamplingConfig, generate, sample_logits, sample_uniforms
+from mutor_vision.models.sampling import SamplingConfig, generate, generate_drafted, sample_logits, sample_uniforms
 
 __all__ = [
     "GPT",
@@ -14,6 +14,7 @@ __all__ = [
     "RegisterConfig",
     "SamplingConfig",
     "generate",
+    "generate_drafted",
     "sample_logits",
     "sample_uniforms",
 ]

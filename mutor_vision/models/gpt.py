@@ -3,15 +3,16 @@
 State-dict compatible with LlamaGen c2i checkpoints (docs/compatibility.md §1) plus one tensor, the shared
 ``register_embedding`` (dim,). With a register layout from :mod:`mutor_vision.core.registers`, the
 forward runs the two-block sequence ``[class, x_1..x_{N-1} | R registers]``; without one it is
-LlamaGen's training forward. Sampling uses the static KV cache below (see ``sampling.py``).
+LlamaGen's training forward. Sampling uses the static KV cache below (see ``sampling.py``). How it
+runs fast (compile, CUDA graphs, FSDP) is applied from outside: ``mutor_vision/parallelize.py``.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,12 +21,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from mutor_vision.config import from_dict
-from mutor_vision.core.loss import LossParts, combined_loss, combined_loss_from_hidden
+from mutor_vision.core.loss import combined_loss_from_hidden
 from mutor_vision.core.registers import RegisterLayout, grid_layout, sample_offsets_1d, sample_offsets_2d, step_mask
 from mutor_vision.models import checkpoint
 from mutor_vision.models.config import GPTConfig
-from mutor_vision.models.decode import EAGER_DEFAULT, DecodeAttention, DecodeMask, explicit_attention
+from mutor_vision.models.decode import decode_mask
 from mutor_vision.models.rope import apply_rope, rope_2d_table
+from mutor_vision.parallelize import compiled_flex_attention
 
 log = logging.getLogger(__name__)
 
@@ -46,37 +48,27 @@ class RegisterRows:
     rows: Tensor
 
 
-AttentionMask = Tensor | BlockMask | RegisterRows | DecodeMask | None  # None = plain causal
-
-
-@functools.cache
-def _compiled_flex_attention():
-    # FlexAttention is only fast compiled; one compiled function serves every layer and step.
-    return torch.compile(flex_attention, dynamic=False)
+# None = plain causal; a dense bool mask (True = attend); a FlexAttention BlockMask; split rows.
+AttentionMask = Tensor | BlockMask | RegisterRows | None
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
-    """Attention over (B, H, T, D) with a causal flag (None), a dense bool mask or a BlockMask;
-    a :class:`DecodeMask` for the one decode query over the KV cache (``decode.py``)."""
+    """Attention of q over k, v (B, H, T, D) under ``mask`` (:data:`AttentionMask`)."""
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if isinstance(mask, BlockMask):
+        if not q.is_cuda and torch.compiler.is_compiling():
+            # Inductor's CPU flex template wants q in a 4-D buffer of its own, not a view of RoPE's 5-D one.
+            q = q.contiguous(memory_format=torch.channels_last)
         # Inside a compiled forward the surrounding graph compiles flex itself; eager CUDA calls use
         # the one compiled flex; CPU eager runs the reference implementation.
         eager_cuda = q.is_cuda and not torch.compiler.is_compiling()
-        flex = _compiled_flex_attention() if eager_cuda else flex_attention
+        flex = compiled_flex_attention() if eager_cuda else flex_attention
         return flex(q, k, v, block_mask=mask)
     if isinstance(mask, RegisterRows):
         n = mask.seq_len
         regular = F.scaled_dot_product_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], is_causal=True)
         return torch.cat([regular, _masked_sdpa(q[:, :, n:], k, v, mask.rows)], dim=2)
-    if isinstance(mask, DecodeMask):
-        k, v = k[:, :, : mask.kv_len], v[:, :, : mask.kv_len]  # a view of the static cache: no copy
-        if mask.kernel == "math":
-            return explicit_attention(q, k, v, mask.mask)
-        if mask.kernel == "flex" and q.device.type == "cpu":  # inductor's CPU flex template wants q in a 4-D
-            q = q.contiguous(memory_format=torch.channels_last)  # buffer of its own, not a view of RoPE's 5-D one
-        return attend(q, k, v, mask.mask)  # sdpa: the dense mask; flex: the BlockMask
     return _masked_sdpa(q, k, v, mask)
 
 
@@ -87,10 +79,14 @@ def _masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-@dataclass
-class GPTOutput:
-    logits: Tensor  # (B, N, V) float32: logits[:, t] predicts tokens[:, t]
-    register_logits: Tensor | None = None  # (B, R, V) float32
+class GPTOutput(NamedTuple):
+    """What the forward returns: the logits, or with ``return_loss`` the training loss's named parts.
+
+    A named tuple, so DDP, FSDP and ``torch.compile`` see every tensor in it."""
+
+    logits: Tensor | None = None  # (B, N, V) float32: logits[:, t] predicts tokens[:, t]
+    register_logits: Tensor | None = None  # (B, R, V) float32, with a register layout
+    loss: dict[str, Tensor] | None = None  # loss (backpropagated), loss_ntp, loss_reg: LossParts.named()
 
 
 class KVCache(nn.Module):
@@ -211,14 +207,14 @@ class GPT(nn.Module):
         layout: RegisterLayout | None = None,
         mask: AttentionMask = None,
         return_loss: bool = False,
-    ) -> GPTOutput | dict[str, Tensor]:
+    ) -> GPTOutput:
         """tokens (B, N) codes x_1..x_N, labels (B,) -> logits (B, N, V) (+ register logits (B, R, V)).
 
         ``mask`` is :meth:`attention_mask` of ``layout``, built here when not given. A compiled
         training step builds it outside the compiled forward (BlockMask creation does not trace).
-        ``return_loss`` returns the training loss instead, as named parts (``loss``, ``loss_ntp``,
-        ``loss_reg``: :meth:`LossParts.named`); with ``config.head_chunk_size`` the head and CE run
-        in chunks inside the forward (where FSDP has the head weight gathered), no logits existing whole.
+        ``return_loss``: the training loss instead of the logits, as named parts (``loss``,
+        ``loss_ntp``, ``loss_reg``), computed inside the forward (where FSDP has the head weight
+        gathered); with ``config.head_chunk_size`` the head and CE run in chunks, the logits never whole.
         """
         batch, num_tokens = tokens.shape
         x = torch.cat([self.cls_embedding(labels)[:, None], self.tok_embeddings(tokens[:, :-1])], dim=1)
@@ -238,25 +234,15 @@ class GPT(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, mask, None)
         x = self.norm(x)
-        if return_loss and self.config.head_chunk_size:
-            loss = combined_loss_from_hidden(
-                x,
-                self.output.weight,
-                tokens,
-                None if layout is None else self._register_labels(tokens, layout),
-                self.config.registers.weight,
-                chunk_size=self.config.head_chunk_size,
-            )
-            return loss.named()
-        if layout is None:
-            output = GPTOutput(self.output(x).float())
-        else:
-            # Split before the head: slicing (B, T, dim) is cheap, slicing (B, T, V) logits is not
-            # (their backward zero-fills and the CE runs on non-contiguous views).
-            output = GPTOutput(self.output(x[:, :num_tokens]).float(), self.output(x[:, num_tokens:]).float())
         if return_loss:
-            return self.loss(tokens, output, layout).named()
-        return output
+            # Sequence index 0 is the class token: the register targets index tokens shifted by one.
+            register_labels = None if layout is None else layout.register_labels(F.pad(tokens, (1, 0)))
+            weight, chunk = self.config.registers.weight, self.config.head_chunk_size
+            parts = combined_loss_from_hidden(x, self.output.weight, tokens, register_labels, weight, chunk)
+            return GPTOutput(loss=parts.named())
+        # Split before the head: slicing (B, T, dim) is cheap, slicing (B, T, V) logits is not.
+        logits = self.output(x[:, :num_tokens]).float()
+        return GPTOutput(logits, None if layout is None else self.output(x[:, num_tokens:]).float())
 
     def attention_mask(self, layout: RegisterLayout, requires_grad: bool = True) -> AttentionMask:
         """The attention mask of ``[regular | registers]`` for ``layout``, on the layout's device.
@@ -302,17 +288,6 @@ class GPT(nn.Module):
         )
         return layout if device is None else layout.to(device)
 
-    def loss(self, tokens: Tensor, output: GPTOutput, layout: RegisterLayout | None) -> LossParts:
-        """The combined loss (1 - a)·L_ntp + a·L_reg from ``output``'s logits; plain L_ntp without registers."""
-        register_labels = None if layout is None else self._register_labels(tokens, layout)
-        return combined_loss(
-            output.logits, tokens, output.register_logits, register_labels, self.config.registers.weight
-        )
-
-    @staticmethod
-    def _register_labels(tokens: Tensor, layout: RegisterLayout) -> Tensor:
-        return layout.register_labels(F.pad(tokens, (1, 0)))  # sequence index 0 = the class token
-
     # ---- KV-cache inference ----
 
     def setup_caches(self, batch_size: int, dtype: torch.dtype | None = None) -> None:
@@ -330,9 +305,6 @@ class GPT(nn.Module):
             return
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(*shape, dtype, device)
-            if device.type == "cuda":  # a captured CUDA graph writes into these in place: fixed addresses
-                torch._dynamo.mark_static_address(layer.attention.kv_cache.k)
-                torch._dynamo.mark_static_address(layer.attention.kv_cache.v)
 
     def clear_caches(self) -> None:
         for layer in self.layers:
@@ -344,19 +316,13 @@ class GPT(nn.Module):
             self.cls_embedding(labels)[:, None], torch.zeros(1, dtype=torch.long, device=labels.device)
         )
 
-    def decode(
-        self,
-        tokens: Tensor,
-        input_pos: Tensor,
-        attention: DecodeAttention = EAGER_DEFAULT,
-        kv_len: int | None = None,
-    ) -> Tensor:
+    def decode(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
         """tokens (B, 1) at sequence position ``input_pos`` (1,) -> logits (B, V) for the next token.
 
-        ``attention`` picks the kernel (``decode.py``: every choice computes the same); ``kv_len``,
-        the cache slots read, is its :meth:`~DecodeAttention.kv_len` at this position (None: all).
+        Attends over the cache with SDPA eager and FlexAttention compiled (``decode.py``). Needs
+        :meth:`setup_caches`.
         """
-        return self._cached_forward(self.tok_embeddings(tokens), input_pos, attention, kv_len)
+        return self._cached_forward(self.tok_embeddings(tokens), input_pos)
 
     def extend(
         self, x: Tensor, input_pos: Tensor, register_anchor: Tensor, register_position: Tensor
@@ -381,11 +347,9 @@ class GPT(nn.Module):
         logits = self.output(self.norm(x)).float()
         return logits[:, :n], logits[:, n:]
 
-    def _cached_forward(
-        self, x: Tensor, input_pos: Tensor, attention: DecodeAttention = EAGER_DEFAULT, kv_len: int | None = None
-    ) -> Tensor:
+    def _cached_forward(self, x: Tensor, input_pos: Tensor) -> Tensor:
         input_pos = input_pos.to(x.device)  # a no-op in generate(), which keeps positions on the device
-        mask = attention.mask(input_pos, self.config.num_tokens, kv_len)
+        mask = decode_mask(input_pos, self.config.num_tokens)
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos)

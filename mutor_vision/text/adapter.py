@@ -11,7 +11,7 @@ losses. Right-padded batches of any size (docs/method.md §4). Its settings are 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -50,11 +50,15 @@ class RegisterEmbedding(nn.Module):
         return vector.expand(batch, count, -1)
 
 
-@dataclass
-class TextOutput:
-    logits: Tensor  # (B, L, V): regular positions
+class TextOutput(NamedTuple):
+    """What the forward returns: the logits, or with ``return_loss`` the training loss's named parts.
+
+    A named tuple, so DDP, FSDP and ``torch.compile`` see every tensor in it."""
+
+    logits: Tensor | None  # (B, L, V): regular positions
     register_logits: Tensor | None  # (B, R, V)
     layout: RegisterLayout
+    loss: dict[str, Tensor] | None = None  # loss (backpropagated), loss_ntp, loss_reg: LossParts.named()
 
 
 class MuToRAdapter(nn.Module):
@@ -141,11 +145,12 @@ class MuToRAdapter(nn.Module):
         generator: torch.Generator | None = None,
         layout: RegisterLayout | None = None,
         return_loss: bool = False,
-    ) -> TextOutput | dict[str, Tensor]:
+    ) -> TextOutput:
         """Logits of the regular positions and the registers; with ``return_loss`` the training loss
         instead, as named parts (``loss``, ``loss_ntp``, ``loss_reg``), the head and CE in chunks of
-        ``head_chunk_size`` positions where the model's head allows. ``layout`` is drawn here from
-        ``generator`` when not given (the trainer draws it outside the forward)."""
+        ``head_chunk_size`` positions where the model's head allows (a plain linear head: otherwise
+        the model's own logits are needed). ``layout`` is drawn here from ``generator`` when not given
+        (the trainer draws it outside the forward)."""
         batch, seq_len = input_ids.shape
         layout = layout or self.layout(prompt_len, answer_len, seq_len, generator)
         embedding = self.model.get_input_embeddings()
@@ -159,7 +164,7 @@ class MuToRAdapter(nn.Module):
         inputs = dict(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
         if return_loss and self.head_chunk_size:
             hidden = self.model.get_decoder()(**inputs).last_hidden_state
-            return combined_loss_from_hidden(
+            parts = combined_loss_from_hidden(
                 hidden,
                 self.model.get_output_embeddings().weight,
                 answer_labels(input_ids, prompt_len, answer_len),
@@ -167,13 +172,14 @@ class MuToRAdapter(nn.Module):
                 self.weight if registers else 0.0,
                 chunk_size=self.head_chunk_size,
                 normalization=self.register_config.loss_normalization,
-            ).named()
+            )
+            return TextOutput(None, None, layout, parts.named())
         logits = self.model(**inputs).logits
         output = TextOutput(logits, None, layout)
         if registers:
             output = TextOutput(logits[:, :seq_len], logits[:, seq_len:], layout)
         if return_loss:
-            return self.loss(input_ids, prompt_len, answer_len, output).named()
+            return TextOutput(None, None, layout, self.loss(input_ids, prompt_len, answer_len, output).named())
         return output
 
     def loss(self, input_ids: Tensor, prompt_len: Tensor, answer_len: Tensor, output: TextOutput) -> LossParts:

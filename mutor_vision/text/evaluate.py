@@ -83,7 +83,7 @@ def load_for_generation(
     on_cuda = device == "auto" and torch.cuda.is_available()
     dtype = torch.bfloat16 if on_cuda else torch.float32
     if base is not None:
-        from peft import PeftModel  # lazy: peft takes ~3 s to import; only LoRA exports need it
+        from peft import PeftModel  # lazy: peft is a slow import; only LoRA exports need it
 
         model = PeftModel.from_pretrained(
             from_pretrained(AutoModelForCausalLM, base, dtype=dtype, attn_implementation=attn), source.name

@@ -63,7 +63,7 @@ def load_model(config: TextModelConfig, on_cuda: bool, source: ModelSource | Non
 
 def build_adapter(model, config: TextTrainConfig) -> MuToRAdapter:
     if config.lora.enabled:
-        from peft import LoraConfig, get_peft_model  # lazy: peft takes ~3 s to import; only LoRA needs it
+        from peft import LoraConfig, get_peft_model  # lazy: peft is a slow import; only LoRA needs it
 
         lora = config.lora
         model = get_peft_model(
@@ -118,7 +118,21 @@ class TextTask:
         self.total_steps = config.epochs * (len(self.examples) // config.global_batch_size)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
+        self.dropped = dropped
+        self.warnings: list[str] = []
         log.info("%d examples (%d dropped as too long), %d steps", len(self.examples), dropped, self.total_steps)
+
+    def summary(self) -> dict[str, str]:
+        """The data and model lines of the start-up summary."""
+        d, model, registers = self.config.data, self.config.model, self.config.registers
+        data = (
+            f"{d.jsonl or d.hf_name}: {len(self.examples):,} examples "
+            f"({self.dropped:,} dropped as longer than max_length {d.max_length})"
+        )
+        mode = registers.mode if registers.enabled else "none (next-token)"
+        lora = ", LoRA" if self.config.lora.enabled else ""
+        name = self.model_source.name if self.model_source is not None else model.name_or_path
+        return {"data": data, "model": f"{name}{lora}, registers {mode}"}
 
     def build_model(self, fresh: bool) -> MuToRAdapter:
         model = self.model

@@ -8,10 +8,8 @@ batches match an uninterrupted run exactly (the loop, ``loop.py``, seeds every o
 
 The cost of a resume: each rank replays at most ``(segment_steps - 1) × accumulation`` micro-batches
 through the loader (no forward), i.e. up to ``(segment_steps - 1) × global_batch_size / ranks``
-samples. At the loader's measured 6,974 samples/s (``bench/results/data_cpu.json``: 2 workers on
-2 CPU cores) that is at most ~18 s for the paper's recipe on 8 ranks (999 × 128 samples) and ~2.4 min
-on one rank (999 × 1,024). A resume on another number of ranks is not exact in its data order (the
-ranks' streams differ); the loop says so when it resumes.
+samples (in seconds at the loader's measured rate: docs/imagenet.md). A resume on another number
+of ranks is not exact in its data order (the ranks' streams differ); the loop says so when it resumes.
 """
 
 from __future__ import annotations

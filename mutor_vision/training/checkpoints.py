@@ -89,23 +89,17 @@ class CheckpointManager:
                 self._discard(tmp)
                 tmp.mkdir()
         accelerator.wait_for_everyone()
-        failure = None
-        try:
+
+        def write_states() -> None:
             accelerator.save_state(str(tmp / "accelerate"))
             export(tmp / "export")  # every rank calls it (FSDP gathers); the main process writes
-        except Exception as error:
-            failure = storage_error(error, self.root, what)
-            if failure is None:
-                raise
-        self._stop_on_failure(accelerator, failure, tmp, what)
-        if accelerator.is_main_process:
-            try:
-                atomic_write_json(tmp / STATE, {"step": step, **state})
-                fsync_tree(tmp)  # every byte on disk before the rename that marks the checkpoint complete
-            except Exception as error:
-                failure = storage_error(error, self.root, what)
-                if failure is None:
-                    raise
+
+        def write_step() -> None:
+            atomic_write_json(tmp / STATE, {"step": step, **state})
+            fsync_tree(tmp)  # every byte on disk before the rename that marks the checkpoint complete
+
+        self._stop_on_failure(accelerator, self._storage_fault(write_states, what), tmp, what)
+        failure = self._storage_fault(write_step, what) if accelerator.is_main_process else None
         self._stop_on_failure(accelerator, failure, tmp, what)
         if accelerator.is_main_process:
             if final.exists():
@@ -115,6 +109,17 @@ class CheckpointManager:
             self._prune()
         accelerator.wait_for_everyone()
         return final
+
+    def _storage_fault(self, write: Callable[[], None], what: str) -> StorageError | None:
+        """Run ``write``; a storage fault comes back (every rank then stops together), any other error is raised."""
+        try:
+            write()
+        except Exception as error:
+            failure = storage_error(error, self.root, what)
+            if failure is None:
+                raise
+            return failure
+        return None
 
     def _stop_on_failure(self, accelerator, failure: StorageError | None, tmp: Path, what: str) -> None:
         """Every rank stops together when one failed to write (none waits for it forever)."""

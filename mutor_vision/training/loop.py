@@ -2,8 +2,9 @@
 
 A task supplies the model, the micro-batches of each optimizer step, the inputs of the model's
 training forward for a micro-batch (what is drawn or built outside a compiled region: register
-layouts, masks), and how its weights are exported (:class:`Task`). The model's forward returns
-its loss as named parts (``loss`` is backpropagated; every part is averaged and logged by name).
+layouts, masks), and how its weights are exported (:class:`Task`). The model's forward returns an
+output whose ``loss`` holds named parts (``loss`` is backpropagated; every part is averaged and
+logged by name).
 The loop does the rest the same way for all:
 the checks before anything is written, DDP/FSDP through accelerate, AdamW with its schedule, EMA,
 gradient accumulation, clipping and the NaN stop, logging, checkpoints, SIGTERM, exact resume.
@@ -31,6 +32,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from mutor_vision.config import default_values, to_dict
 from mutor_vision.errors import ConfigError
 from mutor_vision.files import atomic_write_text
+from mutor_vision.parallelize import compile_training_forward
 from mutor_vision.processes import main_process_holds, process_state
 from mutor_vision.seeds import hash_seed
 from mutor_vision.training.checkpoints import CheckpointManager
@@ -57,6 +59,10 @@ class Task(Protocol):
     name: str  # the TensorBoard project ("c2i", "text")
     total_steps: int  # optimizer steps of the whole run
     flops_per_sample: float | None  # training FLOPs per sample for MFU (None: not logged)
+    warnings: list[str]  # what checking the inputs found worth a warning; logged once by the main process
+
+    def summary(self) -> dict[str, str]:
+        """Lines of the start-up summary by label (``data``, ``model``); the loop adds the run's."""
 
     def build_model(self, fresh: bool) -> nn.Module:
         """The model to train (unprepared; its trainable parameters are optimised). ``fresh``: no resume."""
@@ -69,18 +75,13 @@ class Task(Protocol):
 
         ``model`` is the unwrapped module (for its layout and mask helpers); ``generator`` seeds this
         step's draws. The loop calls the prepared (maybe compiled) module with them, and the forward
-        returns ``{"loss": ..., other named parts}`` (scalar tensors)."""
+        returns an output whose ``loss`` is ``{"loss": ..., other named parts}`` (scalar tensors)."""
 
     def count(self, batch: Any) -> tuple[int, int]:
         """(samples, tokens) in a micro-batch, for the throughput log."""
 
     def export(self, directory: Path, weights: dict[str, torch.Tensor], unwrapped: nn.Module) -> None:
         """Write the exported model into ``directory`` (main process; ``weights`` gathered from all ranks)."""
-
-
-# Optional, read with getattr (a task without them gets the loop's part of the start-up summary only):
-#   summary() -> dict[str, str]   lines of the start-up summary, e.g. {"data": ..., "model": ...}
-#   warnings: list[str]           what checking the inputs found worth a warning, logged once by the main process
 
 
 @dataclass
@@ -130,7 +131,7 @@ def prepare(task: Task, config: LoopConfig, accelerator, fresh: bool) -> Trainee
     unwrapped = accelerator.unwrap_model(model)
     ema = None
     if config.ema.enabled:
-        from timm.utils import ModelEmaV3  # lazy: timm takes ~1.5 s to import; EMA runs only
+        from timm.utils import ModelEmaV3  # lazy: timm is a slow import; EMA runs only
 
         ema = ModelEmaV3(unwrapped, decay=config.ema.decay)  # after prepare: a copy on the training device
     accelerator.register_for_checkpointing(scheduler)  # stepped here once per step, never prepared
@@ -138,7 +139,7 @@ def prepare(task: Task, config: LoopConfig, accelerator, fresh: bool) -> Trainee
         accelerator.register_for_checkpointing(ema)
     forward = model
     if config.compile and accelerator.device.type == "cuda":
-        forward = torch.compile(model)
+        forward = compile_training_forward(model)
     elif config.compile:
         log.info("compile: true is ignored on CPU (compiling costs more than it saves on CPU runs)")
     model.train()
@@ -227,8 +228,7 @@ def _run(task: Task, config: LoopConfig, resume: str | None, allow_change: Seque
 
 def log_startup(task: Task, config: LoopConfig, accelerator, accumulation: int, trainee: Trainee, step: int) -> None:
     """What this run is about to do, before the first step: data, model, steps and batches, hardware."""
-    summary = getattr(task, "summary", None)
-    lines = dict(summary()) if summary is not None else {}
+    lines = dict(task.summary())
     total, trainable = trainee.num_parameters
     params = f"{total:,} parameters ({total / 1e6:,.2f}M), {trainable:,} trainable"
     lines["model"] = f"{lines['model']}; {params}" if "model" in lines else params
@@ -243,7 +243,7 @@ def log_startup(task: Task, config: LoopConfig, accelerator, accumulation: int, 
     )
     for label, text in lines.items():
         log.info("start-up %s: %s", label, text)
-    for warning in getattr(task, "warnings", ()):
+    for warning in task.warnings:
         log.warning("%s", warning)
 
 
@@ -268,7 +268,7 @@ def optimizer_step(
         with accelerator.accumulate(trainee.model):
             inputs = task.inputs(trainee.unwrapped, batch, generator)
             with accelerator.autocast():
-                parts = trainee.forward(**inputs)
+                parts = trainee.forward(**inputs).loss
             values, norm = backward_and_step(
                 accelerator, trainee.optimizer, parts, trainee.params, config.optim.grad_clip, step, manager.latest
             )

@@ -12,9 +12,11 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, recursively_apply, send_to_device
+from accelerate.utils import ProjectConfiguration, recursively_apply
 
+from mutor_vision.core.device import to_device
 from mutor_vision.errors import ConfigError, TrainingDiverged
+from mutor_vision.parallelize import fsdp_mixed_precision
 from mutor_vision.processes import process_state, use_cuda
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,9 @@ def make_accelerator(
             f"global_batch_size: {global_batch} is not divisible by micro_batch_size × ranks = {per_step}"
         )
     if mixed_precision == "bf16" and not on_cuda:
-        log.warning("mixed_precision bf16 requested without CUDA: running fp32 (bf16 on CPU is ~40x slower)")
+        log.warning(
+            "mixed_precision bf16 requested without CUDA: running fp32 (bf16 on the CPU is far slower than fp32)"
+        )
         mixed_precision = "no"
     accelerator = Accelerator(
         cpu=not on_cuda,
@@ -42,7 +46,7 @@ def make_accelerator(
         project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
         step_scheduler_with_optimizer=False,
     )
-    reduce_fsdp_gradients_in_fp32(accelerator)
+    fsdp_mixed_precision(accelerator)
     return accelerator, global_batch // per_step
 
 
@@ -76,32 +80,10 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def reduce_fsdp_gradients_in_fp32(accelerator: Accelerator) -> None:
-    """FSDP with bf16 reduces gradients in bf16 unless told otherwise (docs/architecture.md): keep fp32."""
-    plugin = getattr(accelerator.state, "fsdp_plugin", None)
-    if plugin is None or accelerator.mixed_precision != "bf16":
-        return
-    if plugin.fsdp_version == 2:
-        from torch.distributed.fsdp import MixedPrecisionPolicy  # lazy: FSDP runs only
-
-        plugin.mixed_precision_policy = MixedPrecisionPolicy(
-            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.bfloat16
-        )
-    else:
-        from torch.distributed.fsdp import MixedPrecision  # lazy: FSDP runs only
-
-        plugin.mixed_precision_policy = MixedPrecision(
-            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, buffer_dtype=torch.float32
-        )
-
-
 def batch_to_device(batch: Any, device: torch.device) -> Any:
-    """``batch`` (tensors, maybe nested) on ``device``. To CUDA through pinned memory without blocking:
-    the copy waits in the GPU's queue, not the host, which meanwhile prepares the step (register
-    layout, mask) while the last step's update still runs. A plain copy would wait for it."""
-    if device.type != "cuda":
-        return send_to_device(batch, device)
-    return send_to_device(recursively_apply(torch.Tensor.pin_memory, batch), device, non_blocking=True)
+    """``batch`` (tensors, maybe nested) on ``device``, never waiting for the GPU (``core/device.py``):
+    the host meanwhile prepares the step (register layout, mask) while the last step's update runs."""
+    return recursively_apply(to_device, batch, device)
 
 
 def any_rank(accelerator: Accelerator, flag: bool) -> bool:
