@@ -44,7 +44,7 @@ def generate_without_cache(
     for i in range(num_tokens):
         # Its last logits predict x_{i+1}; the placeholder after the prefix is never attended to.
         logits = model(prefix, rows).logits[:, -1]
-        codes[:, i] = next_code(logits, by_step[i], sampling)
+        codes[:, i] = next_code(logits, by_step[i], sampling, torch.tensor([i], device=labels.device) if i else None)
         step_codes = torch.cat([codes[:, i], codes[:, i]]) if sampling.guided else codes[:, i]
         prefix = torch.cat([prefix[:, :i], step_codes[:, None], prefix[:, i:]], dim=1)
     model.train(was_training)

@@ -6,6 +6,7 @@ Every fact the report states about the setting comes from the configs and data t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +67,9 @@ def plot_losses(records: dict[str, dict[int, dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_samples(out: Path, arrays: dict[str, np.ndarray], plan, path: Path, per_class: int = 8) -> None:
-    """Real held-out digits beside the samples of each method's first seed, one labelled row per class."""
+def plot_samples(folders: dict[str, Path], arrays: dict[str, np.ndarray], plan, path: Path, per_class: int = 8) -> None:
+    """Real held-out digits beside each method's samples, one labelled row per class: ``folders`` are
+    ``sample_c2i.py``'s output (method -> its folder, a row of ``per_class`` per class 0..9)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,19 +82,20 @@ def plot_samples(out: Path, arrays: dict[str, np.ndarray], plan, path: Path, per
 
     panels = {"Real (held out)": [row(list(arrays["test_x"][arrays["test_y"] == c][:per_class])) for c in range(10)]}
     for method, label in METHODS.items():
-        folder = out / f"{method}-seed{plan.seeds[0]}" / "eval" / f"step_{plan.steps:08d}" / "samples"
-        count = len(list(folder.glob("*.png")))
-        panels[label] = [
-            row([np.asarray(Image.open(folder / f"{i:06d}.png")) for i in range(c, count, 10)][:per_class])
-            for c in range(10)
-        ]  # sample i has class i % 10
+        record = json.loads((folders[method] / "samples.json").read_text())
+        by_class: dict[int, list[np.ndarray]] = {c: [] for c in range(10)}
+        for name in record["files"]:  # NNNN_class<c>.png
+            by_class[int(name.split("_class")[1].removesuffix(".png"))].append(
+                np.asarray(Image.open(folders[method] / name))
+            )
+        panels[label] = [row(by_class[c][:per_class]) for c in range(10)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 5.5))
     for ax, (title, rows) in zip(axes, panels.items(), strict=True):
         ax.imshow(np.concatenate(rows, 0), interpolation="nearest")
         ax.set_title(title)
         ax.set_yticks([18 * c + 9 for c in range(10)], [f"class {c}" for c in range(10)])
         ax.set_xticks([])
-    fig.suptitle(f"Samples at step {plan.steps}, CFG {plan.cfg_scale}, seed {plan.seeds[0]}")
+    fig.suptitle(f"sample_c2i.py at step {plan.steps}, CFG {plan.cfg_scale}, training seed {plan.seeds[0]}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import sample_c2i  # noqa: E402  (the repository root's sampling command)
 from demo.digits import (  # noqa: E402
     SHIFTS,
     digits_extractor,
@@ -53,7 +54,7 @@ from demo.digits_report import (  # noqa: E402
 )
 from demo.report import publish  # noqa: E402
 from demo.runs import discard_if_edited  # noqa: E402
-from mutor_vision.cli import setup_logging  # noqa: E402
+from mutor_vision.cli import HelpFormatter, setup_logging  # noqa: E402
 from mutor_vision.config import load_yaml  # noqa: E402
 from mutor_vision.evaluation import EvalConfig, Scoring, evaluate, reference_from_images  # noqa: E402
 from mutor_vision.evaluation.metrics import frechet_distance, inception_score, precision_recall, statistics  # noqa: E402
@@ -190,6 +191,21 @@ def class_consistency(labels: np.ndarray, features) -> dict[str, float]:
     return {"class_consistency": float((features[1].argmax(axis=1) == labels).mean())}
 
 
+def draw_samples(out: Path, plan: Plan, per_class: int = 8) -> dict[str, Path]:
+    """Each method's first seed at its last step, drawn by ``sample_c2i.py``: a row of ``per_class`` for
+    each class, with the evaluation's CFG and no top-k (the samples figure shows them)."""
+    folders = {}
+    for method in METHODS:
+        run = out / f"{method}-seed{plan.seeds[0]}"
+        export = run / "checkpoints" / f"step_{plan.steps:08d}" / "export"
+        folders[method] = run / "samples"
+        sample_c2i.run([
+            "--ckpt", str(export), "--classes", ",".join(map(str, range(10))), "--per-class", str(per_class),
+            "--cfg-scale", str(plan.cfg_scale), "--top-k", "0", "--device", "cpu", "--out", str(folders[method]),
+        ])  # fmt: skip
+    return folders
+
+
 def evaluated_checkpoints(run: Path, plan: Plan) -> list[Path]:
     """The run's checkpoints on the evaluation cadence; one saved by an interrupt is left out, so
     every seed is compared at the same steps."""
@@ -251,14 +267,19 @@ def publish_report(out: Path, report: dict) -> None:
     publish(ROOT / "README.md", "demo", body, {out / name: path for name, path in FIGURES.items()})
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "demo")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per method (default setting)")
-    parser.add_argument("--cfg-scale", type=float, default=2.0)
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="demo/run_demo.py", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "demo", help="the demo's folder (resumed)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per method (the default setting)")
+    parser.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance of the evaluations")
     parser.add_argument("--full", action="store_true", help="the longer setting: 5 seeds, 19,200 steps")
     parser.add_argument("--smoke", action="store_true", help="a few steps of everything (tests)")
     parser.add_argument("--publish", action="store_true", help="write the table into README.md, the figures to docs/")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = make_parser()
     args = parser.parse_args(argv)
     if args.publish and args.smoke:
         parser.error("--publish reports a real setting, not --smoke")
@@ -291,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
         compute[method] = {"steps": plan.steps, "images": images, "positions": images * per_image, "step_s": step_s}
     plot_convergence(evaluations, out / "convergence.png")
     plot_losses(records, out / "loss.png")
-    plot_samples(out, arrays, plan, out / "samples.png")
+    plot_samples(draw_samples(out, plan), arrays, plan, out / "samples.png")
     seconds = time.perf_counter() - start
     params = sum(p.numel() for p in GPT(configs["mutor2d"].model).parameters())
     facts = setting(configs, len(arrays["train_x"]), len(arrays["train_x"]) * len(SHIFTS), NUM_COLORS, params)

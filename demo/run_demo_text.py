@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from demo.report import cell, compare, convergence_panels, publish  # noqa: E402
 from demo.runs import discard_if_edited  # noqa: E402
-from mutor_vision.cli import setup_logging  # noqa: E402
+from mutor_vision.cli import HelpFormatter, setup_logging  # noqa: E402
 from mutor_vision.config import load_yaml  # noqa: E402
 from mutor_vision.files import atomic_write_json, atomic_write_text  # noqa: E402
 from mutor_vision.text.config import GSM8K_ANSWER, GSM8K_PROMPT, TextTrainConfig  # noqa: E402
@@ -314,12 +314,17 @@ def publish_report(out: Path, report: dict) -> None:
     publish(ROOT / "README.md", "demo-text", body, {out / "convergence.png": FIGURE})
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "demo-text")
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="demo/run_demo_text.py", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "demo-text", help="the demo's folder (resumed)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per method")
     parser.add_argument("--smoke", action="store_true", help="a few steps of everything (tests)")
     parser.add_argument("--publish", action="store_true", help="write the table into README.md, the figure to docs/")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = make_parser()
     args = parser.parse_args(argv)
     if args.publish and args.smoke:
         parser.error("--publish reports the full setting, not --smoke")

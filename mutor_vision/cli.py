@@ -63,6 +63,10 @@ FORCE_HELP = (
 )
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every command's ``--help``: the description as written, and each option's default after its help."""
+
+
 def run_command(
     name: str, body: Callable[[], Any], storage_hint: str | None = None, interrupt_hint: str | None = None
 ) -> int:
@@ -117,10 +121,10 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
-def train_main(doc: str, config_cls: type, train_fn: Callable[..., Any], argv: list[str] | None, name: str) -> int:
+def train_parser(doc: str, name: str) -> argparse.ArgumentParser:
     """The command line of ``train_c2i.py`` and ``train_sft.py``: --config, --resume, key=value overrides."""
     parser = argparse.ArgumentParser(
-        prog=f"{name}.py", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXIT_CODES
+        prog=f"{name}.py", description=doc, formatter_class=HelpFormatter, epilog=EXIT_CODES
     )
     parser.add_argument("--config", required=True, help="a YAML config file (docs/configs.md lists every key)")
     parser.add_argument(
@@ -138,7 +142,12 @@ def train_main(doc: str, config_cls: type, train_fn: Callable[..., Any], argv: l
     )
     parser.add_argument("--force", action="store_true", help=FORCE_HELP.format(what="out_dir"))
     parser.add_argument("overrides", nargs="*", help="key=value, dotted keys into the config")
-    args = parser.parse_intermixed_args(argv)  # overrides may come before and after the flags
+    return parser
+
+
+def train_main(doc: str, config_cls: type, train_fn: Callable[..., Any], argv: list[str] | None, name: str) -> int:
+    """Run ``train_c2i.py`` or ``train_sft.py``'s command line (:func:`train_parser`)."""
+    args = train_parser(doc, name).parse_intermixed_args(argv)  # overrides may come before and after the flags
     setup_logging()
     allow = [key for item in args.allow_change for key in item.split(",") if key]
     log = logging.getLogger(name)

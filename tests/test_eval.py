@@ -14,6 +14,7 @@ from conftest import COLORS, make_image_folder, run_two_cpu_ranks
 from PIL import Image
 
 from eval import fid as fid_cli
+from eval.common import resolve_tokenizer
 from mutor_vision.errors import ConfigError, InputError
 from mutor_vision.evaluation import (
     INCEPTION_FILE,
@@ -399,9 +400,10 @@ def test_the_tokenizer_kind_is_told_by_its_file(tmp_path, export, inception_weig
     save_export(tmp_path / "bare" / "export", model.state_dict(), model.config)
     shutil.copytree(export / "reference", tmp_path / "bare" / "reference")
     palette = str(export / "palette.json")
-    args = fid_cli.parse_args(cli_args(tmp_path / "bare", tmp_path / "run", inception_weights, "--vq-ckpt", palette))
-    fid_cli.check_inputs(args)
-    kind, path, _ = fid_cli.resolve_tokenizer(args)
+    argv = cli_args(tmp_path / "bare", tmp_path / "run", inception_weights, "--vq-ckpt", palette)
+    args = fid_cli.make_parser().parse_args(argv)
+    fid_cli.check_all_inputs(args)
+    kind, path, _ = resolve_tokenizer(args)
     assert kind is None and path == palette and tokenizer_kind(path) == "palette"
     assert isinstance(load_tokenizer(None, path), PaletteTokenizer)
     assert tokenizer_kind(inception_weights) == "vq16"  # a PyTorch checkpoint
@@ -422,7 +424,7 @@ def test_evaluation_samples_the_classes_the_training_data_held(tmp_path, export,
     assert results["sampling"]["num_classes"] == 2
     assert np.array_equal(np.load(tmp_path / "run" / "labels.npy"), np.arange(4) % 2)
     argv = cli_args(tmp_path / "two", tmp_path / "run", inception_weights, "--num-classes", "3")
-    assert fid_cli.data_classes(fid_cli.parse_args(argv), model) == 3  # the flag wins
+    assert fid_cli.data_classes(fid_cli.make_parser().parse_args(argv), model) == 3  # the flag wins
     with pytest.raises(ConfigError, match="num_classes 4"):
         fid_cli.run(cli_args(tmp_path / "two", tmp_path / "run4", inception_weights, "--num-classes", "4"))
 
@@ -496,13 +498,15 @@ def test_eval_config_is_the_one_source_of_the_stamp_its_defaults_and_the_record(
     model = GPT.from_pretrained(export / "export").eval()
     config = EvalConfig("unused", num_samples=12, sampling=SamplingConfig(cfg_scale=1.5, top_k=3)).for_model(model)
     stamp = config.stamp(model)
-    settings = ["num_samples", "per_class", "num_classes", "cfg_scale", "temperature", "top_k", "top_p", "seed"]
+    settings = ["num_samples", "per_class", "num_classes", "cfg_scale", "temperature", "top_k", "top_p", "seed",
+                "cfg_interval"]  # fmt: skip
     assert list(stamp) == [*settings, "draft_tokens", "decode_precision", "model"]
     assert (stamp["num_classes"], stamp["cfg_scale"], stamp["top_k"]) == (3, 1.5, 3)  # None resolved: every class
     assert set(stamp["model"]) == {"config", "checksum"}
     defaults = EvalConfig.stamp_defaults(model)  # what a stamp of older code stands for, key by key
     assert set(stamp) - {"model"} <= set(defaults) and "model.config.grid_size" in defaults
     assert (defaults["num_classes"], defaults["draft_tokens"], defaults["decode_precision"]) == (3, 1, "fp32")
+    assert defaults["cfg_interval"] == -1  # a stamp from before the key: every token guided
     record = config.record()
     assert record["num_samples"] == 12 and record["decode_precision"] == "fp32"
     assert record["sampling"] == {**{k: stamp[k] for k in settings[3:]}, "labels": "per-class", "batch_size": 64,
@@ -644,7 +648,7 @@ def test_ctrl_c_is_one_line_and_exit_130_and_help_lists_the_exit_codes(monkeypat
     assert fid_cli.main(["--ckpt", "x"]) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("eval/fid.py:") == 1 and "same command resumes" in err
-    for parse in (fid_cli.parse_args, encode_imagenet.parse_args):
+    for parse in (fid_cli.make_parser().parse_args, encode_imagenet.parse_args):
         with pytest.raises(SystemExit):
             parse(["--help"])
         out = capsys.readouterr().out

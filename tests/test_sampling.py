@@ -11,8 +11,10 @@ import torch
 from conftest import ROOT
 from torch._dynamo.utils import counters
 
-from mutor_vision.models import GPT, GPTConfig, RegisterConfig, SamplingConfig, generate
+from mutor_vision.errors import ConfigError
+from mutor_vision.models import GPT, GPTConfig, RegisterConfig, SamplingConfig, generate, sample_logits, sample_uniforms
 from mutor_vision.models.decode import FLEX_BLOCK, decode_mask
+from mutor_vision.models.sampling import guide
 
 sys.path.insert(0, str(ROOT / "bench"))  # bench/ is a folder of scripts, not a package
 from decode_variants import generate_in_groups, generate_without_cache, step_groups
@@ -135,3 +137,28 @@ def test_compiled_k_steps_equal_the_reference_with_two_graphs(grid16):
     assert counters["stats"]["unique_graphs"] - before == 2
     assert torch.equal(codes, reference)
     model.clear_caches()
+
+
+def test_cfg_interval_is_llamagens_guidance_for_the_first_tokens_only():
+    # LlamaGen's decode_n_tokens: decode step i (the token at position i + 1) is guided while
+    # i <= cfg_interval, after which the conditional rows alone decide; the first token always is.
+    model, labels = model_on_grid(4), torch.tensor([1, 7])
+    uniform = sample_uniforms(3, range(2), 16)
+    sampling = SamplingConfig(cfg_scale=3.0, temperature=1.0, cfg_interval=3)
+    rows = torch.cat([labels, torch.full_like(labels, 10)])
+    with torch.no_grad():
+        model.setup_caches(4)
+        reference = [sample_logits(guide(model.prefill(rows), 3.0), uniform=uniform[:, 0])]
+        for t in range(1, 16):
+            logits = model.decode(torch.cat([reference[-1], reference[-1]])[:, None], torch.tensor([t]))
+            logits = guide(logits, 3.0) if t - 1 <= 3 else logits.chunk(2)[0]
+            reference.append(sample_logits(logits, uniform=uniform[:, t]))
+        model.clear_caches()
+    codes = generate(model, labels, sampling, uniform).flatten(1)
+    assert torch.equal(codes, torch.stack(reference, dim=1))
+    assert torch.equal(generate_without_cache(model, labels, sampling, uniform).flatten(1), codes)
+    always = generate(model, labels, sampling.replace(cfg_interval=-1), uniform)
+    assert torch.equal(always, generate(model, labels, sampling.replace(cfg_interval=14), uniform))
+    assert not torch.equal(always.flatten(1), codes)
+    with pytest.raises(ConfigError, match="cfg_interval"):
+        SamplingConfig(cfg_interval=-2)

@@ -43,7 +43,7 @@ from PIL import Image
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mutor_vision.cli import FORCE_HELP, TOOL_EXIT_CODES, run_command, setup_logging
+from mutor_vision.cli import FORCE_HELP, TOOL_EXIT_CODES, HelpFormatter, run_command, setup_logging
 from mutor_vision.errors import InputError
 from mutor_vision.files import atomic_write_json, check_stamp
 from mutor_vision.processes import main_process_holds, process_state
@@ -284,24 +284,30 @@ def write_dataset_manifest(
     return manifest
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TOOL_EXIT_CODES
+        prog="tokenizer/encode_imagenet.py", description=__doc__, formatter_class=HelpFormatter, epilog=TOOL_EXIT_CODES
     )
     parser.add_argument("--input", type=Path, required=True, help="ImageFolder root, or a folder of .tar shards")
     parser.add_argument("--out", type=Path, required=True, help="the output folder, held by one run at a time")
     parser.add_argument("--force", action="store_true", help=FORCE_HELP.format(what="--out"))
-    parser.add_argument("--tokenizer", choices=["vq16", "palette"], default="vq16")
+    parser.add_argument("--tokenizer", choices=["vq16", "palette"], default="vq16", help="the tokenizer's kind")
     parser.add_argument("--tokenizer-path", type=Path, required=True, help="vq_ds16_c2i.pt or a palette JSON")
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--crop", choices=["adm-flip", "ten-crop", "center"], default="adm-flip")
+    parser.add_argument("--image-size", type=int, default=256, help="the side images are cropped to, in pixels")
+    parser.add_argument(
+        "--crop",
+        choices=["adm-flip", "ten-crop", "center"],
+        default="adm-flip",
+        help="adm-flip: ADM's centre crop and its mirror (the paper's setting); ten-crop: LlamaGen's ten crops; "
+        "center: one crop, no mirror",
+    )
     parser.add_argument("--maxcount", type=int, default=1000, help="images per output shard (ImageFolder input)")
     parser.add_argument(
         "--order",
         choices=["shuffled", "sorted"],
         default="shuffled",
-        help="ImageFolder input: images across shards in a seeded random order (default; training streams "
-        "shards through a shuffle buffer, so class-sorted shards give batches of few classes) or in folder order",
+        help="ImageFolder input: images across shards in a seeded random order (training streams shards "
+        "through a shuffle buffer, so class-sorted shards give batches of few classes) or in folder order",
     )
     parser.add_argument("--shuffle-seed", type=int, default=0, help="the seed of --order shuffled")
     parser.add_argument("--batch-size", type=int, default=64, help="images per encoder batch")
@@ -310,7 +316,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--device", choices=["auto", "cpu"], default="auto", help="auto: CUDA when available; cpu pins the CPU"
     )
     parser.add_argument("--limit-shards", type=int, default=None, help=argparse.SUPPRESS)  # tests: stop early
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
 
 
 def run(argv: list[str] | None = None) -> dict | None:

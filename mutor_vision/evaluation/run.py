@@ -285,12 +285,9 @@ def evaluate(
     if random_weights:
         log.warning(RANDOM_WARNING)
     out_dir = config.out_dir
-    stamp = (out_dir / SETTINGS, config.stamp(model), any((out_dir / "samples").glob("*.png")))
-    remedy = "use another --out, or delete it to start over"
-    defaults = EvalConfig.stamp_defaults(model)
-    check_stamp(*stamp, remedy=remedy, write=False, defaults=defaults)  # every rank checks, the main records
+    check_folder(model, config)  # every rank checks, the main records
     if state.is_main_process:
-        check_stamp(*stamp, remedy=remedy, write=True, defaults=defaults)
+        check_folder(model, config, write=True)
     state.wait_for_everyone()
     labels = label_list(config.num_samples, config.num_classes, per_class=config.per_class, seed=config.sampling.seed)
     mine = np.arange(config.num_samples)[state.process_index :: state.num_processes]
@@ -328,6 +325,16 @@ def evaluate(
     if random_weights:
         log.warning(RANDOM_WARNING)
     return results
+
+
+def check_folder(model: GPT, config: EvalConfig, write: bool = False) -> None:
+    """Refuse (``ConfigError``, naming the differing settings) an ``out_dir`` holding samples made with
+    another model or other settings; with ``write``, record this run's stamp. ``config``: resolved
+    against the model (:meth:`EvalConfig.for_model`)."""
+    out_dir = config.out_dir
+    stamp = (out_dir / SETTINGS, config.stamp(model), any((out_dir / "samples").glob("*.png")))
+    remedy = "use another --out, or delete it to start over"
+    check_stamp(*stamp, remedy=remedy, write=write, defaults=EvalConfig.stamp_defaults(model))
 
 
 def _results(gathered: list[RankSamples], config: EvalConfig, extractor: torch.nn.Module, seconds: float) -> dict:

@@ -169,6 +169,32 @@ def check_space(out_dir: Path, num_samples: int, resolution: int, npz: bool) -> 
     return warning
 
 
+def save_labelled_grid(images: np.ndarray, labels: Sequence[str], columns: int, path: Path, min_side: int = 64) -> None:
+    """A PNG grid of uint8 images (N, H, W, 3), ``columns`` a row and each row's label at its left.
+    Images smaller than ``min_side`` are enlarged by a whole factor (nearest), so a grid of small
+    images stays legible."""
+    from PIL import ImageDraw, ImageFont  # lazy: only the labelled grid draws text
+
+    count, height, width, _ = images.shape
+    rows = -(-count // columns)
+    if len(labels) != rows:
+        raise ValueError(f"{len(labels)} labels for {rows} rows of {columns}")
+    scale = max(1, -(-min_side // max(height, width)))
+    cell_h, cell_w, pad = height * scale, width * scale, 2
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = int(max(measure.textlength(label, font=font) for label in labels)) + 4 * pad
+    canvas = Image.new("RGB", (label_w + columns * (cell_w + pad) + pad, rows * (cell_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        tile = Image.fromarray(image).resize((cell_w, cell_h), Image.NEAREST)
+        canvas.paste(tile, (label_w + pad + column * (cell_w + pad), pad + row * (cell_h + pad)))
+    for row, label in enumerate(labels):
+        draw.text((2 * pad, pad + row * (cell_h + pad) + cell_h // 2), label, fill="black", font=font, anchor="lm")
+    atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
+
+
 def save_grid(images: np.ndarray, path: Path, columns: int = 8) -> None:
     """A PNG grid of uint8 images (N, H, W, 3)."""
     from torchvision.utils import make_grid  # lazy: a slow import, needed only for the grid

@@ -1,7 +1,8 @@
 """Loading LlamaGen / mutor-vision GPT checkpoints strictly, and saving this project's format.
 
 Accepted inputs (docs/compatibility.md §1):
-- this project's export: a directory (or its ``model.safetensors``) with ``config.json`` beside;
+- this project's export: a directory (or its ``model.safetensors``) with ``config.json`` beside, or
+  the Hugging Face Hub id of one (``owner/name``: downloaded, or read from the local cache offline);
 - any ``.safetensors`` file holding a GPT state dict;
 - an official LlamaGen ``.pt``: the raw state dict, or one under ``"model"`` / ``"module"`` /
   ``"state_dict"`` (DDP runs may also hold ``optimizer``, ``steps``, ``args``, ``ema``), keys
@@ -9,10 +10,16 @@ Accepted inputs (docs/compatibility.md §1):
 
 Pickles are opened with ``weights_only=True``. Files that need arbitrary unpickling (LlamaGen's DDP
 checkpoints pickle an argparse Namespace) load only with ``trust=True``, with a warning.
+
+An export directory holds ``model.safetensors`` and ``config.json``, and may hold ``tokenizer.json``,
+``data.json`` and ``training.json`` (records of the tokenizer, the training data and the run),
+``README.md`` (the model card, ``card.py``) and ``llamagen.pt``: the same weights in the form
+LlamaGen's own scripts load (``{"model": state dict}``, LlamaGen's keys, no register vector).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pickle
@@ -28,7 +35,8 @@ from torch import nn
 
 from mutor_vision.config import from_dict, to_dict
 from mutor_vision.errors import ConfigError, InputError
-from mutor_vision.files import atomic_write, atomic_write_json, storage_faults
+from mutor_vision.files import atomic_write, atomic_write_json, atomic_write_text, storage_faults
+from mutor_vision.hub import first_line, is_hub_name, libraries_offline, offline_reason
 from mutor_vision.models.config import GPTConfig
 
 log = logging.getLogger(__name__)
@@ -37,6 +45,10 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 TOKENIZER_NAME = "tokenizer.json"
 DATA_NAME = "data.json"
+TRAINING_NAME = "training.json"
+CARD_NAME = "README.md"
+LLAMAGEN_NAME = "llamagen.pt"
+EXPORT_FILES = (WEIGHTS_NAME, CONFIG_NAME, TOKENIZER_NAME, DATA_NAME, TRAINING_NAME, CARD_NAME)
 REGISTER_KEY = "register_embedding"
 _CONTAINER_KEYS = ("model", "module", "state_dict")
 _PREFIXES = ("module.", "_orig_mod.")
@@ -66,14 +78,17 @@ def save_export(
     config: GPTConfig,
     tokenizer: dict[str, Any] | None = None,
     data: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+    card: str | None = None,
 ) -> None:
-    """An export directory: ``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``, ``data.json``),
-    each atomically.
+    """An export directory: ``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``, ``data.json``,
+    ``training.json``, ``README.md``), each atomically.
 
     ``state`` may come from a wrapped or compiled model (keys are normalised). ``tokenizer`` records
     the tokenizer the training tokens were made with (kind, path, checksum), read back by
     :func:`read_export_tokenizer`; ``data`` what the training data held (``num_classes``: its labels
-    are ``0 .. num_classes - 1``; ``classes``: their names), read back by :func:`read_export_data`.
+    are ``0 .. num_classes - 1``; ``classes``: their names), read back by :func:`read_export_data`;
+    ``training`` the run that made it (its step, steps, batch, ...); ``card`` the model card.
     """
     directory = Path(directory)
     state = {k: v.detach().contiguous().cpu() for k, v in normalise_state_dict(state).items()}
@@ -81,10 +96,44 @@ def save_export(
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
         atomic_write_json(directory / CONFIG_NAME, to_dict(config))
-        if tokenizer is not None:
-            atomic_write_json(directory / TOKENIZER_NAME, tokenizer)
-        if data is not None:
-            atomic_write_json(directory / DATA_NAME, data)
+        for name, record in ((TOKENIZER_NAME, tokenizer), (DATA_NAME, data), (TRAINING_NAME, training)):
+            if record is not None:
+                atomic_write_json(directory / name, record)
+        if card is not None:
+            atomic_write_text(directory / CARD_NAME, card)
+
+
+def save_llamagen(path: str | Path, state: dict[str, torch.Tensor]) -> None:
+    """The weights as LlamaGen's ``sample_c2i.py`` / ``sample_c2i_ddp.py`` load them: ``torch.save`` of
+    ``{"model": state dict}`` with LlamaGen's keys (this project's, less the register vector, which
+    LlamaGen has no use for: registers are never inserted at inference)."""
+    path = Path(path)
+    state = {k: v.detach().contiguous().cpu() for k, v in normalise_state_dict(state).items() if k != REGISTER_KEY}
+    with storage_faults(path.parent, "cannot write the LlamaGen checkpoint"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: torch.save({"model": state}, tmp))
+
+
+def locate_checkpoint(name: str | Path) -> Path:
+    """``name`` as a local path, or for a Hugging Face Hub id (``owner/name``) of an export its snapshot
+    in the local cache: downloaded when the Hub can be reached, else read from the cache. Decided in
+    seconds (``mutor_vision/hub.py``); one :class:`CheckpointError` naming the id and the cache folder
+    when it can be had neither way."""
+    path = Path(name).expanduser()
+    if path.exists() or not is_hub_name(str(name)):
+        return path
+    from huggingface_hub import constants, snapshot_download  # lazy: a slow import, needed only for Hub ids
+
+    reason = offline_reason()
+    try:
+        with libraries_offline() if reason else contextlib.nullcontext():
+            folder = snapshot_download(str(name), allow_patterns=list(EXPORT_FILES), local_files_only=bool(reason))
+    except Exception as error:  # the hub's own kinds: not found, not cached, gated, a connection lost
+        what = f"not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and {reason}" if reason else (
+            f"not a readable Hub export ({first_line(error)}; cache: {constants.HF_HUB_CACHE})"
+        )  # fmt: skip
+        raise CheckpointError(f"{name}: no such file or directory, and as a Hugging Face Hub id {what}") from None
+    return Path(folder)
 
 
 def read_export_tokenizer(path: str | Path) -> dict[str, Any]:
@@ -95,6 +144,11 @@ def read_export_tokenizer(path: str | Path) -> dict[str, Any]:
 def read_export_data(path: str | Path) -> dict[str, Any]:
     """The training-data record of an export directory ({} when there is none: older exports, official files)."""
     return _read_record(path, DATA_NAME)
+
+
+def read_export_training(path: str | Path) -> dict[str, Any]:
+    """The record of the run that made an export ({} when there is none: older exports, official files)."""
+    return _read_record(path, TRAINING_NAME)
 
 
 def _read_record(path: str | Path, name: str) -> dict[str, Any]:

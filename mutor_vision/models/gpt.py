@@ -361,12 +361,13 @@ class GPT(nn.Module):
     def from_pretrained(cls, path: str | Path, size: str | None = "GPT-B", trust: bool = False, **overrides) -> GPT:
         """Load an official LlamaGen c2i checkpoint or this project's export, strictly.
 
-        An export brings its config (``size`` is then ignored); for an official file ``size`` (or
-        ``overrides`` with ``size=None``) gives the architecture. ``overrides`` patch the config.
-        A missing register vector (official files) is initialised and logged. Accepted containers:
-        ``mutor_vision/models/checkpoint.py``.
+        ``path``: a file, an export directory, or the Hugging Face Hub id of an export (downloaded,
+        or read from the local cache when offline). An export brings its config (``size`` is then
+        ignored); for an official file ``size`` (or ``overrides`` with ``size=None``) gives the
+        architecture. ``overrides`` patch the config. A missing register vector (official files) is
+        initialised and logged. Accepted containers: ``mutor_vision/models/checkpoint.py``.
         """
-        path = Path(path)
+        path = checkpoint.locate_checkpoint(path)
         config = checkpoint.read_export_config(path, overrides)
         if config is None:
             config = GPTConfig(size=size, **overrides) if size is not None else from_dict(GPTConfig, overrides)
@@ -378,6 +379,10 @@ class GPT(nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         """Write an export: ``model.safetensors`` + ``config.json`` (each atomically)."""
         checkpoint.save_export(directory, self.state_dict(), self.config)
+
+    def save_llamagen(self, path: str | Path) -> None:
+        """Write the weights as LlamaGen's own scripts load them (``checkpoint.save_llamagen``)."""
+        checkpoint.save_llamagen(path, self.state_dict())
 
     def num_parameters(self, include_register: bool = True) -> int:
         total = sum(p.numel() for p in self.parameters())

@@ -49,9 +49,15 @@ class SamplingConfig:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1.0 = off
     seed: int = 0  # the uniform numbers of every draw derive from it
+    cfg_interval: int = (
+        -1
+    )  # LlamaGen's: guide the first cfg_interval + 2 tokens only, then the conditional rows; -1: all
 
     def __post_init__(self) -> None:
         check(self.cfg_scale >= 0, "cfg_scale", f"must be >= 0, got {self.cfg_scale}")
+        check(
+            self.cfg_interval >= -1, "cfg_interval", f"must be >= -1 (-1: guide every token), got {self.cfg_interval}"
+        )
         check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
         check(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}")
         check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
@@ -99,9 +105,16 @@ def sample_uniforms(seed: int, sample_ids: Sequence[int], num_tokens: int) -> Te
     return torch.stack(rows)
 
 
-def next_code(logits: Tensor, uniform: Tensor, sampling: SamplingConfig) -> Tensor:
-    """The codes (B,) drawn from the model's logits ((2B, V) with CFG's null rows, else (B, V))."""
-    logits = guide(logits, sampling.cfg_scale) if sampling.guided else logits
+def next_code(logits: Tensor, uniform: Tensor, sampling: SamplingConfig, position: Tensor | None = None) -> Tensor:
+    """The codes (B,) at sequence ``position`` (1,) drawn from the model's logits ((2B, V) with CFG's null
+    rows, else (B, V)). None: the first token (position 0)."""
+    if sampling.guided:
+        guided = guide(logits, sampling.cfg_scale)
+        if sampling.cfg_interval >= 0 and position is not None:
+            # LlamaGen's cfg_interval: decode step i (the token at position i + 1) is guided while
+            # i <= cfg_interval, then the conditional rows alone decide (the null rows still run).
+            guided = torch.where(position > sampling.cfg_interval + 1, logits.chunk(2)[0], guided)
+        logits = guided
     return sample_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p, uniform=uniform)
 
 
@@ -112,7 +125,7 @@ def decode_step(model: GPT, previous: Tensor, position: Tensor, uniform: Tensor,
     step, with static shapes and no host sync, so that it runs as one CUDA graph.
     """
     rows = torch.cat([previous, previous]) if sampling.guided else previous
-    return next_code(model.decode(rows[:, None], position), uniform, sampling)
+    return next_code(model.decode(rows[:, None], position), uniform, sampling, position)
 
 
 @torch.no_grad()
@@ -200,6 +213,8 @@ def generate_drafted(
     random numbers come from ``sampling.seed``, drawn per round. ``stats`` adds the forwards and tokens.
     """
     k = draft_tokens
+    if sampling.guided and sampling.cfg_interval >= 0:
+        raise ConfigError("cfg_interval: not with register drafting (draft_tokens > 1); use -1")
     trained, settings = trained_raster_offsets(model)
     offsets = torch.tensor(check_draft_tokens(k, trained, settings), device=labels.device)  # d = 2..k
     device, batch, num_tokens = labels.device, labels.shape[0], model.config.num_tokens

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from mutor_vision.cli import HelpFormatter
 from mutor_vision.core.drafting import DecodeStats, check_draft_tokens
 from mutor_vision.errors import ConfigError, InputError
 from mutor_vision.files import atomic_write_json
@@ -191,8 +192,9 @@ class Benchmark:
 def benchmark_parser(doc: str, bench: Benchmark) -> argparse.ArgumentParser:
     """The command line shared by ``eval/gsm8k.py`` and ``eval/math500.py``."""
     p = argparse.ArgumentParser(
+        prog=f"eval/{bench.name}.py",
         description=doc,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog=f"offline: {OFFLINE_HELP}\n\n{EVAL_EXIT_CODES}",
     )
     p.add_argument(
@@ -203,7 +205,7 @@ def benchmark_parser(doc: str, bench: Benchmark) -> argparse.ArgumentParser:
     p.add_argument(
         "--base-model", default=None, help="a LoRA export's base model (local directory or hub name); default: its own"
     )
-    p.add_argument("--attn-implementation", choices=["sdpa", "eager"], default="sdpa")
+    p.add_argument("--attn-implementation", choices=["sdpa", "eager"], default="sdpa", help="the model's attention")
     p.add_argument(
         "--data",
         default=None,
@@ -212,18 +214,20 @@ def benchmark_parser(doc: str, bench: Benchmark) -> argparse.ArgumentParser:
     p.add_argument(
         "--hf-name",
         default=bench.hf_name,
-        help="a Hugging Face dataset, downloaded or from the local cache (%(default)s)",
+        help="a Hugging Face dataset, downloaded or from the local cache",
     )
-    p.add_argument("--hf-config", default=bench.hf_config, help="its config name (%(default)s)")
-    p.add_argument("--split", default="test", help="its split (%(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=bench.max_new_tokens)
+    p.add_argument("--hf-config", default=bench.hf_config, help="its config name")
+    p.add_argument("--split", default="test", help="its split")
+    p.add_argument("--max-new-tokens", type=int, default=bench.max_new_tokens, help="the longest answer generated")
     p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
     p.add_argument("--draft-tokens", type=int, default=1, help="k > 1: the export's registers draft k - 1 tokens")
-    p.add_argument("--scoring", choices=sorted(bench.scorers), default=bench.default_scoring)
+    p.add_argument(
+        "--scoring", choices=sorted(bench.scorers), default=bench.default_scoring, help="the accuracy reported as such"
+    )
     p.add_argument("--prompt-template", default=None, help=f"default: the export's, else {bench.template!r}")
     p.add_argument("--limit", type=int, default=None, help="the first N problems only")
-    p.add_argument("--device", choices=["auto", "cpu"], default="auto")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", choices=["auto", "cpu"], default="auto", help="auto: CUDA when available")
+    p.add_argument("--out", type=Path, required=True, help="the results JSON written")
     return p
 
 

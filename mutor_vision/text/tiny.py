@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from mutor_vision.cli import run_command
+from mutor_vision.cli import HelpFormatter, run_command
 from mutor_vision.config import check
 from mutor_vision.text.config import GSM8K_ANSWER, GSM8K_PROMPT
 from mutor_vision.text.data import word_tokenizer
@@ -93,20 +93,25 @@ def write_tiny(
     return paths
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The command line; exit codes as in ``mutor_vision/cli.py``."""
+def make_parser() -> argparse.ArgumentParser:
     doc = __doc__ or ""
     parser = argparse.ArgumentParser(
         prog="python -m mutor_vision.text.tiny",
         description=doc,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--out", type=Path, default=Path("runs/text/tiny"), help="the directory to write (%(default)s)")
-    parser.add_argument("--kind", choices=KINDS, default="llama", help="the model family (%(default)s)")
-    parser.add_argument("--hidden-size", type=int, default=64, help="the model width (%(default)s)")
-    parser.add_argument("--train-rows", type=int, default=64, help="records in train.jsonl (%(default)s)")
-    parser.add_argument("--test-rows", type=int, default=16, help="records in test.jsonl (%(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the data and the weights (%(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("runs/text/tiny"), help="the directory to write")
+    parser.add_argument("--kind", choices=KINDS, default="llama", help="the model family")
+    parser.add_argument("--hidden-size", type=int, default=64, help="the model width")
+    parser.add_argument("--train-rows", type=int, default=64, help="records in train.jsonl")
+    parser.add_argument("--test-rows", type=int, default=16, help="records in test.jsonl")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the data and the weights")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; exit codes as in ``mutor_vision/cli.py``."""
+    parser = make_parser()
     args = parser.parse_args(argv)
 
     def body() -> None:

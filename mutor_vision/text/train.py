@@ -155,7 +155,7 @@ class TextTask:
     def count(self, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
         return batch["input_ids"].shape[0], int((batch["prompt_len"] + batch["answer_len"]).sum())
 
-    def export(self, directory: Path, weights: dict[str, torch.Tensor], unwrapped: MuToRAdapter) -> None:
+    def export(self, directory: Path, weights: dict[str, torch.Tensor], unwrapped: MuToRAdapter, step: int) -> None:
         model_state = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
         info = {
             "base_model": self.config.model.name_or_path,

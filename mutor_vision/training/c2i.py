@@ -23,6 +23,7 @@ import torch
 from mutor_vision.data import token_loader
 from mutor_vision.errors import ConfigError
 from mutor_vision.models import GPT, GPTConfig
+from mutor_vision.models.card import model_card
 from mutor_vision.models.checkpoint import load_state_dict_strict, read_state_dict, save_export
 from mutor_vision.seeds import hash_seed
 from mutor_vision.shards import Manifest, check_manifest, read_manifest
@@ -114,12 +115,25 @@ class ImageTask:
     def count(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[int, int]:
         return batch[0].shape[0], batch[0].numel()
 
-    def export(self, directory: Path, weights: dict[str, torch.Tensor], unwrapped: GPT) -> None:
+    def export(self, directory: Path, weights: dict[str, torch.Tensor], unwrapped: GPT, step: int) -> None:
         # The tokenizer the shards were made with travels along, so eval/fid.py decodes without flags,
-        # and the classes they held, so it samples those by default.
-        manifest = self.manifest.raw
+        # and the classes they held, so it samples those by default; the card says it in words.
+        manifest, config = self.manifest.raw, self.config
         data = {"num_classes": manifest.get("num_classes"), "classes": manifest.get("classes")}
-        save_export(directory, weights, unwrapped.config, tokenizer=manifest.get("tokenizer"), data=data)
+        training = {
+            "step": step,
+            "steps": config.steps,
+            "data_root": str(config.data.root),
+            "global_batch_size": config.global_batch_size,
+            "lr": config.optim.lr,
+            "seed": config.seed,
+            "mixed_precision": config.mixed_precision,
+            "ema": directory.name == "export_ema",
+        }
+        tokenizer = manifest.get("tokenizer")
+        title = f"{Path(config.out_dir).name}, step {step:,}" + (" (EMA weights)" if training["ema"] else "")
+        card = model_card(title, unwrapped.config, tokenizer, data, training)
+        save_export(directory, weights, unwrapped.config, tokenizer, data, training, card)
 
 
 def order_warnings(manifest: Manifest) -> list[str]:

@@ -72,7 +72,7 @@ class CheckpointManager:
         accelerator,
         step: int,
         state: dict[str, Any],
-        export: Callable[[Path], None],
+        export: Callable[[Path, int], None],
     ) -> Path:
         """Save on all ranks (accelerate requires it); the main process finalises and prunes.
 
@@ -92,7 +92,7 @@ class CheckpointManager:
 
         def write_states() -> None:
             accelerator.save_state(str(tmp / "accelerate"))
-            export(tmp / "export")  # every rank calls it (FSDP gathers); the main process writes
+            export(tmp / "export", step)  # every rank calls it (FSDP gathers); the main process writes
 
         def write_step() -> None:
             atomic_write_json(tmp / STATE, {"step": step, **state})

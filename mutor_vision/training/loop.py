@@ -16,6 +16,7 @@ never of ``save_every``, so N steps + resume + N steps equals 2N uninterrupted s
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -80,8 +81,9 @@ class Task(Protocol):
     def count(self, batch: Any) -> tuple[int, int]:
         """(samples, tokens) in a micro-batch, for the throughput log."""
 
-    def export(self, directory: Path, weights: dict[str, torch.Tensor], unwrapped: nn.Module) -> None:
-        """Write the exported model into ``directory`` (main process; ``weights`` gathered from all ranks)."""
+    def export(self, directory: Path, weights: dict[str, torch.Tensor], unwrapped: nn.Module, step: int) -> None:
+        """Write the exported model of optimizer step ``step`` into ``directory`` (main process; ``weights``
+        gathered from all ranks)."""
 
 
 @dataclass
@@ -163,13 +165,24 @@ def run(
         return _run(task, config, resume, allow_change)
 
 
+def check_trackers(config: LoopConfig) -> list[str]:
+    """The trackers the config asks for; one that is not installed stops the start (accelerate would drop it
+    with a debug-level line, and nothing would be logged)."""
+    if config.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            'wandb: true needs the wandb package, which is not installed: pip install -e ".[wandb]" (the '
+            "wandb extra), or set wandb: false"
+        )
+    return (["tensorboard"] if config.tensorboard else []) + (["wandb"] if config.wandb else [])
+
+
 def _run(task: Task, config: LoopConfig, resume: str | None, allow_change: Sequence[str]) -> TrainResult:
+    trackers = check_trackers(config)
     out_dir = Path(config.out_dir)
     manager = CheckpointManager(out_dir / "checkpoints", config.keep_last)
     recorded = to_dict(config)
     defaults = default_values(type(config))  # a checkpoint of older code lacks the keys added since
     candidates = resume_candidates(manager, resume, recorded, allow_change, task.total_steps, defaults, type(config))
-    trackers = (["tensorboard"] if config.tensorboard else []) + (["wandb"] if config.wandb else [])
     accelerator, accumulation = make_accelerator(
         config.mixed_precision, config.global_batch_size, config.micro_batch_size, out_dir, trackers, config.device
     )
@@ -185,12 +198,13 @@ def _run(task: Task, config: LoopConfig, resume: str | None, allow_change: Seque
     if trackers:
         accelerator.init_trackers(task.name, config=flat_hparams(recorded))
 
-    def export(directory: Path) -> None:
+    def export(directory: Path, step: int) -> None:
         weights = accelerator.get_state_dict(trainee.model)  # every rank: FSDP gathers the full state
         if accelerator.is_main_process:
-            task.export(directory, weights, trainee.unwrapped)
+            task.export(directory, weights, trainee.unwrapped, step)
             if trainee.ema is not None:
-                task.export(directory.parent / "export_ema", trainee.ema.module.state_dict(), trainee.unwrapped)
+                ema = trainee.ema.module.state_dict()
+                task.export(directory.parent / "export_ema", ema, trainee.unwrapped, step)
 
     world = accelerator.num_processes
     result = TrainResult(step=step, reason="completed")

@@ -60,7 +60,7 @@ class LoopConfig:
     keep_last: int = 3  # complete checkpoints kept
     log_every: int = 50  # steps between log lines and TensorBoard points (loss means over them)
     tensorboard: bool = True  # scalars under <out_dir>/logs
-    wandb: bool = False  # also log to Weights & Biases
+    wandb: bool = False  # also log to Weights & Biases (the wandb extra: pip install -e ".[wandb]")
     peak_tflops: float = (
         989.0  # per device, for MFU; the default is the datasheet's dense bf16 peak of the SXM Hopper GPU
     )
