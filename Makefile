@@ -40,7 +40,7 @@ gpu-check:
 demo: $(STAMP)
 	$(PY) demo/run_demo.py --out runs/demo
 
-# The longer setting: 5 seeds x 19,200 steps (about 75 minutes on 2 CPU cores).
+# The longer setting: 5 seeds x 19,200 steps (several times the default's time).
 demo-full: $(STAMP)
 	$(PY) demo/run_demo.py --full --out runs/demo-full
 

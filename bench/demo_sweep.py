@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         results = evaluate(
             model, lambda codes: to_uint8(palette.decode(codes)),
             Scoring(extractor, reference, run_demo.class_consistency),
-            EvalConfig(run / "eval" / tag, num_samples=args.samples, sampling=sampling, batch_size=120,
+            EvalConfig(run / "eval" / tag, num_samples=args.samples, per_class=True, sampling=sampling, batch_size=120,
                        feature_batch_size=360, save_npz=False),
         )  # fmt: skip
         metrics = results["metrics"]

@@ -208,7 +208,7 @@ def eval_fixture(work: Path) -> tuple[list[str], Path]:
     save_random_inception_weights(root / INCEPTION_FILE)
     args = ["eval/fid.py", "--ckpt", str(root / "export"), "--vq-ckpt", str(root / "palette.json")]
     args += ["--tokenizer", "palette", "--num-samples", str(EVAL_SAMPLES), "--batch-size", "8", "--cfg-scale", "1.5"]
-    args += ["--inception-weights", str(root / INCEPTION_FILE), "--no-npz"]
+    args += ["--inception-weights", str(root / INCEPTION_FILE), "--no-npz", "--no-reference", "--per-class"]
     return args, root
 
 

@@ -42,12 +42,13 @@ def images(export: Path, repeats: int, device: torch.device, batches: list[int],
         for temperature in (0.0, 1.0):
             for cfg in cfg_scales:
                 settings = SamplingConfig(cfg_scale=cfg, temperature=temperature, seed=0)
-                # One untimed call first: the first on a device pays its start-up (CUDA: ~2 s).
-                plain = median_time(lambda s=settings, lab=labels: generate(model, lab, s), repeats, warmup=1)
+                # Every variant warms up before it is timed: the first calls of a setting pay its start-up
+                # (a cold baseline once made two speed-ups meaningless: bench/results/struck.json).
+                plain = median_time(lambda s=settings, lab=labels: generate(model, lab, s), repeats, warmup=2)
                 for k in (2, 3):
                     stats = DecodeStats()
                     drafted = median_time(lambda s=settings, lab=labels, k=k, st=stats: generate_drafted(
-                        model, lab, s, k, st), repeats)  # fmt: skip
+                        model, lab, s, k, st), repeats, warmup=2)  # fmt: skip
                     rows.append({
                         "batch": batch, "temperature": temperature, "cfg_scale": cfg, "draft_tokens": k,
                         "tokens_per_forward": stats.tokens_per_forward,

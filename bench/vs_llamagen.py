@@ -1,16 +1,20 @@
-"""This project's GPT-B against LlamaGen's own code on one CUDA GPU, in one process: sampling and training.
+"""This project's GPT-B against LlamaGen's own code in one process: equality, sampling and training.
 
-    python bench/vs_llamagen.py --llamagen DIR --out bench/results/vs_llamagen_h100.json
+    python bench/vs_llamagen.py --llamagen DIR --out bench/results/vs_llamagen_h100.json   # on a GPU
+    python bench/vs_llamagen.py --llamagen DIR --what equality --out bench/results/vs_llamagen_cpu.json
     LLAMAGEN_REF=DIR python bench/gpu_check.py          # the same, as the check's last stage
 
 ``DIR`` is a checkout of LlamaGen (github.com/FoundationVision/LlamaGen): the folder that holds
 ``autoregressive/models/gpt.py`` and ``generate.py``. Nothing of it is vendored here.
 
-- sampling: GPT-B, 256 tokens, CFG 2.0, bf16 weights, at each ``--sample-batches``: LlamaGen's
+- equality (CPU or GPU, fp32): the same weights in both (LlamaGen's, loaded into ours through the
+  official-file path): the training forward's logits (max |difference| against max |logit|), and
+  the codes of greedy sampling with CFG 2.0 from each side's own ``generate``.
+- sampling (CUDA): GPT-B, 256 tokens, CFG 2.0, bf16 weights, at each ``--sample-batches``: LlamaGen's
   ``generate`` eager and with the compile its ``sample_c2i.py`` applies
   (``torch.compile(model, mode="reduce-overhead", fullgraph=True)``), against ours eager and
   ``generate(compile=True)``. Both models hold the same weights (LlamaGen's, loaded into ours).
-- training: one step (forward, backward, fused AdamW) under bf16 autocast at ``--train-batch``,
+- training (CUDA): one step (forward, backward, fused AdamW) under bf16 autocast at ``--train-batch``,
   LlamaGen's next-token step against ours (next-token and MuToR-2D with 80 registers), eager,
   interleaved repeats, medians.
 
@@ -34,8 +38,8 @@ from mutor_vision.models import GPT, GPTConfig, RegisterConfig, SamplingConfig, 
 CFG = 2.0
 
 
-def llamagen_gpt_b(root: Path, dropout: float = 0.0):
-    """LlamaGen's GPT-B (c2i, 16×16 grid, VQ-16 vocabulary) from the checkout at ``root``, on CUDA."""
+def llamagen_gpt_b(root: Path, dropout: float = 0.0, device: str = "cuda"):
+    """LlamaGen's GPT-B (c2i, 16×16 grid, VQ-16 vocabulary) from the checkout at ``root``, on ``device``."""
     sys.path.insert(0, str(root))
     from autoregressive.models.gpt import GPT_models
 
@@ -45,7 +49,41 @@ def llamagen_gpt_b(root: Path, dropout: float = 0.0):
     )  # fmt: skip
     with torch.no_grad():
         model.output.weight.normal_(0, 0.02)  # LlamaGen zero-inits its head: give the logits some shape
-    return model.cuda()
+    return model.to(device)
+
+
+def equality(root: Path, device: str, batch: int = 4) -> dict:
+    """The same weights on both sides: logits of the training forward, and greedy CFG codes."""
+    sys.path.insert(0, str(root))
+    from autoregressive.models.generate import generate as llamagen_generate
+
+    torch.manual_seed(0)
+    theirs = llamagen_gpt_b(root, device=device)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "llamagen_b.pt"
+        torch.save({"model": theirs.state_dict()}, path)
+        ours = GPT.from_pretrained(path, size="GPT-B").to(device).eval()
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 16384, (batch, 256), generator=g).to(device)
+    labels = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    with torch.no_grad():
+        theirs.train()  # LlamaGen's training forward (dropout 0 here) is the one that takes whole sequences
+        theirs.cls_embedding.dropout_prob = 0.0
+        their_logits, _ = theirs(cond_idx=labels, idx=tokens[:, :-1], targets=tokens)
+        theirs.eval()
+        our_logits = ours(tokens, labels).logits
+        their_codes = llamagen_generate(theirs, labels, 256, cfg_scale=CFG, top_k=0, sample_logits=False)
+    our_codes = generate(ours, labels, SamplingConfig(cfg_scale=CFG, temperature=0.0)).flatten(1)
+    row = {
+        "device": device,
+        "batch": batch,
+        "logits_max_abs_diff": (our_logits - their_logits.float()).abs().max().item(),
+        "logits_max_abs": their_logits.abs().max().item(),
+        "greedy_cfg_codes_equal": bool(torch.equal(our_codes, their_codes.to(our_codes.device))),
+        "greedy_cfg_codes_agreeing": (our_codes == their_codes).float().mean().item(),
+    }
+    print(f"equality: {row}", flush=True)
+    return row
 
 
 def sampling(root: Path, batches: list[int], repeats: int) -> dict[str, dict]:
@@ -132,7 +170,7 @@ def training(root: Path, batch: int, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--llamagen", type=Path, default=os.environ.get("LLAMAGEN_REF"), help="LlamaGen checkout")
-    parser.add_argument("--what", default="sampling,training")
+    parser.add_argument("--what", default="equality,sampling,training", help="parts, comma-separated")
     parser.add_argument("--sample-batches", default="32,64")
     parser.add_argument("--train-batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
@@ -140,10 +178,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.llamagen is None or not (args.llamagen / "autoregressive" / "models" / "gpt.py").is_file():
         raise SystemExit(f"--llamagen (or LLAMAGEN_REF): {args.llamagen} holds no autoregressive/models/gpt.py")
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/vs_llamagen.py needs CUDA (both sides compile for the GPU)")
-    result = {**provenance("vs_llamagen", "cuda"), "config": {k: str(v) for k, v in vars(args).items()}}
     what = args.what.split(",")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and {"sampling", "training"} & set(what):
+        raise SystemExit("bench/vs_llamagen.py: sampling and training need CUDA (both sides compile for the GPU)")
+    result = {**provenance("vs_llamagen", device), "config": {k: str(v) for k, v in vars(args).items()}}
+    if "equality" in what:
+        result["equality"] = equality(args.llamagen, device)
+        save(args.out, result)
     if "sampling" in what:
         result["sampling"] = sampling(args.llamagen, [int(b) for b in args.sample_batches.split(",")], args.repeats)
         save(args.out, result)

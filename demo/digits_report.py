@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from demo.report import cell, compare, convergence_panels
+from demo.report import compare, comparison_table, convergence_panels
 from mutor_vision.files import atomic_write_text
 
 METHODS = {"ntp": "Next-token", "mutor2d": "MuToR-2D"}
@@ -142,17 +142,8 @@ def write_report(
         "Mean ± standard deviation over seeds at the last step; "
         "the verdict is a Welch t-test (p < 0.05) of MuToR-2D against next-token.",
         "",
-        "| metric | Next-token | MuToR-2D | MuToR-2D − Next-token | p | verdict | real held-out images |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for key, title, lower in METRICS:
-        s = summary[key]
-        arrow = "↓" if lower else "↑"
-        real = f"{floor[key]:.3f}" if key in floor else "–"
-        lines.append(
-            f"| {title} {arrow} | {cell(s['ntp'])} | {cell(s['mutor2d'])} | {s['difference']:+.3f} | "
-            f"{s['p_value']:.3f} | {s['verdict']} | {real} |"
-        )
+    lines += comparison_table(summary, METRICS, METHODS, floor)
     lines += [
         "",
         "## Compute, measured alike",

@@ -87,3 +87,70 @@ def publish(readme: Path, section: str, body: str, figures: dict[Path, Path]) ->
     for source, destination in figures.items():
         destination.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, destination)
+
+
+def comparison_table(summary: dict, metrics: Sequence, methods: dict[str, str], floor: dict | None = None) -> list[str]:
+    """The result table: a row per metric ``(key, title, lower is better)``, mean ± std of each method
+    (baseline first), their difference, the p-value, the verdict, and the real images' value (``floor``)."""
+    (base, base_label), (treated, treated_label) = methods.items()
+    header = f"| metric | {base_label} | {treated_label} | {treated_label} − {base_label} | p | verdict |"
+    lines = [header + (" real held-out images |" if floor is not None else ""), "|---" * (7 if floor else 6) + "|"]
+    for key, title, lower in metrics:
+        s = summary[key]
+        row = (f"| {title} {'↓' if lower else '↑'} | {cell(s[base])} | {cell(s[treated])} | {s['difference']:+.3f} | "
+               f"{s['p_value']:.3f} | {s['verdict']} |")  # fmt: skip
+        if floor is not None:
+            row += f" {floor[key]:.3f} |" if key in floor else " – |"
+        lines.append(row)
+    return lines
+
+
+def machine_record() -> dict:
+    """What made a published demo's numbers: the machine, its CPU threads and the libraries' versions.
+    The same command on the same machine and software gives the same numbers (tests/test_demo.py);
+    another CPU, thread count or library version moves them (docs/benchmarks.md, the demo's variation)."""
+    import importlib.metadata
+    import platform
+    import sys
+
+    import torch
+
+    versions = {}
+    for package in ("torch", "numpy", "scikit-learn", "scipy", "transformers"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    cpu = platform.processor() or platform.machine()
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        names = [
+            line.split(":", 1)[1].strip() for line in info.read_text().splitlines() if line.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    return {
+        "machine": platform.node(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "versions": versions,
+    }
+
+
+def readme_section(record: dict) -> str:
+    """A published demo's README section, from its committed record (``bench/results/demo_*_cpu.json``):
+    ``bench/report.py`` writes the same text from the same file, and a test checks it has not drifted."""
+    m = record["machine_record"]
+    versions = ", ".join(f"{name} {version}" for name, version in m["versions"].items())
+    lines = [
+        f"`{record['command']}` ({record['setting_line']}; {m['threads']} CPU threads, {m['cpu']} "
+        f"({m['cpu_capability']}), {versions}; `{record['publish_command']}` regenerates this from "
+        f"`bench/results/{record['file']}`):",
+        "",
+        *comparison_table(record["summary"], record["metrics"], record["methods"], record.get("floor")),
+        "",
+    ]
+    lines += record.get("extra_lines", [])
+    return "\n".join(lines).rstrip("\n")

@@ -45,6 +45,7 @@ from demo.digits import (  # noqa: E402
 )
 from demo.digits_report import (  # noqa: E402
     METHODS,
+    METRICS,
     plot_convergence,
     plot_losses,
     plot_samples,
@@ -52,7 +53,7 @@ from demo.digits_report import (  # noqa: E402
     summarise,
     write_report,
 )
-from demo.report import publish  # noqa: E402
+from demo.report import machine_record, publish, readme_section  # noqa: E402
 from demo.runs import discard_if_edited  # noqa: E402
 from mutor_vision.cli import HelpFormatter, setup_logging  # noqa: E402
 from mutor_vision.config import load_yaml  # noqa: E402
@@ -220,7 +221,7 @@ def evaluate_run(run: Path, data: Path, palette: PaletteTokenizer, extractor, re
         step = checkpoint_step(checkpoint)
         model = GPT.from_pretrained(checkpoint / "export").eval()
         config = EvalConfig(
-            run / "eval" / f"step_{step:08d}", num_samples=plan.samples,
+            run / "eval" / f"step_{step:08d}", num_samples=plan.samples, per_class=True,  # class consistency: balanced
             sampling=SamplingConfig(cfg_scale=plan.cfg_scale, seed=0), batch_size=120, feature_batch_size=360,
             save_npz=False,
         )  # fmt: skip
@@ -238,7 +239,7 @@ def real_floor(arrays: dict[str, np.ndarray], extractor, reference, count: int) 
     pool, logits = extract_features(extractor, images, 360)
     return {
         "fid": frechet_distance(statistics(pool), {"mu": reference.mu, "sigma": reference.sigma}),
-        "inception_score": inception_score(logits, splits=min(10, len(images)))[0],
+        "inception_score": inception_score(logits)[0],
         "class_consistency": float((logits.argmax(axis=1) == labels).mean()),
         **dict(zip(("precision", "recall"), precision_recall(pool, reference.features, k=3), strict=True)),
     }
@@ -249,22 +250,39 @@ def real_floor(arrays: dict[str, np.ndarray], extractor, reference, count: int) 
 FIGURES = {name: ROOT / "docs" / "figures" / f"demo_digits_{name}" for name in ("samples.png", "convergence.png")}
 
 
+RECORD = ROOT / "bench" / "results" / "demo_digits_cpu.json"
+
+
 def publish_report(out: Path, report: dict) -> None:
-    """The result table into README.md (its demo section) and the samples and convergence figures into
-    docs/figures/."""
-    text = (out / "report.md").read_text()
-    table = text[text.index("| metric |") :].split("\n\n")[0]
+    """The run's record into bench/results/demo_digits_cpu.json (its numbers, the machine and the
+    libraries' versions), the README section written from it, and the samples and convergence figures
+    into docs/figures/."""
     plan, compute = report["plan"], report["compute"]
     # Training time from the runs' logs, not this invocation's: a rerun that reuses the runs is quick.
     training_min = sum(c["step_s"] * c["steps"] for c in compute.values()) * len(plan["seeds"]) / 60
-    body = (
-        f"`make demo` ({len(plan['seeds'])} seeds × {plan['steps']} steps of {report['setting']['batch']} images "
-        f"per method, {training_min:.1f} min of training on {torch.get_num_threads()} CPU threads; "
-        "`python demo/run_demo.py --publish` regenerates this):\n\n"
-        f"{table}\n\n![digits samples](docs/figures/demo_digits_samples.png)\n"
-        "![digits convergence](docs/figures/demo_digits_convergence.png)"
-    )
-    publish(ROOT / "README.md", "demo", body, {out / name: path for name, path in FIGURES.items()})
+    record = {
+        "benchmark": "demo_digits",
+        "file": RECORD.name,
+        "command": "make demo" if len(plan["seeds"]) == 3 and plan["steps"] == 4800 else "make demo-full",
+        "publish_command": "python demo/run_demo.py --publish",
+        "setting_line": f"{len(plan['seeds'])} seeds × {plan['steps']} steps of {report['setting']['batch']} images "
+        "per method",
+        "training_min": training_min,  # from the runs' logs; it depends on the machine and its load
+        "metrics": METRICS,
+        "methods": METHODS,
+        "summary": report["summary"],
+        "floor": report["floor"],
+        "extra_lines": [
+            "![digits samples](docs/figures/demo_digits_samples.png)",
+            "![digits convergence](docs/figures/demo_digits_convergence.png)",
+        ],
+        "machine_record": machine_record(),
+        "plan": plan,
+        "compute": compute,
+        "setting": report["setting"],
+    }
+    atomic_write_json(RECORD, record)
+    publish(ROOT / "README.md", "demo", readme_section(record), {out / n: path for n, path in FIGURES.items()})
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -37,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from demo.report import cell, compare, convergence_panels, publish  # noqa: E402
+from demo.report import compare, comparison_table, convergence_panels, machine_record, publish, readme_section  # noqa: E402
 from demo.runs import discard_if_edited  # noqa: E402
 from mutor_vision.cli import HelpFormatter, setup_logging  # noqa: E402
 from mutor_vision.config import load_yaml  # noqa: E402
@@ -247,15 +247,8 @@ def write_report(out: Path, report: dict, plan: Plan) -> None:
         f"{report['seconds'] / 60:.1f} min (runs trained earlier are reused). Mean ± standard deviation over "
         "seeds at the last step; the verdict is a Welch t-test (p < 0.05) of MuToR-1D against next-token.",
         "",
-        "| metric | Next-token | MuToR-1D | MuToR-1D − Next-token | p | verdict |",
-        "|---|---|---|---|---|---|",
     ]
-    for key, title, lower in METRICS:
-        s = summary[key]
-        lines.append(
-            f"| {title} {'↓' if lower else '↑'} | {cell(s['ntp'])} | {cell(s['mutor'])} | {s['difference']:+.3f} | "
-            f"{s['p_value']:.3f} | {s['verdict']} |"
-        )
+    lines += comparison_table(summary, METRICS, METHODS)
     lines += [
         "",
         "## Compute, measured alike",
@@ -299,19 +292,35 @@ def write_report(out: Path, report: dict, plan: Plan) -> None:
 FIGURE = ROOT / "docs" / "figures" / "demo_text_convergence.png"
 
 
+RECORD = ROOT / "bench" / "results" / "demo_text_cpu.json"
+
+
 def publish_report(out: Path, report: dict) -> None:
-    """The result table into README.md (its demo-text section) and the figure into docs/figures/."""
-    text = (out / "report.md").read_text()
-    table = text[text.index("| metric |") :].split("\n\n")[0]
+    """The run's record into bench/results/demo_text_cpu.json (its numbers, the machine and the libraries'
+    versions), the README section written from it, and the figure into docs/figures/."""
     seeds, steps = len(report["plan"]["seeds"]), report["compute"]["ntp"]["steps"]
-    k4 = np.mean([r["tokens_per_forward"] for r in report["drafting"][4]])
-    body = (
-        f"`make demo-text` ({seeds} seeds × {steps} steps each, {report['seconds'] / 60:.1f} min on "
-        f"{torch.get_num_threads()} CPU threads; `python demo/run_demo_text.py --publish` regenerates this):\n\n"
-        f"{table}\n\nMuToR-1D's registers draft greedy answers at {k4:.2f} tokens per forward (k = 4), the "
-        "answers unchanged. ![text demo convergence](docs/figures/demo_text_convergence.png)"
-    )
-    publish(ROOT / "README.md", "demo-text", body, {out / "convergence.png": FIGURE})
+    k4 = float(np.mean([r["tokens_per_forward"] for r in report["drafting"][4]]))
+    record = {
+        "benchmark": "demo_text",
+        "file": RECORD.name,
+        "command": "make demo-text",
+        "publish_command": "python demo/run_demo_text.py --publish",
+        "setting_line": f"{seeds} seeds × {steps} steps each",
+        "minutes": report["seconds"] / 60,  # this invocation's; it depends on the machine and its load
+        "metrics": METRICS,
+        "methods": METHODS,
+        "summary": report["summary"],
+        "extra_lines": [
+            f"MuToR-1D's registers draft greedy answers at {k4:.2f} tokens per forward (k = 4), the answers "
+            "unchanged. ![text demo convergence](docs/figures/demo_text_convergence.png)"
+        ],
+        "machine_record": machine_record(),
+        "plan": report["plan"],
+        "compute": report["compute"],
+        "drafting_k4_tokens_per_forward": k4,
+    }
+    atomic_write_json(RECORD, record)
+    publish(ROOT / "README.md", "demo-text", readme_section(record), {out / "convergence.png": FIGURE})
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -1,23 +1,25 @@
 """Sample a class-conditional model with CFG and report FID / IS / Precision / Recall (ADM protocol).
 
     python eval/fid.py --ckpt runs/c2i/llamagen_b_mutor2d/checkpoints/step_00360000/export \\
-        --vq-ckpt vq_ds16_c2i.pt --ref-batch VIRTUAL_imagenet256_labeled.npz \\
+        --tokenizer-path vq_ds16_c2i.pt --ref-batch VIRTUAL_imagenet256_labeled.npz \\
         --inception-weights weights-inception-2015-12-05-6726825d.pth --out runs/eval/b_mutor2d
     accelerate launch --num_processes 8 eval/fid.py ...       # ranks sample disjoint slices
     python eval/fid.py --ckpt c2i_B_256.pt --size GPT-B --trust-checkpoint ...   # an official file
     python eval/fid.py --ckpt EXPORT --ref-batch ... --num-samples 10000 --cfg-scales 1.5,1.75,2.0,2.25 \\
         --out runs/eval/b_sweep                   # a CFG sweep: a sub-run per scale, sweep.json/.md/.png
 
-    python eval/fid.py --ckpt EXPORT --inception-weights random:0 --num-samples 64 --out /tmp/smoke
-                                  # a smoke test without the real files: random Inception, meaningless numbers
+    python eval/fid.py --ckpt EXPORT --inception-weights random:0 --num-samples 64 --ref-folder IMAGES \\
+        --out /tmp/smoke          # a smoke test without the real files: random Inception, meaningless numbers
 
-Settings default to the paper's FID protocol: 50,000 samples (50 per class), CFG 2.0 on logits,
-temperature 1.0, top-k 0, top-p 1.0. Samples are written as PNGs as they come; a rerun with the
-same --out skips existing indices. Outputs: samples/, samples.npz (ADM ``arr_0``), labels.npy,
-grid.png, results.json (every setting, the package version, and the sha256 of the Inception
-weights, the reference and the tokenizer). Compute FID against the ADM reference batch (ImageNet
-*train* statistics), never against the validation set. Every input is checked before any work;
-all problems are reported together (exit 4).
+Settings default to the paper's FID protocol: 50,000 samples, CFG 2.0 on logits, temperature 1.0,
+top-k 0, top-p 1.0, and where the paper is silent LlamaGen's sample_c2i_ddp.py: labels uniform at
+random (--per-class for i % classes). A run needs a reference for FID, precision and recall:
+without --ref-batch / --ref-folder it stops at once unless --no-reference asks for IS alone.
+Samples are written as PNGs as they come; a rerun with the same --out skips existing indices.
+Outputs: samples/, samples.npz (ADM ``arr_0``), labels.npy, grid.png, results.json (every setting,
+the package version, and the sha256 of the Inception weights, the reference and the tokenizer).
+Compute FID against the ADM reference batch (ImageNet *train* statistics), never against the
+validation set. Every input is checked before any work; all problems are reported together (exit 4).
 
 --cfg-scales runs one such evaluation per scale into <out>/cfg_<scale>/ (each resumable, with its
 own settings stamp; the reference features are computed once), then writes <out>/sweep.json,
@@ -77,10 +79,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=50_000, help="images sampled in all (over every rank)")
     labels = p.add_mutually_exclusive_group()
     labels.add_argument(
-        "--per-class", dest="per_class", action="store_true", default=True, help="labels i %% classes: balanced"
+        "--random-labels",
+        dest="per_class",
+        action="store_false",
+        default=False,
+        help="labels uniform at random, from --seed (LlamaGen's sample_c2i_ddp.py; the default)",
     )
     labels.add_argument(
-        "--random-labels", dest="per_class", action="store_false", help="labels uniform at random (from --seed)"
+        "--per-class", dest="per_class", action="store_true", help="labels i %% classes: each class equally often"
     )
     add_sampling_args(p, cfg_scale=2.0, top_k=0)
     p.add_argument(
@@ -99,6 +105,11 @@ def make_parser() -> argparse.ArgumentParser:
     ref = p.add_mutually_exclusive_group()
     ref.add_argument("--ref-batch", type=Path, default=None, help="ADM reference npz (mu, sigma, arr_0)")
     ref.add_argument("--ref-folder", type=Path, default=None, help="a folder of reference images")
+    ref.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="no reference: the Inception Score alone (no FID, precision, recall)",
+    )
     p.add_argument(
         "--ref-cache",
         type=Path,
@@ -173,6 +184,11 @@ def run(argv: list[str] | None = None) -> dict | None:
     scales = parse_scales(args.cfg_scales) if args.cfg_scales is not None else None
     if scales is not None and args.ref_batch is None and args.ref_folder is None:
         raise ConfigError("--cfg-scales: a sweep picks its scale by FID; give --ref-batch or --ref-folder")
+    if args.ref_batch is None and args.ref_folder is None and not args.no_reference:
+        raise ConfigError(
+            "no reference: FID, precision and recall need --ref-batch (ADM's VIRTUAL_imagenet256_labeled.npz) or "
+            "--ref-folder; --no-reference computes the Inception Score alone"
+        )
     fetch_checkpoint(args)
     check_all_inputs(args)
     state = evaluation_state(args.device)  # first: each rank's device (cuda:<local rank>), gloo on CPU
@@ -202,7 +218,7 @@ def evaluate_held(
                 args.ref_folder, resolution, center_crop_adm, extractor, args.feature_batch_size, device, args.ref_cache
             )
         else:
-            log.warning("no --ref-batch / --ref-folder: only the Inception Score is computed")
+            log.info("--no-reference: the Inception Score alone")
     notes = {
         "checkpoint": str(args.ckpt),
         "tokenizer": tokenizer,

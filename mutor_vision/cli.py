@@ -48,11 +48,17 @@ EXIT_CODES = (
     "4 bad input data or checkpoint; 5 a storage fault (disk full, file size limit, I/O error: make room, "
     "then the same command resumes). Errors 2-5 print one line naming the key, the file or the folder."
 )
-TOOL_EXIT_CODES = (  # the commands that do not train (eval/fid.py, tokenizer/encode_imagenet.py)
+TOOL_EXIT_CODES = (  # the image commands that do not train: eval/fid.py, sample_c2i.py, export_c2i.py
     "exit codes: 0 done; 1 a bug (with its traceback); 2 a bad command line, or --out in use by another run "
-    "or made with other settings; 4 bad or missing input (images, checkpoint, reference, weights); 5 a storage "
-    "fault (disk full, file size limit, I/O error: make room, then the same command resumes); 130 Ctrl-C (the "
-    "same command resumes). Errors 2, 4 and 5 print one line naming the flag, the file or the folder."
+    "or made with other settings; 4 bad or missing input (checkpoint, tokenizer, reference, weights); 5 a "
+    "storage fault (disk full, file size limit, I/O error: make room, then the same command resumes); 130 Ctrl-C "
+    "(the same command resumes). Errors 2, 4 and 5 print one line naming the flag, the file or the folder."
+)
+ENCODE_EXIT_CODES = (  # tokenizer/encode_imagenet.py
+    "exit codes: 0 done; 1 a bug (with its traceback); 2 a bad command line, or --out in use by another run "
+    "or made with other settings; 4 bad or missing input (the images, the tokenizer file); 5 a storage fault "
+    "(disk full, file size limit, I/O error: make room, then the same command resumes); 130 Ctrl-C (the same "
+    "command resumes). Errors 2, 4 and 5 print one line naming the flag, the file or the folder."
 )
 # The output folder is held by one run at a time (mutor_vision/locks.py); --force overrides that.
 FORCE_HELP = (

@@ -264,6 +264,8 @@ def reference(cls: type, prefix: str = "", instance: Any = None) -> list[tuple[s
             continue
         key, hint = _join(prefix, f.name), hints[f.name]
         value = getattr(instance, f.name) if instance is not None else _class_default(f)
+        if _class_default(f) is None:  # a null default is filled in __post_init__ (model.n_layer from size): show null
+            value = None
         if dataclasses.is_dataclass(hint):
             rows += reference(hint, key, value if dataclasses.is_dataclass(value) else None)
             continue

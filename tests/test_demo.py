@@ -76,3 +76,11 @@ def test_publish_rewrites_only_its_readme_section_and_copies_the_figures(tmp_pat
     assert (tmp_path / "docs" / "figures" / "demo_digits_samples.png").read_bytes() == b"png"
     with pytest.raises(SystemExit, match="no <!-- absent:start -->"):
         publish(readme, "absent", "x", {})
+
+
+def test_the_same_command_on_the_same_machine_gives_the_same_numbers(tmp_path):
+    # The published tables say which machine and versions made them (bench/results/demo_*_cpu.json);
+    # on one machine with the same software, a second run reproduces every number exactly.
+    first = run_demo.main(["--smoke", "--out", str(tmp_path / "a")])
+    second = run_demo.main(["--smoke", "--out", str(tmp_path / "b")])
+    assert first["evaluations"] == second["evaluations"] and first["floor"] == second["floor"]

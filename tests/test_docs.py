@@ -86,3 +86,24 @@ def test_benchmark_tables_live_in_docs():
     markers = ("<!-- bench:start -->", "<!-- bench:end -->")
     assert all(marker in (ROOT / "docs" / "benchmarks.md").read_text() for marker in markers)
     assert not any(marker in (ROOT / "README.md").read_text() for marker in markers)
+
+
+def test_generated_sections_are_what_their_generator_writes_from_the_committed_results():
+    # README's status and demo tables, docs/benchmarks.md's tables and docs/evaluation.md's protocol
+    # table: each is bench/report.py's rendering of bench/results/*.json, so a figure cannot drift.
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import report
+
+    sections = report.generated_sections()
+    assert {name for _, name, _ in sections} >= {"bench", "status", "protocol"}
+    for path, name, body in sections:
+        text = path.read_text()
+        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+        assert start in text and end in text, f"{path.name} lacks the {name} markers"
+        current = text.split(start, 1)[1].split(end, 1)[0]
+        assert current.strip("\n") == body.strip("\n"), (
+            f"{path.relative_to(ROOT)}: the {name} section differs from what bench/report.py writes from "
+            "bench/results/ (run python bench/report.py, or fix the JSON it comes from)"
+        )

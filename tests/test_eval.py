@@ -127,7 +127,7 @@ def cli_args(export: Path, out: Path, weights: Path, *extra: str) -> list[str]:
     return [
         "--ckpt", str(export / "export"), "--num-samples", "12", "--batch-size", "4", "--cfg-scale", "1.5",
         "--ref-folder", str(export / "reference"), "--ref-cache", str(out.parent / "cache"),
-        "--inception-weights", str(weights), "--out", str(out), "--device", "cpu", *extra,
+        "--inception-weights", str(weights), "--out", str(out), "--device", "cpu", "--per-class", *extra,
     ]  # fmt: skip
 
 
@@ -419,7 +419,7 @@ def test_evaluation_samples_the_classes_the_training_data_held(tmp_path, export,
     save_export(tmp_path / "two" / "export", model.state_dict(), model.config, tokenizer=record, data=data)
     shutil.copytree(export / "reference", tmp_path / "two" / "reference")
     argv = cli_args(tmp_path / "two", tmp_path / "run", inception_weights, "--num-samples", "4")
-    del argv[argv.index("--ref-folder") : argv.index("--ref-folder") + 2]  # labels are the point here
+    argv[argv.index("--ref-folder") : argv.index("--ref-folder") + 2] = ["--no-reference"]  # labels are the point
     results = fid_cli.run(argv)
     assert results["sampling"]["num_classes"] == 2
     assert np.array_equal(np.load(tmp_path / "run" / "labels.npy"), np.arange(4) % 2)
@@ -509,7 +509,7 @@ def test_eval_config_is_the_one_source_of_the_stamp_its_defaults_and_the_record(
     assert defaults["cfg_interval"] == -1  # a stamp from before the key: every token guided
     record = config.record()
     assert record["num_samples"] == 12 and record["decode_precision"] == "fp32"
-    assert record["sampling"] == {**{k: stamp[k] for k in settings[3:]}, "labels": "per-class", "batch_size": 64,
+    assert record["sampling"] == {**{k: stamp[k] for k in settings[3:]}, "labels": "random", "batch_size": 64,
                                   "num_classes": 3}  # fmt: skip
     with pytest.raises(ConfigError, match=r"num_classes 4: the model has classes 0\.\.2"):
         EvalConfig("unused", num_classes=4).for_model(model)
@@ -653,3 +653,34 @@ def test_ctrl_c_is_one_line_and_exit_130_and_help_lists_the_exit_codes(monkeypat
             parse(["--help"])
         out = capsys.readouterr().out
         assert "exit codes: 0 done" in out and "5 a storage fault" in out and "130 Ctrl-C" in out
+
+
+def test_inception_score_is_adms_chunks_of_5000_which_torch_fidelitys_ten_splits_equal_at_50000():
+    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, isc_features_to_metric
+
+    logits = np.random.default_rng(4).normal(size=(50_000, 20)) * 2
+    ten = isc_features_to_metric(torch.as_tensor(logits), splits=10, shuffle=False)[KEY_METRIC_ISC_MEAN]
+    assert inception_score(logits)[0] == pytest.approx(ten, rel=1e-9)
+
+    def adm(part):  # ADM's compute_inception_score, one chunk
+        probs = np.exp(part) / np.exp(part).sum(1, keepdims=True)
+        return np.exp(np.mean(np.sum(probs * (np.log(probs) - np.log(probs.mean(0, keepdims=True))), 1)))
+
+    few = logits[:12_000]  # chunks of 5,000, 5,000 and 2,000
+    expected = np.mean([adm(few[:5000]), adm(few[5000:10000]), adm(few[10000:])])
+    assert inception_score(few)[0] == pytest.approx(expected, rel=1e-12)
+
+
+def test_without_a_reference_the_run_stops_at_once_unless_it_asks_for_is_alone(tmp_path, export, inception_weights,
+                                                                              capsys):  # fmt: skip
+    argv = cli_args(export, tmp_path / "run", inception_weights)
+    del argv[argv.index("--ref-folder") : argv.index("--ref-folder") + 2]
+    start = time.perf_counter()
+    assert fid_cli.main(argv) == 2
+    assert time.perf_counter() - start < 5
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--ref-batch" in err and "--no-reference" in err, err
+    assert not (tmp_path / "run").exists()
+    results = fid_cli.run([*argv, "--no-reference", "--num-samples", "4"])
+    assert set(results["metrics"]) == {"inception_score", "inception_score_std"} and "reference" not in results
+    assert results["sampling"]["labels"] == "per-class"  # cli_args asks for it; the default is random

@@ -434,16 +434,15 @@ def test_a_label_beyond_the_model_classes_names_model_num_classes(tmp_path):
         token_loader(root, 2, 2, seed=0, num_workers=0, expect=expect)
 
 
-def test_inception_score_below_its_splits_is_null_with_a_reason(caplog):
+def test_inception_score_of_one_sample_is_null_with_a_reason(caplog):
     import logging
 
     from mutor_vision.evaluation.metrics import inception_score_metrics
 
     caplog.set_level(logging.INFO)
-    few = inception_score_metrics(np.random.default_rng(0).normal(size=(4, 1008)), splits=10)
-    assert few["inception_score"] is None and few["inception_score_std"] is None
-    assert few["inception_score_note"] == "left out: 4 samples, IS with 10 splits needs more than 10"
-    assert "Inception Score left out: 4 samples" in caplog.text
-    assert inception_score_metrics(np.zeros((10, 1008)))["inception_score"] is None  # one image per split: 1.0
-    enough = inception_score_metrics(np.random.default_rng(0).normal(size=(20, 1008)) * 3, splits=10)
+    one = inception_score_metrics(np.random.default_rng(0).normal(size=(1, 1008)))
+    assert one["inception_score"] is None and one["inception_score_std"] is None
+    assert one["inception_score_note"] == "left out: 1 sample(s); IS needs at least 2"
+    assert "Inception Score left out: 1 sample(s)" in caplog.text
+    enough = inception_score_metrics(np.random.default_rng(0).normal(size=(20, 1008)) * 3)
     assert enough["inception_score"] > 1.0 and "inception_score_note" not in enough

@@ -43,7 +43,7 @@ from PIL import Image
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mutor_vision.cli import FORCE_HELP, TOOL_EXIT_CODES, HelpFormatter, run_command, setup_logging
+from mutor_vision.cli import ENCODE_EXIT_CODES, FORCE_HELP, HelpFormatter, run_command, setup_logging
 from mutor_vision.errors import InputError
 from mutor_vision.files import atomic_write_json, check_stamp
 from mutor_vision.processes import main_process_holds, process_state
@@ -286,7 +286,10 @@ def write_dataset_manifest(
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="tokenizer/encode_imagenet.py", description=__doc__, formatter_class=HelpFormatter, epilog=TOOL_EXIT_CODES
+        prog="tokenizer/encode_imagenet.py",
+        description=__doc__,
+        formatter_class=HelpFormatter,
+        epilog=ENCODE_EXIT_CODES,
     )
     parser.add_argument("--input", type=Path, required=True, help="ImageFolder root, or a folder of .tar shards")
     parser.add_argument("--out", type=Path, required=True, help="the output folder, held by one run at a time")

@@ -26,12 +26,13 @@ STAMPED = {"stamped": True}
 
 @dataclass
 class EvalConfig:
-    """What an evaluation samples and how. The defaults are the paper's FID protocol: 50,000 samples,
-    50 per class, CFG 2.0 on logits, temperature 1.0, no top-k or top-p."""
+    """What an evaluation samples and how. The defaults are the paper's FID protocol — 50,000 samples,
+    CFG 2.0 on logits, temperature 1.0, no top-k or top-p — and, where the paper is silent, LlamaGen's
+    ``sample_c2i_ddp.py``: labels uniform at random (``per_class`` draws i % classes instead)."""
 
     out_dir: Path  # samples/, samples.npz, labels.npy, grid.png, results.json; held by one run at a time
     num_samples: int = field(default=50_000, metadata=STAMPED)
-    per_class: bool = field(default=True, metadata=STAMPED)  # labels i % classes; False: uniform at random
+    per_class: bool = field(default=False, metadata=STAMPED)  # labels i % classes; False: uniform at random
     num_classes: int | None = field(default=None, metadata=STAMPED)  # classes 0..n-1; None: all the model's
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(cfg_scale=2.0), metadata=STAMPED)
     draft_tokens: int = field(default=1, metadata=STAMPED)  # k > 1: register drafting (docs/drafting.md)

@@ -1,9 +1,11 @@
 """FID, Inception Score and ADM-style Precision/Recall from features, through torch-fidelity.
 
-Every metric is torch-fidelity's own function: FID from float64 statistics on both sides (the ADM
-reference statistics may be float32; torch-fidelity asserts equal dtypes), IS with 10 in-order
-splits as ADM, Precision/Recall with k = 3 nearest neighbours in Inception pool features (radii
-from each set to itself) against the reference set, as ADM's evaluator.
+FID is torch-fidelity's, from float64 statistics on both sides (the ADM reference statistics may be
+float32; torch-fidelity asserts equal dtypes). IS is ADM's evaluator's rule, written out: the mean
+over chunks of 5,000 images in order (10 at 50,000 samples, which torch-fidelity's 10 splits equal;
+at other counts the two differ: docs/evaluation.md). Precision/Recall is torch-fidelity's with k = 3
+nearest neighbours in Inception pool features (radii from each set to itself) against the reference
+set, as ADM's evaluator, in float64 where ADM computes distances in float16.
 """
 
 from __future__ import annotations
@@ -41,28 +43,38 @@ def frechet_distance(stats: dict[str, np.ndarray], reference: dict[str, np.ndarr
     return fid_statistics_to_metric(mine, ref, verbose=False)[KEY_METRIC_FID]
 
 
-def inception_score(logits: Tensor | np.ndarray, splits: int = 10) -> tuple[float, float]:
-    """IS mean and std over ``splits`` in-order splits (ADM), from unbiased logits (N, C)."""
-    # lazy: torch-fidelity is a slow import
-    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
-
-    result = isc_features_to_metric(torch.as_tensor(np.asarray(logits)), splits=splits, shuffle=False)
-    return result[KEY_METRIC_ISC_MEAN], result[KEY_METRIC_ISC_STD]
+ADM_SPLIT_SIZE = 5000  # ADM's compute_inception_score: images per chunk
 
 
-def inception_score_metrics(logits: Tensor | np.ndarray, splits: int = 10) -> dict[str, float | str | None]:
+def inception_score(logits: Tensor | np.ndarray, split_size: int = ADM_SPLIT_SIZE) -> tuple[float, float]:
+    """IS from unbiased logits (N, C), as ADM's evaluator: softmax, then exp of the mean
+    KL(p(y|x) ‖ p(y)) within each chunk of ``split_size`` images in order (the last may be shorter);
+    the mean over chunks, and their standard deviation."""
+    logits = np.asarray(logits, dtype=np.float64)
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs = shifted / shifted.sum(axis=1, keepdims=True)
+    scores = []
+    for start in range(0, len(probs), split_size):
+        part = probs[start : start + split_size]
+        marginal = part.mean(axis=0, keepdims=True)
+        # A class of probability 0 adds 0 (ADM's float32 softmax rarely yields one; log(0) would be NaN).
+        kl = np.where(part > 0, part * (np.log(np.where(part > 0, part, 1)) - np.log(marginal)), 0.0)
+        scores.append(np.exp(kl.sum(axis=1).mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def inception_score_metrics(logits: Tensor | np.ndarray) -> dict[str, float | str | None]:
     """The IS entries of the results: ``inception_score`` and ``inception_score_std``.
 
-    With no more samples than splits, every split holds at most one image, and one image scores
-    exactly 1 against itself (fewer give NaN): the entries are then null, with the reason in
-    ``inception_score_note`` and in the log, rather than a number that means nothing.
+    One image scores exactly 1 against itself: with fewer than two samples the entries are null,
+    with the reason in ``inception_score_note`` and in the log, rather than a number that means nothing.
     """
     count = len(logits)
-    if count <= splits:
-        note = f"left out: {count} samples, IS with {splits} splits needs more than {splits}"
+    if count < 2:
+        note = f"left out: {count} sample(s); IS needs at least 2"
         log.info("Inception Score %s", note)
         return {"inception_score": None, "inception_score_std": None, "inception_score_note": note}
-    mean, std = inception_score(logits, splits=splits)
+    mean, std = inception_score(logits)
     return {"inception_score": mean, "inception_score_std": std}
 
 

@@ -362,7 +362,7 @@ def _metrics(pool: np.ndarray, logits: np.ndarray | None, labels: np.ndarray, sc
         if reference.features is not None:
             metrics["precision"], metrics["recall"] = precision_recall(pool, reference.features, k=3)
     if logits is not None:
-        metrics.update(inception_score_metrics(logits, splits=10))  # null, with a note, for <= 10 samples
+        metrics.update(inception_score_metrics(logits))  # null, with a note, below 2 samples
     if scoring.extra_metrics is not None:
         metrics.update(scoring.extra_metrics(labels, (pool, logits)))
     return metrics

@@ -51,7 +51,8 @@ def run_sweep(
         results = evaluate(model, decode, scoring, run)
         if results is not None:
             rows.append({"cfg_scale": scale, "folder": str(run.out_dir), "num_samples": results["num_samples"],
-                         **{key: results["metrics"].get(key) for key in METRICS}})  # fmt: skip
+                         **{key: results["metrics"].get(key) for key in METRICS},
+                         **({"warning": results["warning"]} if "warning" in results else {})})  # fmt: skip
     return rows or None
 
 
@@ -61,7 +62,8 @@ def summarise_sweep(rows: list[dict[str, Any]]) -> dict[str, Any]:
     if not measured:
         raise ConfigError("--cfg-scales: no FID was computed (a sweep needs a reference)")
     best = min(measured, key=lambda row: row["fid"])
-    return {"rows": rows, "best": best}
+    warnings = sorted({row["warning"] for row in rows if "warning" in row})
+    return {"rows": rows, "best": best, **({"warning": warnings[0]} if warnings else {})}
 
 
 def write_sweep(out_dir: Path, summary: dict[str, Any]) -> None:
@@ -69,7 +71,10 @@ def write_sweep(out_dir: Path, summary: dict[str, Any]) -> None:
     out_dir = Path(out_dir)
     atomic_write_json(out_dir / "sweep.json", summary)
     header = "| CFG | FID | IS | precision | recall | samples | folder |"
-    lines = ["# CFG sweep", "", header, "|---|---|---|---|---|---|---|"]
+    lines = ["# CFG sweep", ""]
+    if summary.get("warning"):
+        lines += [f"**{summary['warning']}**", ""]
+    lines += [header, "|---|---|---|---|---|---|---|"]
     for row in summary["rows"]:
         cells = [f"{row['cfg_scale']:g}", *(_number(row[key]) for key in METRICS), f"{row['num_samples']:,}"]
         lines.append("| " + " | ".join([*cells, f"`{Path(row['folder']).name}`"]) + " |")

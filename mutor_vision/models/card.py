@@ -60,7 +60,8 @@ def model_card(
         for key, label in (("data_root", "data"), ("global_batch_size", "global batch"), ("lr", "learning rate"),
                            ("seed", "seed"), ("mixed_precision", "precision")):  # fmt: skip
             if training.get(key) is not None:
-                rows.append((label, str(training[key])))
+                value = "fp32" if key == "mixed_precision" and training[key] == "no" else training[key]
+                rows.append((label, str(value)))
     lines = [f"# {title}", "", "A class-conditional image model trained with mutor-vision.", ""]
     lines += ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
     lines += _evaluation_table(evaluations or [])

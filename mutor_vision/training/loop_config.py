@@ -61,9 +61,7 @@ class LoopConfig:
     log_every: int = 50  # steps between log lines and TensorBoard points (loss means over them)
     tensorboard: bool = True  # scalars under <out_dir>/logs
     wandb: bool = False  # also log to Weights & Biases (the wandb extra: pip install -e ".[wandb]")
-    peak_tflops: float = (
-        989.0  # per device, for MFU; the default is the datasheet's dense bf16 peak of the SXM Hopper GPU
-    )
+    peak_tflops: float = 989.0  # per device, for MFU (default: the dense bf16 datasheet peak of an SXM Hopper)
 
     def __post_init__(self) -> None:
         check(self.global_batch_size >= 1, "global_batch_size", "must be >= 1")
