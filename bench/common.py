@@ -1,10 +1,11 @@
-"""What every benchmark records with its numbers: the machine, torch, the device and the command."""
+"""What every benchmark records with its numbers: the machine, torch, the device, the command and the commit."""
 
 from __future__ import annotations
 
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -28,7 +29,21 @@ def provenance(benchmark: str, device: torch.device | str | None = None) -> dict
         "torch": torch.__version__,
         "device": name,
         "command": command.strip(),
+        "commit": commit(),
     }
+
+
+def commit() -> str | None:
+    """The checkout's commit, ``+dirty`` when tracked files differ from it; None outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def save(path: str | Path | None, result: dict[str, Any]) -> None:

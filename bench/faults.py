@@ -23,17 +23,34 @@ fp32, the tiny config). The faults:
 - ``disk_full_eval``: ``eval/fid.py`` (with its ``samples.npz``) under a random file-size limit:
   exit 5; the rerun without it must fill in every PNG identical to an uninterrupted run's.
 
+A second campaign loses a whole machine (``--faults`` with the ``machine_`` faults, written to its own
+file): two loopback "machines" of one CPU process each (``python -m mutor_vision.launch
+--num_machines 2``, as on a cluster), and one of them, chosen at random, killed with SIGKILL —
+its launcher and every process below it, as when a node goes down:
+
+- ``machine_training``: at a random step of training;
+- ``machine_save``: while a checkpoint is being written (its temporary folder exists);
+- ``machine_eval_sampling``: ``eval/fid.py`` once a random number of PNGs exist;
+- ``machine_eval_metrics``: ``eval/fid.py`` once every PNG exists (the gather, the metrics, the writes).
+
+Each records the survivor's exit code, its seconds from the kill to its exit, its last line and
+whether it printed a traceback; then the same command runs again on both machines (training with
+``--resume auto``) and must end equal to an uninterrupted two-machine run: the same weights byte for
+byte, the same PNGs and the same metrics.
+
 Outcomes are counted per fault; any other outcome than the expected one is listed with its details.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -41,6 +58,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,6 +67,7 @@ from common import provenance, save  # bench/common.py (the script's folder is o
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from mutor_vision.cli import EXIT_PEER_LOST  # noqa: E402
 from mutor_vision.data import token_loader  # noqa: E402
 from mutor_vision.processes import cpu_child_env, cpu_ranks_command  # noqa: E402
 from mutor_vision.shards import ShardError, write_synthetic_shards  # noqa: E402
@@ -57,6 +76,8 @@ from mutor_vision.training.checkpoints import CheckpointManager  # noqa: E402
 TINY = ROOT / "configs" / "c2i" / "tiny_cpu.yaml"
 EVAL_SAMPLES = 160
 LONG = 10  # double_launch: a run this many times --steps, so the second launch starts while it runs
+STOP_WITHIN_S = 30  # a survivor must stop this soon after its peer machine was lost
+MACHINE_FAULTS = ("machine_training", "machine_save", "machine_eval_sampling", "machine_eval_metrics")
 
 
 def env() -> dict[str, str]:
@@ -313,6 +334,189 @@ def trial_disk_full_eval(work: Path, args: list[str], reference: Path, rng: rand
     return {**record, "outcome": "exit 5, rerun filled in every PNG identical" if same else "DIFFERENT or failed"}
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def machine_cmd(machine: int, port: int, args: list[str]) -> list[str]:
+    """Machine ``machine`` of a two-machine job of one CPU process each, on loopback, as on a cluster."""
+    launch = [sys.executable, "-m", "mutor_vision.launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2"]
+    launch += ["--machine_rank", str(machine), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]
+    return [*launch, "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torch's agent starts its ranks in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def kill_tree(root: int) -> None:
+    for pid in [root, *descendants(root)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+class Job:
+    """Two loopback machines running ``args``; each one's stderr kept as (time, line), its end timed."""
+
+    def __init__(self, args: list[str]) -> None:
+        port = free_port()
+        self.procs = [start(machine_cmd(machine, port, args)) for machine in range(2)]
+        self.lines: list[list[tuple[float, str]]] = [[], []]
+        self.ended: list[float | None] = [None, None]
+        for machine in range(2):  # a full pipe would stall a machine: read both all the time
+            threading.Thread(target=self._read, args=(machine,), daemon=True).start()
+
+    def _read(self, machine: int) -> None:
+        proc = self.procs[machine]
+        for line in proc.stderr:
+            self.lines[machine].append((time.monotonic(), line))
+        proc.wait()
+        self.ended[machine] = time.monotonic()
+
+    def logged(self, text: str) -> bool:
+        return any(text in line for machine in self.lines for _, line in list(machine))
+
+    def running(self) -> bool:
+        return all(proc.poll() is None for proc in self.procs)
+
+    def wait_until(self, condition: Callable[[], bool], timeout: float = 300) -> bool:
+        """Poll ``condition`` every half millisecond; False once a machine ended first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.running():
+            if condition():
+                return True
+            time.sleep(0.0005)
+        return False
+
+    def kill(self, machine: int) -> float:
+        """SIGKILL machine ``machine``'s launcher and everything below it (a node gone); the moment."""
+        kill_tree(self.procs[machine].pid)
+        return time.monotonic()
+
+    def finish(self, timeout: float = 300) -> list[int]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and None in self.ended:
+            time.sleep(0.05)
+        for machine, proc in enumerate(self.procs):
+            if self.ended[machine] is None:
+                kill_tree(proc.pid)
+                proc.wait()
+        return [-999 if end is None else proc.returncode for proc, end in zip(self.procs, self.ended, strict=True)]
+
+    def stderr(self, machine: int) -> str:
+        return "".join(line for _, line in self.lines[machine])
+
+
+def run_job(args: list[str], timeout: float = 300) -> list[int]:
+    return Job(args).finish(timeout)
+
+
+def last_line(text: str) -> str:
+    """The last line a terminal would show (progress bars redraw with carriage returns)."""
+    lines = [line.split("\r")[-1].strip() for line in text.splitlines()]
+    return next((line for line in reversed(lines) if line), "")
+
+
+def survivor_record(job: Job, victim: int, killed_at: float, command: str) -> dict:
+    """What the machine that was not killed did: its exit code, seconds to stop, last line, traceback."""
+    survivor = 1 - victim
+    code = job.finish()[survivor]
+    text = job.stderr(survivor)
+    record = {
+        "killed_machine": victim,
+        "survivor_exit": code,
+        "survivor_stop_s": None if job.ended[survivor] is None else round(job.ended[survivor] - killed_at, 2),
+        "survivor_last_line": last_line(text)[:400],
+        "survivor_traceback": "Traceback" in text,
+    }
+    if code == 0:  # its share was done before the loss mattered (it had nothing left to wait for)
+        return {**record, "survivor": "finished its work"}
+    one_line = record["survivor_last_line"].startswith(f"{command}: ") and not record["survivor_traceback"]
+    in_time = record["survivor_stop_s"] is not None and record["survivor_stop_s"] <= STOP_WITHIN_S
+    if code == EXIT_PEER_LOST and one_line and in_time:
+        return {**record, "survivor": f"exit {EXIT_PEER_LOST} in one line within {STOP_WITHIN_S} s"}
+    return {**record, "survivor": f"exit {code}, traceback {record['survivor_traceback']}, BAD"}
+
+
+def machine_train_args(shards: Path, run: Path, steps: int) -> list[str]:
+    return train_cmd(shards, run, steps, "save_every=2", "keep_last=1")[1:]  # no interpreter: the launcher runs it
+
+
+def trial_machine_training(
+    work: Path, shards: Path, reference: bytes, rng: random.Random, steps: int, save: bool
+) -> dict:
+    run = work / f"machine-{'save' if save else 'train'}-{rng.randrange(10**9)}"
+    args = machine_train_args(shards, run, steps)
+    victim, step = rng.randrange(2), rng.randrange(2, steps - 2)
+    job = Job(args)
+    if save:  # a save of a random step is under way: its temporary folder exists (checkpoints.py)
+        step += step % 2  # saves every 2 steps
+        partial = run / "checkpoints" / f".step_{step:08d}.tmp"
+        struck = job.wait_until(partial.exists)
+    else:
+        struck = job.wait_until(lambda: job.logged(f"step {step}:"))
+    delay = rng.uniform(0.0, 0.01 if save else 0.05)
+    time.sleep(delay)
+    if not struck or not job.running():
+        job.finish()
+        return {"step": step, "outcome": "the job ended before the strike"}
+    record = {"step": step, "delay_s": round(delay, 4), **survivor_record(job, victim, job.kill(victim), "train_c2i")}
+    record["resume_exits"] = run_job([*args, "--resume", "auto"])
+    if record["resume_exits"] != [0, 0]:
+        return {**record, "outcome": f"survivor: {record['survivor']}; resume FAILED"}
+    record["leftovers"] = leftovers(run)
+    same = not record["leftovers"] and export_bytes(run, steps) == reference
+    resumed = "resumed identical to uninterrupted" if same else "resumed DIFFERENT or files left"
+    return {**record, "outcome": f"survivor: {record['survivor']}; {resumed}"}
+
+
+def eval_outputs(out: Path) -> tuple[dict[str, bytes], dict]:
+    pngs = {p.name: p.read_bytes() for p in sorted((out / "samples").glob("*.png"))}
+    metrics = json.loads((out / "results.json").read_text())["metrics"] if (out / "results.json").exists() else {}
+    return pngs, metrics
+
+
+def trial_machine_eval(work: Path, args: list[str], reference: Path, rng: random.Random, metrics: bool) -> dict:
+    out = work / f"machine-eval-{rng.randrange(10**9)}"
+    command = [*args, "--out", str(out)]
+    victim = rng.randrange(2)
+    target = EVAL_SAMPLES if metrics else rng.randrange(1, EVAL_SAMPLES - 8)
+    job = Job(command)
+    written = lambda: (out / "samples").is_dir() and len(list((out / "samples").glob("*.png"))) >= target  # noqa: E731
+    struck = job.wait_until(written)
+    delay = rng.uniform(0.0, 0.2 if metrics else 0.02)
+    time.sleep(delay)
+    if not struck or not job.running():
+        job.finish()
+        return {"pngs": target, "outcome": "the job ended before the strike"}
+    record = {
+        "pngs": target,
+        "delay_s": round(delay, 4),
+        **survivor_record(job, victim, job.kill(victim), "eval/fid.py"),
+    }
+    record["rerun_exits"] = run_job(command)
+    if record["rerun_exits"] != [0, 0]:
+        return {**record, "outcome": f"survivor: {record['survivor']}; rerun FAILED"}
+    same = eval_outputs(out) == eval_outputs(reference)
+    rerun = "rerun: every PNG and metric equal to uninterrupted" if same else "rerun DIFFERENT"
+    return {**record, "outcome": f"survivor: {record['survivor']}; {rerun}"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=10, help="trials per fault (two-rank faults: a third)")
@@ -331,26 +535,36 @@ def main() -> None:
         shards = work / "shards"
         write_synthetic_shards(shards, num_shards=4, per_shard=32, grid=8, vocab_size=16, num_classes=10)
         references = {}
-        for name, extra, ranks, steps in [
-            ("loader", ["save_every=10", "data.num_workers=2"], 1, args.steps),
-            ("saves", ["save_every=2", "keep_last=1"], 1, args.steps),
-            ("two_ranks", ["save_every=10", "data.num_workers=2"], 2, args.steps),
-            ("long", ["save_every=2", "keep_last=1"], 1, LONG * args.steps),
+        for name, extra, ranks, steps, needed in [
+            ("loader", ["save_every=10", "data.num_workers=2"], 1, args.steps, ("sigterm_group",)),
+            (
+                "saves",
+                ["save_every=2", "keep_last=1"],
+                1,
+                args.steps,
+                ("sigkill", "truncated_newest", "disk_full_save"),
+            ),
+            ("two_ranks", ["save_every=10", "data.num_workers=2"], 2, args.steps, ("sigterm_launcher_2ranks",)),
+            ("long", ["save_every=2", "keep_last=1"], 1, LONG * args.steps, ("double_launch",)),
         ]:
-            if (name == "two_ranks" and "sigterm_launcher_2ranks" not in faults) or (
-                name == "long" and "double_launch" not in faults
-            ):
+            if not set(needed) & set(faults):
                 continue
             run = work / f"reference-{name}"
             assert finish(start(train_cmd(shards, run, steps, *extra, ranks=ranks))) == 0, name
             references[name] = export_bytes(run, steps)
+        if {"machine_training", "machine_save"} & set(faults):
+            run = work / "reference-machines"
+            assert run_job(machine_train_args(shards, run, args.steps)) == [0, 0], "two-machine reference"
+            references["machines"] = export_bytes(run, args.steps)
         for fault in faults:
             slow = ("sigterm_launcher_2ranks", "eval_sigkill", "double_launch", "disk_full_eval")
             trials = max(1, args.trials // 3) if fault in slow else args.trials
             rows = []
-            if fault in ("eval_sigkill", "disk_full_eval") and not (work / "eval-reference").is_dir():
+            if "eval" in fault and not (work / "eval-reference").is_dir():
                 eval_args, _ = eval_fixture(work)
                 assert finish(start([sys.executable, *eval_args, "--out", str(work / "eval-reference")])) == 0
+            if fault.startswith("machine_eval") and not (work / "eval-reference-machines").is_dir():
+                assert run_job([*eval_args, "--out", str(work / "eval-reference-machines")]) == [0, 0]
             for _ in range(trials):
                 if fault in ("sigterm_group", "sigkill", "sigterm_launcher_2ranks"):
                     key = {"sigterm_group": "loader", "sigkill": "saves", "sigterm_launcher_2ranks": "two_ranks"}[fault]
@@ -368,6 +582,16 @@ def main() -> None:
                     rows.append(trial_disk_full_save(work, shards, references["saves"], largest, rng, args.steps))
                 elif fault == "disk_full_eval":
                     rows.append(trial_disk_full_eval(work, eval_args, work / "eval-reference", rng))
+                elif fault in ("machine_training", "machine_save"):
+                    save_fault = fault == "machine_save"
+                    rows.append(
+                        trial_machine_training(work, shards, references["machines"], rng, args.steps, save_fault)
+                    )
+                elif fault in ("machine_eval_sampling", "machine_eval_metrics"):
+                    reference = work / "eval-reference-machines"
+                    rows.append(trial_machine_eval(work, eval_args, reference, rng, fault == "machine_eval_metrics"))
+                else:
+                    parser.error(f"--faults: unknown fault {fault!r}")
                 print(fault, rows[-1], flush=True)
             results[fault] = rows
     summary = {fault: dict(Counter(r["outcome"] for r in rows)) for fault, rows in results.items()}
@@ -377,6 +601,12 @@ def main() -> None:
         "summary": summary,
         "trials": results,
     }
+    stops = {
+        fault: [r["survivor_stop_s"] for r in rows if r.get("survivor_stop_s") is not None]
+        for fault, rows in results.items()
+    }
+    if any(stops.values()):  # the machine faults: how long a survivor took to stop, at most
+        report["slowest_stop_s"] = {fault: max(values) for fault, values in stops.items() if values}
     print(json.dumps(summary, indent=2))
     save(args.out, report)
 

@@ -132,12 +132,14 @@ def head_loss_table(results: Results) -> list[str]:
 
 
 def faults_table(results: Results) -> list[str]:
+    """One row per fault; a lost machine's rows add the slowest survivor's seconds from the kill to its exit."""
     rows = [
-        [name, fault, sum(outcomes.values()), "; ".join(f"{count}× {outcome}" for outcome, count in outcomes.items())]
+        [name, fault, sum(outcomes.values()), "; ".join(f"{count}× {outcome}" for outcome, count in outcomes.items()),
+         r.get("slowest_stop_s", {}).get(fault, "–")]
         for name, r in results
         for fault, outcomes in r["summary"].items()
-    ]
-    return table(["file", "fault", "trials", "outcomes"], rows)
+    ]  # fmt: skip
+    return table(["file", "fault", "trials", "outcomes", "slowest survivor stop (s)"], rows)
 
 
 def data_table(results: Results) -> list[str]:

@@ -65,7 +65,8 @@ from mutor_vision.evaluation.samples import check_space
 from mutor_vision.evaluation.sweep import parse_scales, run_sweep, summarise_sweep, write_sweep
 from mutor_vision.models import GPT
 from mutor_vision.models.checkpoint import read_export_data
-from mutor_vision.processes import main_process_holds
+from mutor_vision.peers import peers
+from mutor_vision.processes import DEFAULT_COLLECTIVE_TIMEOUT_S, main_process_holds
 from tokenizer.preprocess import center_crop_adm
 
 log = logging.getLogger("eval.fid")
@@ -124,6 +125,10 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--download-inception", action="store_true", help="allow fetching the Inception weights")
     p.add_argument("--no-npz", dest="save_npz", action="store_false", help="skip the ADM samples.npz")
+    p.add_argument(
+        "--collective-timeout", type=float, default=DEFAULT_COLLECTIVE_TIMEOUT_S, help="seconds a collective waits "
+        "for a rank that does not come (several processes; long waits notice a lost machine sooner)"
+    )  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="the output folder, held by one run at a time")
     p.add_argument("--force", action="store_true", help=FORCE_HELP.format(what="--out"))
     return p
@@ -160,6 +165,7 @@ def eval_config(args: argparse.Namespace) -> EvalConfig:
         save_npz=args.save_npz,
         compile=args.compile,
         device=args.device,
+        collective_timeout_s=args.collective_timeout,
     )
 
 
@@ -191,7 +197,7 @@ def run(argv: list[str] | None = None) -> dict | None:
         )
     fetch_checkpoint(args)
     check_all_inputs(args)
-    state = evaluation_state(args.device)  # first: each rank's device (cuda:<local rank>), gloo on CPU
+    state = evaluation_state(args.device, args.collective_timeout)  # first: each rank's device, gloo on CPU
     # One run per --out (mutor_vision/locks.py): two would write and skip each other's samples.
     with main_process_holds(state, args.out, "--out", force=args.force):
         return evaluate_held(args, state, config, scales, sys.argv[1:] if argv is None else argv)
@@ -209,16 +215,23 @@ def evaluate_held(
     resolution = model.config.grid_size * downsample
     if state.is_main_process:  # warns, before hours of sampling, when --out cannot hold the samples
         check_space(args.out, args.num_samples * len(scales or [0]), resolution, args.save_npz)
-    reference = None
-    with state.main_process_first():  # rank 0 computes and caches the reference features, the rest read them
+
+    def load_reference():
         if args.ref_batch is not None:
-            reference = reference_from_npz(args.ref_batch, extractor, args.feature_batch_size, device, args.ref_cache)
-        elif args.ref_folder is not None:
-            reference = reference_from_folder(
+            return reference_from_npz(args.ref_batch, extractor, args.feature_batch_size, device, args.ref_cache)
+        if args.ref_folder is not None:
+            return reference_from_folder(
                 args.ref_folder, resolution, center_crop_adm, extractor, args.feature_batch_size, device, args.ref_cache
             )
-        else:
-            log.info("--no-reference: the Inception Score alone")
+        log.info("--no-reference: the Inception Score alone")
+        return None
+
+    # Rank 0 computes and caches the reference features, then the rest read them; they wait for as
+    # long as rank 0 lives, and stop within seconds when it does not (mutor_vision/peers.py).
+    reference = load_reference() if state.is_main_process else None
+    peers().wait("reference")
+    if not state.is_main_process:
+        reference = load_reference()
     notes = {
         "checkpoint": str(args.ckpt),
         "tokenizer": tokenizer,

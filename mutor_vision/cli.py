@@ -16,9 +16,12 @@ Exit codes of ``train_c2i.py``, ``train_sft.py``, ``eval/fid.py``, ``eval/gsm8k.
 5     a storage fault: a write failed for lack of room or a failing disk (ENOSPC, EFBIG under a
       file size limit, EDQUOT, EIO); the message names the folder and the OS error (training: the
       newest complete checkpoint and the command that resumes); the partial output is removed
+6     another rank, or its machine, was lost (killed, crashed, cut off) in a multi-process run:
+      every rank stops within seconds; the same command run again on every machine goes on
+      (training: with ``--resume auto``, which the message prints)
 ====  ======================================================================================
 
-Errors of kinds 2–5 print one line, ``<command>: <what> (<where>)``, never a traceback.
+Errors of kinds 2–6 print one line, ``<command>: <what> (<where>)``, never a traceback.
 """
 
 from __future__ import annotations
@@ -39,26 +42,30 @@ from mutor_vision.config import load_yaml, to_dict
 from mutor_vision.errors import ConfigError, InputError, StorageError, TrainingDiverged
 from mutor_vision.files import storage_error
 from mutor_vision.locks import LEASE_S
+from mutor_vision.processes import lost_peer
 
-EXIT_OK, EXIT_BUG, EXIT_CONFIG, EXIT_DIVERGED, EXIT_INPUT, EXIT_STORAGE = 0, 1, 2, 3, 4, 5
+EXIT_OK, EXIT_BUG, EXIT_CONFIG, EXIT_DIVERGED, EXIT_INPUT, EXIT_STORAGE, EXIT_PEER_LOST = 0, 1, 2, 3, 4, 5, 6
 EXIT_INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
 EXIT_CODES = (
     "exit codes: 0 done (also after a clean stop on SIGTERM/SIGINT: continue with --resume auto); "
     "1 a bug (with its traceback); 2 a bad command line or config; 3 training diverged (NaN/inf); "
     "4 bad input data or checkpoint; 5 a storage fault (disk full, file size limit, I/O error: make room, "
-    "then the same command resumes). Errors 2-5 print one line naming the key, the file or the folder."
+    "then the same command resumes); 6 another rank or machine was lost (run the command the message prints on "
+    "every machine). Errors 2-6 print one line naming the key, the file or the folder."
 )
 TOOL_EXIT_CODES = (  # the image commands that do not train: eval/fid.py, sample_c2i.py, export_c2i.py
     "exit codes: 0 done; 1 a bug (with its traceback); 2 a bad command line, or --out in use by another run "
     "or made with other settings; 4 bad or missing input (checkpoint, tokenizer, reference, weights); 5 a "
-    "storage fault (disk full, file size limit, I/O error: make room, then the same command resumes); 130 Ctrl-C "
-    "(the same command resumes). Errors 2, 4 and 5 print one line naming the flag, the file or the folder."
+    "storage fault (disk full, file size limit, I/O error: make room, then the same command resumes); 6 another "
+    "rank or machine was lost (the same command on every machine goes on); 130 Ctrl-C (the same command resumes). "
+    "Errors 2, 4, 5 and 6 print one line naming the flag, the file or the folder."
 )
 ENCODE_EXIT_CODES = (  # tokenizer/encode_imagenet.py
     "exit codes: 0 done; 1 a bug (with its traceback); 2 a bad command line, or --out in use by another run "
     "or made with other settings; 4 bad or missing input (the images, the tokenizer file); 5 a storage fault "
-    "(disk full, file size limit, I/O error: make room, then the same command resumes); 130 Ctrl-C (the same "
-    "command resumes). Errors 2, 4 and 5 print one line naming the flag, the file or the folder."
+    "(disk full, file size limit, I/O error: make room, then the same command resumes); 6 another rank or "
+    "machine was lost (the same command on every machine goes on); 130 Ctrl-C (the same command resumes). "
+    "Errors 2, 4, 5 and 6 print one line naming the flag, the file or the folder."
 )
 # The output folder is held by one run at a time (mutor_vision/locks.py); --force overrides that.
 FORCE_HELP = (
@@ -73,13 +80,21 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """Every command's ``--help``: the description as written, and each option's default after its help."""
 
 
+LOST_PEER_HINT = "run the same command again on every machine to go on"
+
+
 def run_command(
-    name: str, body: Callable[[], Any], storage_hint: str | None = None, interrupt_hint: str | None = None
+    name: str,
+    body: Callable[[], Any],
+    storage_hint: str | None = None,
+    interrupt_hint: str | None = None,
+    lost_peer_hint: str = LOST_PEER_HINT,
 ) -> int:
     """Run ``body`` and map the project's errors to one line on stderr and an exit code.
 
     ``storage_hint`` ends the line of a storage fault: what was kept and how to go on.
     ``interrupt_hint`` turns Ctrl-C into one line ending with it and exit 130 (None: it propagates).
+    ``lost_peer_hint`` ends the line of a lost rank or machine (exit 6): how to go on.
     """
     ignore_file_size_signal()
     try:
@@ -99,6 +114,10 @@ def run_command(
         _say(name, str(error))
         return EXIT_INPUT
     except Exception as error:  # a write no owner of a format wrapped (a JSON record, a log): still exit 5
+        lost = lost_peer(error)
+        if lost is not None:
+            _say(name, f"lost another rank ({lost}); this machine stopped: {lost_peer_hint}")
+            return EXIT_PEER_LOST
         fault = error if isinstance(error, StorageError) else storage_error(error, _folder_of(error), "storage fault")
         if fault is None:
             raise
@@ -174,7 +193,10 @@ def train_main(doc: str, config_cls: type, train_fn: Callable[..., Any], argv: l
         else:
             log.info("%s at step %d (checkpoint: %s)", result.reason, result.step, result.checkpoint)
 
-    return run_command(name, body, storage_hint=f"make room, then resume: {resume_command(name, argv)}")
+    resume = resume_command(name, argv)
+    return run_command(
+        name, body, storage_hint=f"make room, then resume: {resume}", lost_peer_hint=f"on every machine, run: {resume}"
+    )
 
 
 def resume_command(name: str, argv: list[str] | None) -> str:
@@ -187,5 +209,5 @@ def resume_command(name: str, argv: list[str] | None) -> str:
         elif not arg.startswith("--resume="):
             kept.append(arg)
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
-    launcher = "python" if ranks == 1 else f"accelerate launch [the same options: {ranks} processes]"
+    launcher = "python" if ranks == 1 else f"[the same launcher and options: {ranks} processes]"
     return f"{launcher} {shlex.join([f'{name}.py', *kept, '--resume', 'auto'])}"

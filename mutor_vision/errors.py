@@ -30,3 +30,9 @@ class StorageError(RuntimeError):
         self.folder = folder
         self.errno = errno
         self.cause = cause  # the OS error alone, "[Errno 28] No space left on device (12 MB free)"
+
+
+class PeerLost(RuntimeError):
+    """Another rank of a distributed run, or its machine, stopped answering (died, killed, cut off):
+    every rank stops, and the same command, run again on every machine, goes on (training: with
+    ``--resume auto``)."""

@@ -9,6 +9,7 @@ notebook), so there the state is reset before each setup.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from collections.abc import Iterator
@@ -20,8 +21,15 @@ import torch
 from accelerate import PartialState
 from accelerate.state import AcceleratorState, GradientState
 
-from mutor_vision.errors import ConfigError
+from mutor_vision.errors import ConfigError, PeerLost
 from mutor_vision.locks import FolderLock, acquire
+
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0  # how long a collective waits for a rank that does not come
+# How gloo and NCCL report a peer that died, closed its connections or never answered.
+_LOST_PEER = re.compile(
+    r"Connection (reset|closed) by peer|Broken pipe|Connection refused|Transport endpoint|Timed out|timed out|"
+    r"[Tt]imeout|NCCL communicator was aborted|ProcessGroupNCCL|No route to host"
+)
 
 
 def launched() -> bool:
@@ -37,7 +45,8 @@ def use_cuda(device: str) -> bool:
 
 
 def process_state(device: str = "auto", timeout: timedelta | None = None) -> PartialState:
-    """This process's state on ``device`` (gloo between CPU ranks, NCCL between GPUs)."""
+    """This process's state on ``device`` (gloo between CPU ranks, NCCL between GPUs). ``timeout``:
+    how long a collective waits for a rank that does not come (the first call of a process sets it)."""
     if not launched():
         AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's own reset; see the module doc
         GradientState._reset_state()
@@ -72,6 +81,26 @@ def main_process_holds(
     finally:
         if lock is not None:
             lock.release()
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """What was lost, in a few words, when ``error`` (or what it was raised from) says another rank or
+    its machine stopped answering; None for any other error, and always in a single process."""
+    if not launched():
+        return None
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, PeerLost):
+            return str(error)
+        text = str(error)
+        dist_error = getattr(torch.distributed, "DistError", ())
+        if isinstance(error, dist_error) or (isinstance(error, RuntimeError) and _LOST_PEER.search(text)):
+            # gloo: "[.../pair.cc:545] Read error [127.0.0.1]:49796: Connection reset by peer. This is ..."
+            core = re.sub(r"^\[[^\]]*\]\s*", "", text.strip().splitlines()[0] if text.strip() else type(error).__name__)
+            return "a collective failed: " + core.split(". ")[0]
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def cpu_child_env(checkout: str | os.PathLike) -> dict[str, str]:

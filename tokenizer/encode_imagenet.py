@@ -35,6 +35,7 @@ import sys
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -46,7 +47,8 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 from mutor_vision.cli import ENCODE_EXIT_CODES, FORCE_HELP, HelpFormatter, run_command, setup_logging
 from mutor_vision.errors import InputError
 from mutor_vision.files import atomic_write_json, check_stamp
-from mutor_vision.processes import main_process_holds, process_state
+from mutor_vision.peers import peers
+from mutor_vision.processes import DEFAULT_COLLECTIVE_TIMEOUT_S, main_process_holds, process_state
 from mutor_vision.shards import write_manifest, write_shard
 from tokenizer import load_tokenizer
 from tokenizer.preprocess import CropMode, crops, num_crops, to_model_input
@@ -318,6 +320,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--device", choices=["auto", "cpu"], default="auto", help="auto: CUDA when available; cpu pins the CPU"
     )
+    parser.add_argument(
+        "--collective-timeout", type=float, default=DEFAULT_COLLECTIVE_TIMEOUT_S, help="seconds a collective waits "
+        "for a rank that does not come (several processes; long waits notice a lost machine sooner)"
+    )  # fmt: skip
     parser.add_argument("--limit-shards", type=int, default=None, help=argparse.SUPPRESS)  # tests: stop early
     return parser
 
@@ -329,7 +335,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(argv: list[str] | None = None) -> dict | None:
     """Encode per the command line; return the manifest on the main process (None elsewhere)."""
     args = parse_args(argv)
-    state = process_state(args.device)  # CPU ranks need gloo, not NCCL
+    state = process_state(args.device, timedelta(seconds=args.collective_timeout))  # gloo between CPU ranks
     source = open_source(args.input, args.maxcount, args.order, args.shuffle_seed)
     tokenizer = load_tokenizer(args.tokenizer, str(args.tokenizer_path))
     # One run per --out (mutor_vision/locks.py): two would rewrite each other's partial shards.
@@ -350,7 +356,7 @@ def encode_held(args: argparse.Namespace, state, source: Source, tokenizer) -> d
     if state.is_main_process:
         args.out.mkdir(parents=True, exist_ok=True)
         check_stamp(*stamp_args, remedy=remedy, write=True, defaults=STAMP_DEFAULTS)
-    state.wait_for_everyone()
+    peers().wait("stamp")
     if isinstance(tokenizer, torch.nn.Module):
         tokenizer = tokenizer.to(state.device)
     side = args.image_size // tokenizer.downsample
@@ -366,8 +372,9 @@ def encode_held(args: argparse.Namespace, state, source: Source, tokenizer) -> d
         logging_redirect_tqdm(tqdm_class=tqdm),  # warnings (a skipped image) print above the bar, not into it
     ):
         for i in todo:
+            peers().check()  # a lost machine stops this one between shards, not at the end
             encode_shard(source.shards[i], args.out, i, tokenizer, args, state.device, pool, progress)
-    state.wait_for_everyone()
+    peers().wait("encoded")  # ranks end at different times: wait while they live, however long
     if args.limit_shards is not None:
         return None
     if state.is_main_process:

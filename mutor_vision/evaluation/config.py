@@ -43,6 +43,7 @@ class EvalConfig:
     compile: bool = False  # the CUDA-graph decode (CUDA only; ignored on the CPU)
     device: str = "auto"  # auto: CUDA when available; cpu
     overlap: bool | None = None  # measure batch i while batch i + 1 samples; None: on CUDA (run.py)
+    collective_timeout_s: float = 600.0  # seconds a collective waits for a rank that does not come
     notes: dict[str, Any] = field(default_factory=dict)  # the caller's entries for results.json
 
     def __post_init__(self) -> None:

@@ -37,7 +37,8 @@ from mutor_vision.evaluation.samples import PngWriter, label_list, missing_indic
 from mutor_vision.evaluation.timing import NO_TIMINGS, SAMPLE, Timings
 from mutor_vision.files import atomic_write, atomic_write_json, check_stamp, storage_faults
 from mutor_vision.models import GPT, generate, generate_drafted, sample_uniforms
-from mutor_vision.processes import process_state
+from mutor_vision.peers import peers
+from mutor_vision.processes import DEFAULT_COLLECTIVE_TIMEOUT_S, process_state
 from mutor_vision.seeds import hash_seed
 
 log = logging.getLogger(__name__)
@@ -51,13 +52,14 @@ RANDOM_WARNING = (
 )
 
 
-def evaluation_state(device: str = "auto"):
-    """The process state for evaluation: gloo on CPU, and a long collective timeout.
+def evaluation_state(device: str = "auto", collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S):
+    """The process state for evaluation: gloo on CPU, and collectives that wait ``collective_timeout_s``.
 
-    Ranks can reach the gather at very different times (a resumed run leaves each rank a
-    different number of missing samples): the NCCL default of 10 minutes would abort them.
+    Ranks reach the end at very different times (a resumed run leaves each rank a different number
+    of missing samples): they wait for each other through :func:`~mutor_vision.peers.peers`, for as
+    long as every rank lives, and only then gather, so the timeout can be short.
     """
-    return process_state(device, timeout=timedelta(hours=12))
+    return process_state(device, timeout=timedelta(seconds=collective_timeout_s))
 
 
 @dataclasses.dataclass
@@ -136,6 +138,7 @@ def sample_and_measure(
             starts = range(0, len(todo), config.batch_size)
             for number, start in enumerate(tqdm(starts, disable=not show_progress, unit="batch", desc="sampling")):
                 batch = todo[start : start + config.batch_size]
+                peers().check()  # a lost machine stops this one between batches, not at the gather
                 with _on(sampler), timings.part(SAMPLE, number):
                     codes = _sample_batch(model, labels[batch], batch, config, drafting)
                 measured = measure(codes, batch, number)
@@ -272,7 +275,7 @@ def evaluate(
     ones. ``decode`` turns codes into uint8 images; ``config.decode_precision`` names what it computes
     in. ``timings``: see :func:`sample_and_measure`.
     """
-    state = evaluation_state(config.device)
+    state = evaluation_state(config.device, config.collective_timeout_s)
     if config.num_samples < state.num_processes:
         raise ConfigError(
             f"num_samples ({config.num_samples}) must be at least the number of ranks ({state.num_processes})"
@@ -288,7 +291,7 @@ def evaluate(
     check_folder(model, config)  # every rank checks, the main records
     if state.is_main_process:
         check_folder(model, config, write=True)
-    state.wait_for_everyone()
+    peers().wait("stamp")
     labels = label_list(config.num_samples, config.num_classes, per_class=config.per_class, seed=config.sampling.seed)
     mine = np.arange(config.num_samples)[state.process_index :: state.num_processes]
     start = time.perf_counter()
@@ -296,6 +299,7 @@ def evaluate(
         model, decode, scoring.extractor, labels, mine, config, state.is_local_main_process, timings
     )
     seconds = time.perf_counter() - start
+    peers().wait("sampled")  # every rank done (however long the slowest takes) before the gather's collective
     gathered: list[RankSamples] = gather_object([ranks])
     if not state.is_main_process:
         return None

@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -161,7 +162,8 @@ def run(
     the folder over from a run that holds it.
     """
     # The lock comes first: a second run's resume and clean-up would delete the first one's saves.
-    with main_process_holds(process_state(config.device), config.out_dir, "out_dir", force=force):
+    state = process_state(config.device, timedelta(seconds=config.collective_timeout_s))  # the first setup: its timeout
+    with main_process_holds(state, config.out_dir, "out_dir", force=force):
         return _run(task, config, resume, allow_change)
 
 

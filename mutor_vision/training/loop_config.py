@@ -61,6 +61,7 @@ class LoopConfig:
     log_every: int = 50  # steps between log lines and TensorBoard points (loss means over them)
     tensorboard: bool = True  # scalars under <out_dir>/logs
     wandb: bool = False  # also log to Weights & Biases (the wandb extra: pip install -e ".[wandb]")
+    collective_timeout_s: float = 600.0  # seconds a collective waits for a rank that does not come (a lost machine)
     peak_tflops: float = 989.0  # per device, for MFU (default: the dense bf16 datasheet peak of an SXM Hopper)
 
     def __post_init__(self) -> None:
@@ -76,3 +77,4 @@ class LoopConfig:
         check(self.log_every >= 1, "log_every", "must be >= 1")
         check(bool(self.out_dir), "out_dir", "must be set")
         check(self.peak_tflops > 0, "peak_tflops", "must be > 0")
+        check(self.collective_timeout_s > 0, "collective_timeout_s", "must be > 0 (seconds)")

@@ -1,0 +1,63 @@
+"""``accelerate launch`` with one line per failure, for runs on several processes or machines:
+
+    python -m mutor_vision.launch [accelerate launch's options] train_c2i.py --config ... [--resume auto]
+
+accelerate launch (torchrun's agent underneath) answers a rank that stopped with an error of its own
+— a traceback and exit code 1, the code the README keeps for a bug — after the rank's own one-line
+message. This launcher keeps the rank's message and its exit code (2-6 and 130, ``mutor_vision/cli.py``)
+and adds nothing; a rank that died without a word (killed by a signal: the out-of-memory killer, a
+node going down) becomes one line naming it, exit 6, as does the loss of the first machine, whose
+store every agent meets through. All else is accelerate launch's own, options included.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+from mutor_vision.cli import EXIT_BUG, EXIT_PEER_LOST, LOST_PEER_HINT
+
+DOCUMENTED = {2, 3, 4, 5, 6, 130}  # codes whose rank printed its own one line (cli.py)
+
+
+def failure_code(failures: dict, script: str) -> int:
+    """The launcher's exit code for the ranks that failed (rank -> torch's ``ProcessFailure``), and at
+    most one line of its own: nothing when a rank already said why (a documented code) or showed its
+    traceback (a bug, 1); one line when a rank died without a word (a signal)."""
+    codes = [f.exitcode for f in failures.values()]
+    documented = [code for code in codes if code in DOCUMENTED]
+    if documented:
+        return documented[0]
+    for rank, failure in sorted(failures.items()):
+        if failure.exitcode < 0:  # killed by a signal: nobody said anything
+            name = signal.Signals(-failure.exitcode).name
+            stopped = f"rank {rank} (pid {failure.pid}) was killed ({name}); this machine stopped"
+            print(f"{script}: {stopped}: {LOST_PEER_HINT}", file=sys.stderr)
+            return EXIT_PEER_LOST
+    return EXIT_BUG
+
+
+def main(argv: list[str] | None = None) -> int:
+    from accelerate.commands.launch import launch_command, launch_command_parser  # lazy: a slow import
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = launch_command_parser().parse_args(argv)
+    script = args.training_script
+    for name in ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # its failure lines repeat what the rank said
+    try:
+        launch_command(args)
+    except ChildFailedError as error:
+        return failure_code(error.failures, script)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except Exception as error:  # the agent's own: the rendezvous store on the first machine is gone
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"{script}: lost the job's rendezvous ({text}); this machine stopped: {LOST_PEER_HINT}", file=sys.stderr)
+        return EXIT_PEER_LOST
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Noticing a lost peer within seconds, and waiting for a slow one for as long as it lives.
+
+A collective (a barrier, a gather) waits for every rank until its timeout. A rank that died is
+noticed at once by gloo when its machine closes the connections, but a machine that vanished from
+the network, or NCCL, holds the others for the whole timeout; and a rank that is only slow (a resumed
+evaluation where one rank has hours of samples left) trips a short one. Here every rank beats a
+heartbeat into the job's key-value store — the one torch.distributed met through, served by the
+first machine — and :meth:`Peers.wait` waits at a named point for every rank, however long they take
+while they beat, and stops within ``DEAD_AFTER_S`` of a rank's last beat, or at once when the store
+is gone. :meth:`Peers.check` raises at once when a peer was lost; long loops call it between steps.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+import threading
+import time
+
+import torch.distributed as dist
+
+from mutor_vision.errors import PeerLost
+
+HEARTBEAT_S = 1.0  # seconds between a rank's beats
+DEAD_AFTER_S = 15.0  # a rank whose beat has not moved for this long is lost
+POLL_S = 0.2  # how often a waiting rank looks at the store
+_PREFIX = "mutor/peers"
+
+
+class Peers:
+    """This rank's view of the others through the job's store (one per process: :func:`peers`)."""
+
+    def __init__(self, store: dist.Store, rank: int, world: int) -> None:
+        self.store, self.rank, self.world = store, rank, world
+        self.failure: str | None = None  # the heartbeat thread's store error, once it has one
+        self.waits = 0  # wait points passed: every rank passes the same ones in the same order
+        start = time.monotonic()
+        self.seen = {r: (-1, start) for r in range(world) if r != rank}  # rank -> (beat, when it last moved)
+        self._call(store.set, f"{_PREFIX}/host/{rank}", socket.gethostname())
+        threading.Thread(target=self._beat, name="mutor-heartbeat", daemon=True).start()
+
+    def _beat(self) -> None:
+        while self.failure is None:
+            try:
+                self.store.add(f"{_PREFIX}/beat/{self.rank}", 1)
+            except Exception as error:  # the store's host is gone, or the network
+                self.failure = _first_line(error)
+                return
+            time.sleep(HEARTBEAT_S)
+
+    def _call(self, op, *args):
+        try:
+            return op(*args)
+        except Exception as error:
+            raise PeerLost(f"the job's store (on the first machine) cannot be reached: {_first_line(error)}") from None
+
+    def _host(self, rank: int) -> str:
+        try:
+            return self.store.get(f"{_PREFIX}/host/{rank}").decode()
+        except Exception:
+            return "its machine"
+
+    def check(self) -> None:
+        """Raise :class:`PeerLost` when the store is gone or a rank's heartbeat stopped moving."""
+        if self.failure is not None:
+            raise PeerLost(f"the job's store (on the first machine) cannot be reached: {self.failure}")
+        now = time.monotonic()
+        for rank, (beat, moved) in self.seen.items():
+            current = int(self._call(self.store.add, f"{_PREFIX}/beat/{rank}", 0))
+            if current != beat:
+                self.seen[rank] = (current, now)
+            elif now - moved > DEAD_AFTER_S:
+                raise PeerLost(f"rank {rank} ({self._host(rank)}) stopped answering {now - moved:.0f} s ago")
+
+    def wait(self, name: str) -> None:
+        """Every rank at point ``name``: returns when all have arrived, raises :class:`PeerLost` when one
+        was lost first. No deadline while they all live."""
+        self.waits += 1
+        key = f"{_PREFIX}/wait/{self.waits}/{name}"
+        self._call(self.store.add, key, 1)
+        while int(self._call(self.store.add, key, 0)) < self.world:
+            self.check()
+            time.sleep(POLL_S)
+
+
+class _Alone:
+    """One process: nobody to lose or wait for."""
+
+    def check(self) -> None:
+        pass
+
+    def wait(self, name: str) -> None:
+        pass
+
+
+@functools.cache
+def _peers(rank: int, world: int) -> Peers:
+    return Peers(dist.distributed_c10d._get_default_store(), rank, world)
+
+
+def peers() -> Peers | _Alone:
+    """This process's :class:`Peers` once torch.distributed runs with several ranks, else a no-op."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return _Alone()
+    return _peers(dist.get_rank(), dist.get_world_size())
+
+
+def _first_line(error: BaseException) -> str:
+    """The error's first sentence (torch's store errors go on with guesses at the cause)."""
+    text = str(error).strip()
+    return text.splitlines()[0].split(". ")[0] if text else type(error).__name__
