@@ -42,6 +42,7 @@ from mutor_vision.config import load_yaml, to_dict
 from mutor_vision.errors import ConfigError, InputError, StorageError, TrainingDiverged
 from mutor_vision.files import storage_error
 from mutor_vision.locks import LEASE_S
+from mutor_vision.peers import announce_failure, peers
 from mutor_vision.processes import lost_peer
 
 EXIT_OK, EXIT_BUG, EXIT_CONFIG, EXIT_DIVERGED, EXIT_INPUT, EXIT_STORAGE, EXIT_PEER_LOST = 0, 1, 2, 3, 4, 5, 6
@@ -99,6 +100,9 @@ def run_command(
     ignore_file_size_signal()
     try:
         body()
+        # Every rank ends here together: the others wait, while rank 0 lives, for its last work (the
+        # metrics, a manifest), so a machine lost meanwhile stops them in one line, not in torch's agent.
+        peers().wait("end")
     except KeyboardInterrupt:
         if interrupt_hint is None:
             raise
@@ -120,6 +124,7 @@ def run_command(
             return EXIT_PEER_LOST
         fault = error if isinstance(error, StorageError) else storage_error(error, _folder_of(error), "storage fault")
         if fault is None:
+            announce_failure("a bug (its traceback is in this rank's log)")
             raise
         _say(name, f"{fault}; {storage_hint}" if storage_hint else str(fault))
         return EXIT_STORAGE
@@ -140,6 +145,7 @@ def _folder_of(error: BaseException) -> str | None:
 
 def _say(name: str, message: str) -> None:
     print(f"{name}: {message}", file=sys.stderr)
+    announce_failure(message)  # the other ranks stop at once, saying why, instead of waiting for its silence
 
 
 def setup_logging() -> None:

@@ -8,17 +8,29 @@ message. This launcher keeps the rank's message and its exit code (2-6 and 130, 
 and adds nothing; a rank that died without a word (killed by a signal: the out-of-memory killer, a
 node going down) becomes one line naming it, exit 6, as does the loss of the first machine, whose
 store every agent meets through. All else is accelerate launch's own, options included.
+
+Two changes to torch's agent, so no machine waits long for a dead one: its log lines (which repeat
+what a rank said, with tracebacks) are silenced; and after its ranks succeeded, an agent waits at most
+``EXIT_BARRIER_S`` for the other machines' agents (torch waits 300 s, for ranks that end at different
+times: ours end together, ``mutor_vision/cli.py`` ``run_command``), then exits 0 — its work is done.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 
-from mutor_vision.cli import EXIT_BUG, EXIT_PEER_LOST, LOST_PEER_HINT
+# The agent's own C++ warnings (its store client, one per socket, when another machine is gone) are
+# silenced too: torch reads the level once, at import; the ranks get the caller's setting back (main).
+_CPP_LOG_LEVEL = os.environ.get("TORCH_CPP_LOG_LEVEL")
+os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
+
+from mutor_vision.cli import EXIT_BUG, EXIT_PEER_LOST, LOST_PEER_HINT  # noqa: E402  (imports torch)
 
 DOCUMENTED = {2, 3, 4, 5, 6, 130}  # codes whose rank printed its own one line (cli.py)
+EXIT_BARRIER_S = 20  # seconds an agent whose ranks succeeded waits for the other machines' agents
 
 
 def failure_code(failures: dict, script: str) -> int:
@@ -38,14 +50,35 @@ def failure_code(failures: dict, script: str) -> int:
     return EXIT_BUG
 
 
+def quiet_agent() -> None:
+    """Silence torch's agent and shorten its exit barrier (see the module doc)."""
+    import torch.distributed.launcher.api as launcher_api
+    import torch.distributed.run  # noqa: F401  (imports every logger below, so each is set here)
+
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if name.startswith("torch.distributed") and isinstance(logger, logging.Logger):
+            logger.setLevel(logging.CRITICAL)  # torch sets each one's level itself: the parent's is not used
+    agent = launcher_api.LocalElasticAgent
+
+    class QuickExitAgent(agent):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self._exit_barrier_timeout = EXIT_BARRIER_S
+
+    launcher_api.LocalElasticAgent = QuickExitAgent  # launch_agent builds its agent by this module name
+
+
 def main(argv: list[str] | None = None) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser  # lazy: a slow import
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    if _CPP_LOG_LEVEL is None:
+        os.environ.pop("TORCH_CPP_LOG_LEVEL", None)
+    else:
+        os.environ["TORCH_CPP_LOG_LEVEL"] = _CPP_LOG_LEVEL
     args = launch_command_parser().parse_args(argv)
     script = args.training_script
-    for name in ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)  # its failure lines repeat what the rank said
+    quiet_agent()
     try:
         launch_command(args)
     except ChildFailedError as error:

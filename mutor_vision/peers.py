@@ -8,10 +8,13 @@ heartbeat into the job's key-value store — the one torch.distributed met throu
 first machine — and :meth:`Peers.wait` waits at a named point for every rank, however long they take
 while they beat, and stops within ``DEAD_AFTER_S`` of a rank's last beat, or at once when the store
 is gone. :meth:`Peers.check` raises at once when a peer was lost; long loops call it between steps.
+A rank that stops with an error of its own says so first (:func:`announce_failure`), and the others
+stop at their next check with its reason.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import socket
 import threading
@@ -25,6 +28,7 @@ HEARTBEAT_S = 1.0  # seconds between a rank's beats
 DEAD_AFTER_S = 15.0  # a rank whose beat has not moved for this long is lost
 POLL_S = 0.2  # how often a waiting rank looks at the store
 _PREFIX = "mutor/peers"
+_FAILED = f"{_PREFIX}/failed"  # "<rank>\n<its one line>" of the first rank that stopped with an error
 
 
 class Peers:
@@ -60,10 +64,19 @@ class Peers:
         except Exception:
             return "its machine"
 
+    def announce(self, what: str) -> None:
+        """Tell the other ranks this one stops, and why (best effort: the store may be gone too)."""
+        with contextlib.suppress(Exception):
+            self.store.set(_FAILED, f"{self.rank}\n{what}")
+
     def check(self) -> None:
-        """Raise :class:`PeerLost` when the store is gone or a rank's heartbeat stopped moving."""
+        """Raise :class:`PeerLost` when the store is gone, a rank said it stopped, or a rank's heartbeat
+        stopped moving."""
         if self.failure is not None:
             raise PeerLost(f"the job's store (on the first machine) cannot be reached: {self.failure}")
+        if self._call(self.store.check, [_FAILED]):
+            rank, what = self._call(self.store.get, _FAILED).decode().split("\n", 1)
+            raise PeerLost(f"rank {rank} ({self._host(int(rank))}) stopped: {what}")
         now = time.monotonic()
         for rank, (beat, moved) in self.seen.items():
             current = int(self._call(self.store.add, f"{_PREFIX}/beat/{rank}", 0))
@@ -86,6 +99,9 @@ class Peers:
 class _Alone:
     """One process: nobody to lose or wait for."""
 
+    def announce(self, what: str) -> None:
+        pass
+
     def check(self) -> None:
         pass
 
@@ -103,6 +119,11 @@ def peers() -> Peers | _Alone:
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
         return _Alone()
     return _peers(dist.get_rank(), dist.get_world_size())
+
+
+def announce_failure(what: str) -> None:
+    """This rank stops with the error ``what``: the other ranks' next check stops them with it."""
+    peers().announce(what)
 
 
 def _first_line(error: BaseException) -> str:

@@ -16,7 +16,7 @@ from conftest import ROOT
 from mutor_vision import peers as peers_module
 from mutor_vision.cli import EXIT_PEER_LOST
 from mutor_vision.errors import PeerLost
-from mutor_vision.launch import failure_code
+from mutor_vision.launch import EXIT_BARRIER_S, failure_code
 from mutor_vision.peers import Peers
 from mutor_vision.processes import lost_peer
 from mutor_vision.shards import write_synthetic_shards
@@ -50,6 +50,18 @@ def test_a_lost_machine_stops_the_survivor_in_one_line_and_the_job_resumes(tmp_p
     again = Job([*args, "--resume", "auto"])
     assert again.finish(timeout=180) == [0, 0], again.stderr(0)[-2000:]
     assert export_bytes(run, steps)  # the resumed job reached its last step (bench/faults.py: bit-exact)
+
+
+def test_an_agent_whose_ranks_succeeded_waits_for_a_dead_machine_only_briefly_and_silently(tmp_path):
+    script = tmp_path / "uneven.py"  # machine 0's rank ends at once, machine 1's much later
+    script.write_text('import os, time\ntime.sleep(1 if os.environ["RANK"] == "0" else 60)\n')
+    job = Job([str(script)])
+    time.sleep(3)  # rank 0 has ended; its agent waits in torch's exit barrier for machine 1's
+    assert job.running()
+    killed_at = job.kill(1)
+    assert job.finish(timeout=120)[0] == 0  # its work was done
+    assert job.ended[0] - killed_at < EXIT_BARRIER_S + 10  # torch's agent alone would wait 300 s
+    assert job.stderr(0) == ""  # no agent log lines, no C++ socket warnings
 
 
 # ---------------------------------------------------------------- the launcher's exit codes
@@ -122,6 +134,18 @@ def test_a_rank_whose_heartbeat_stops_is_lost_within_the_dead_time(monkeypatch):
     with pytest.raises(PeerLost, match=r"rank 1 \(node-b\) stopped answering"):
         rank0.wait("stamp")
     assert time.monotonic() - start < 3
+
+
+def test_a_rank_that_stops_with_an_error_says_why_to_the_others_at_once(monkeypatch):
+    monkeypatch.setattr(peers_module, "HEARTBEAT_S", 0.02)
+    store = dist.HashStore()
+    rank0, rank1 = Peers(store, 0, 2), Peers(store, 1, 2)
+    store.set("mutor/peers/host/0", "node-a")
+    rank0.announce("storage fault: cannot write the evaluation's outputs (runs/eval: No space left on device)")
+    start = time.monotonic()
+    with pytest.raises(PeerLost, match=r"^rank 0 \(node-a\) stopped: storage fault: cannot write"):
+        rank1.wait("end")
+    assert time.monotonic() - start < 1  # not the heartbeat's dead time
 
 
 def test_a_store_that_fails_stops_the_rank_at_its_next_check(monkeypatch):
