@@ -25,8 +25,9 @@ fp32, the tiny config). The faults:
 
 A second campaign loses a whole machine (``--faults`` with the ``machine_`` faults, written to its own
 file): two loopback "machines" of one CPU process each (``python -m mutor_vision.launch
---num_machines 2``, as on a cluster), and one of them, chosen at random, killed with SIGKILL —
-its launcher and every process below it, as when a node goes down:
+--num_machines 2``, as on a cluster), and one of them killed with SIGKILL —
+its launcher and every process below it, as when a node goes down (machine 0, which serves the
+job's store, and machine 1 in turn):
 
 - ``machine_training``: at a random step of training;
 - ``machine_save``: while a checkpoint is being written (its temporary folder exists);
@@ -458,11 +459,11 @@ def machine_train_args(shards: Path, run: Path, steps: int) -> list[str]:
 
 
 def trial_machine_training(
-    work: Path, shards: Path, reference: bytes, rng: random.Random, steps: int, save: bool
+    work: Path, shards: Path, reference: bytes, rng: random.Random, steps: int, save: bool, victim: int
 ) -> dict:
     run = work / f"machine-{'save' if save else 'train'}-{rng.randrange(10**9)}"
     args = machine_train_args(shards, run, steps)
-    victim, step = rng.randrange(2), rng.randrange(2, steps - 2)
+    step = rng.randrange(2, steps - 2)
     job = Job(args)
     if save:  # a save of a random step is under way: its temporary folder exists (checkpoints.py)
         step += step % 2  # saves every 2 steps
@@ -491,10 +492,11 @@ def eval_outputs(out: Path) -> tuple[dict[str, bytes], dict]:
     return pngs, metrics
 
 
-def trial_machine_eval(work: Path, args: list[str], reference: Path, rng: random.Random, metrics: bool) -> dict:
+def trial_machine_eval(
+    work: Path, args: list[str], reference: Path, rng: random.Random, metrics: bool, victim: int
+) -> dict:
     out = work / f"machine-eval-{rng.randrange(10**9)}"
     command = [*args, "--out", str(out)]
-    victim = rng.randrange(2)
     target = EVAL_SAMPLES if metrics else rng.randrange(1, EVAL_SAMPLES - 8)
     job = Job(command)
     written = lambda: (out / "samples").is_dir() and len(list((out / "samples").glob("*.png"))) >= target  # noqa: E731
@@ -565,7 +567,8 @@ def main() -> None:
                 assert finish(start([sys.executable, *eval_args, "--out", str(work / "eval-reference")])) == 0
             if fault.startswith("machine_eval") and not (work / "eval-reference-machines").is_dir():
                 assert run_job([*eval_args, "--out", str(work / "eval-reference-machines")]) == [0, 0]
-            for _ in range(trials):
+            for trial in range(trials):
+                victim = trial % 2  # the machine lost: the store's host and the other, in turn
                 if fault in ("sigterm_group", "sigkill", "sigterm_launcher_2ranks"):
                     key = {"sigterm_group": "loader", "sigkill": "saves", "sigterm_launcher_2ranks": "two_ranks"}[fault]
                     rows.append(trial_signal(work, shards, references[key], rng, fault, args.steps))
@@ -585,11 +588,15 @@ def main() -> None:
                 elif fault in ("machine_training", "machine_save"):
                     save_fault = fault == "machine_save"
                     rows.append(
-                        trial_machine_training(work, shards, references["machines"], rng, args.steps, save_fault)
+                        trial_machine_training(
+                            work, shards, references["machines"], rng, args.steps, save_fault, victim
+                        )
                     )
                 elif fault in ("machine_eval_sampling", "machine_eval_metrics"):
                     reference = work / "eval-reference-machines"
-                    rows.append(trial_machine_eval(work, eval_args, reference, rng, fault == "machine_eval_metrics"))
+                    rows.append(
+                        trial_machine_eval(work, eval_args, reference, rng, fault == "machine_eval_metrics", victim)
+                    )
                 else:
                     parser.error(f"--faults: unknown fault {fault!r}")
                 print(fault, rows[-1], flush=True)
