@@ -120,7 +120,7 @@ def run_command(
     except Exception as error:  # a write no owner of a format wrapped (a JSON record, a log): still exit 5
         lost = lost_peer(error)
         if lost is not None:
-            _say(name, f"lost another rank ({lost}); this machine stopped: {lost_peer_hint}")
+            _say(name, f"lost another rank ({lost}); this machine stopped: {lost_peer_hint}", announce=False)
             return EXIT_PEER_LOST
         fault = error if isinstance(error, StorageError) else storage_error(error, _folder_of(error), "storage fault")
         if fault is None:
@@ -143,9 +143,10 @@ def _folder_of(error: BaseException) -> str | None:
     return os.path.dirname(os.path.abspath(filename)) if isinstance(filename, str) else None
 
 
-def _say(name: str, message: str) -> None:
+def _say(name: str, message: str, announce: bool = True) -> None:
     print(f"{name}: {message}", file=sys.stderr)
-    announce_failure(message)  # the other ranks stop at once, saying why, instead of waiting for its silence
+    if announce:  # the other ranks stop at once, saying why, instead of waiting for this one's silence
+        announce_failure(message)
 
 
 def setup_logging() -> None:

@@ -9,10 +9,12 @@ and adds nothing; a rank that died without a word (killed by a signal: the out-o
 node going down) becomes one line naming it, exit 6, as does the loss of the first machine, whose
 store every agent meets through. All else is accelerate launch's own, options included.
 
-Two changes to torch's agent, so no machine waits long for a dead one: its log lines (which repeat
-what a rank said, with tracebacks) are silenced; and after its ranks succeeded, an agent waits at most
-``EXIT_BARRIER_S`` for the other machines' agents (torch waits 300 s, for ranks that end at different
-times: ours end together, ``mutor_vision/cli.py`` ``run_command``), then exits 0 — its work is done.
+Two changes to torch's agent, so no machine waits long for a dead one and the line stays one line:
+its log lines (which repeat what a rank said, with tracebacks) and torch's C++ warnings (the agent's
+and the ranks', unless ``TORCH_CPP_LOG_LEVEL`` is set) are silenced; and after its ranks succeeded,
+an agent waits at most ``EXIT_BARRIER_S`` for the other machines' agents (torch waits 300 s, for
+ranks that end at different times: ours end together, ``run_command`` in ``mutor_vision/cli.py``),
+then exits 0 — its work is done.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ import os
 import signal
 import sys
 
-# The agent's own C++ warnings (its store client, one per socket, when another machine is gone) are
-# silenced too: torch reads the level once, at import; the ranks get the caller's setting back (main).
-_CPP_LOG_LEVEL = os.environ.get("TORCH_CPP_LOG_LEVEL")
-os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
+# torch's C++ warnings print a C++ stack at every use of a store whose machine is gone (the agent's
+# and each rank's): ERROR hides them unless the caller chose a level. Set before torch is imported,
+# which reads it once; the ranks inherit it.
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
-from mutor_vision.cli import EXIT_BUG, EXIT_PEER_LOST, LOST_PEER_HINT  # noqa: E402  (imports torch)
+from mutor_vision.cli import EXIT_BUG, EXIT_PEER_LOST, LOST_PEER_HINT  # imports torch
 
 DOCUMENTED = {2, 3, 4, 5, 6, 130}  # codes whose rank printed its own one line (cli.py)
 EXIT_BARRIER_S = 20  # seconds an agent whose ranks succeeded waits for the other machines' agents
@@ -72,10 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser  # lazy: a slow import
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    if _CPP_LOG_LEVEL is None:
-        os.environ.pop("TORCH_CPP_LOG_LEVEL", None)
-    else:
-        os.environ["TORCH_CPP_LOG_LEVEL"] = _CPP_LOG_LEVEL
     args = launch_command_parser().parse_args(argv)
     script = args.training_script
     quiet_agent()

@@ -66,8 +66,9 @@ class Peers:
 
     def announce(self, what: str) -> None:
         """Tell the other ranks this one stops, and why (best effort: the store may be gone too)."""
-        with contextlib.suppress(Exception):
-            self.store.set(_FAILED, f"{self.rank}\n{what}")
+        if self.failure is None:  # torch warns, with its C++ stack, at each use of a store known gone
+            with contextlib.suppress(Exception):
+                self.store.set(_FAILED, f"{self.rank}\n{what}")
 
     def check(self) -> None:
         """Raise :class:`PeerLost` when the store is gone, a rank said it stopped, or a rank's heartbeat
@@ -122,8 +123,12 @@ def peers() -> Peers | _Alone:
 
 
 def announce_failure(what: str) -> None:
-    """This rank stops with the error ``what``: the other ranks' next check stops them with it."""
-    peers().announce(what)
+    """This rank stops with the error ``what``: the other ranks' next check stops them with it. Only
+    where this process waits through :func:`peers` already (a new heartbeat now would only add noise
+    on a store that may be gone); the other commands' ranks meet in collectives, which fail at once."""
+    if _peers.cache_info().currsize:
+        with contextlib.suppress(Exception):
+            peers().announce(what)
 
 
 def _first_line(error: BaseException) -> str:
