@@ -433,8 +433,9 @@ def last_line(text: str) -> str:
     return next((line for line in reversed(lines) if line), "")
 
 
-def survivor_record(job: Job, victim: int, killed_at: float, command: str) -> dict:
-    """What the machine that was not killed did: its exit code, seconds to stop, last line, traceback."""
+def survivor_record(job: Job, victim: int, killed_at: float, command: str, complete: Callable[[], bool]) -> dict:
+    """What the machine that was not killed did: its exit code, seconds to stop, last line, traceback.
+    ``complete`` says whether the command's final output exists (an exit 0 must have written it)."""
     survivor = 1 - victim
     code = job.finish()[survivor]
     text = job.stderr(survivor)
@@ -445,10 +446,11 @@ def survivor_record(job: Job, victim: int, killed_at: float, command: str) -> di
         "survivor_last_line": last_line(text)[:400],
         "survivor_traceback": "Traceback" in text,
     }
-    if code == 0:  # its share was done before the loss mattered (it had nothing left to wait for)
-        return {**record, "survivor": "finished its work"}
     one_line = record["survivor_last_line"].startswith(f"{command}: ") and not record["survivor_traceback"]
     in_time = record["survivor_stop_s"] is not None and record["survivor_stop_s"] <= STOP_WITHIN_S
+    if code == 0 and in_time and not record["survivor_traceback"] and complete():
+        # the lost machine's share was done (it waited at the end): the survivor wrote the final output
+        return {**record, "survivor": f"exit 0 within {STOP_WITHIN_S} s, its work complete"}
     if code == EXIT_PEER_LOST and one_line and in_time:
         return {**record, "survivor": f"exit {EXIT_PEER_LOST} in one line within {STOP_WITHIN_S} s"}
     return {**record, "survivor": f"exit {code}, traceback {record['survivor_traceback']}, BAD"}
@@ -476,7 +478,12 @@ def trial_machine_training(
     if not struck or not job.running():
         job.finish()
         return {"step": step, "outcome": "the job ended before the strike"}
-    record = {"step": step, "delay_s": round(delay, 4), **survivor_record(job, victim, job.kill(victim), "train_c2i")}
+    final = run / "checkpoints" / f"step_{steps:08d}" / "export" / "model.safetensors"
+    record = {
+        "step": step,
+        "delay_s": round(delay, 4),
+        **survivor_record(job, victim, job.kill(victim), "train_c2i", final.exists),
+    }
     record["resume_exits"] = run_job([*args, "--resume", "auto"])
     if record["resume_exits"] != [0, 0]:
         return {**record, "outcome": f"survivor: {record['survivor']}; resume FAILED"}
@@ -509,7 +516,7 @@ def trial_machine_eval(
     record = {
         "pngs": target,
         "delay_s": round(delay, 4),
-        **survivor_record(job, victim, job.kill(victim), "eval/fid.py"),
+        **survivor_record(job, victim, job.kill(victim), "eval/fid.py", (out / "results.json").exists),
     }
     record["rerun_exits"] = run_job(command)
     if record["rerun_exits"] != [0, 0]:
