@@ -14,6 +14,7 @@ stop at their next check with its reason.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import socket
@@ -41,16 +42,27 @@ class Peers:
         start = time.monotonic()
         self.seen = {r: (-1, start) for r in range(world) if r != rank}  # rank -> (beat, when it last moved)
         self._call(store.set, f"{_PREFIX}/host/{rank}", socket.gethostname())
-        threading.Thread(target=self._beat, name="mutor-heartbeat", daemon=True).start()
+        self._closed = threading.Event()
+        self._beating = threading.Thread(target=self._beat, name="mutor-heartbeat", daemon=True)
+        self._beating.start()
+        # A daemon thread still inside the store's C++ call when the interpreter ends aborts the
+        # process (exit 134 instead of the command's own code): stop it first.
+        atexit.register(self.close)
 
     def _beat(self) -> None:
-        while self.failure is None:
+        while self.failure is None and not self._closed.is_set():
             try:
                 self.store.add(f"{_PREFIX}/beat/{self.rank}", 1)
             except Exception as error:  # the store's host is gone, or the network
                 self.failure = _first_line(error)
                 return
-            time.sleep(HEARTBEAT_S)
+            self._closed.wait(HEARTBEAT_S)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the heartbeat (at exit: :mod:`atexit` calls it). ``timeout`` bounds the wait for a beat
+        under way on a store that stopped answering."""
+        self._closed.set()
+        self._beating.join(timeout)
 
     def _call(self, op, *args):
         try:

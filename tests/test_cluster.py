@@ -162,6 +162,22 @@ def test_a_store_that_fails_stops_the_rank_at_its_next_check(monkeypatch):
         Peers(store, 1, 2).wait("stamp")
 
 
+def test_a_process_with_heartbeats_ends_with_its_own_code_not_an_abort():
+    # A heartbeat thread inside the store's C++ call when the interpreter ends aborted the process
+    # (exit 134, "terminate called without an active exception"): 32 threads beating without a pause
+    # made that certain before Peers stopped them at exit.
+    script = (
+        "import sys, torch.distributed as dist\n"
+        "from mutor_vision import peers\n"
+        "peers.HEARTBEAT_S = 0.0\n"
+        "store = dist.HashStore()\n"
+        "beating = [peers.Peers(store, 0, 2) for _ in range(32)]\n"
+        "sys.exit(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert (done.returncode, done.stderr) == (3, "")
+
+
 # ---------------------------------------------------------------- the SLURM template
 
 
