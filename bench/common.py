@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import statistics
@@ -33,6 +34,7 @@ def provenance(benchmark: str, device: torch.device | str | None = None) -> dict
     }
 
 
+@functools.cache  # read once, as the benchmark starts (below): later edits do not change what ran
 def commit() -> str | None:
     """The checkout's commit, ``+dirty`` when tracked files differ from it; None outside git."""
     root = Path(__file__).resolve().parent.parent
@@ -101,3 +103,6 @@ def profile_run(fn, steps: int) -> dict:
         "kernels_per_step": len(kernels) / steps,
         "top_kernels": [{"name": n[:120], "count": len(t), "total_ms": sum(t) / 1e3} for n, t in top],
     }
+
+
+commit()  # the code a benchmark runs is the checkout at its start, whatever changes while it runs
