@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -36,14 +37,16 @@ def provenance(benchmark: str, device: torch.device | str | None = None) -> dict
 
 @functools.cache  # read once, as the benchmark starts (below): later edits do not change what ran
 def commit() -> str | None:
-    """The checkout's commit, ``+dirty`` when tracked files differ from it; None outside git."""
+    """The checkout's commit, ``+dirty`` when tracked files differ from it; ``GIT_COMMIT`` where the
+    copy's git is absent or stale (a device machine); None outside git."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     root = Path(__file__).resolve().parent.parent
+    git = {"cwd": root, "capture_output": True, "text": True, "timeout": 10}
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
-        )
-    except (OSError, subprocess.CalledProcessError):
+        head = subprocess.run(["git", "rev-parse", "HEAD"], check=True, **git)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **git)
+    except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 

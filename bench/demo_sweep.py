@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import provenance  # noqa: E402
+from bench.common import commit, provenance  # noqa: E402
 from demo import run_demo  # noqa: E402
 from demo.digits import SHIFTS, DigitsCNN, digits_extractor, load_digits_rgb, train_classifier  # noqa: E402
 from mutor_vision.cli import setup_logging  # noqa: E402
@@ -44,12 +43,6 @@ from mutor_vision.training.c2i import train  # noqa: E402
 from mutor_vision.training.checkpoints import CheckpointManager  # noqa: E402
 from mutor_vision.training.config import TrainConfig  # noqa: E402
 from tokenizer import PaletteTokenizer, to_uint8  # noqa: E402
-
-
-def git_commit() -> str:
-    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
-    return done.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
 
 
 def cached_setup(cache: Path, shifts: int, colors: int):
@@ -156,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
             "load_1min": round(os.getloadavg()[0], 2),  # > 0.5 before the run: step_s and train_s are not idle
             "threads": torch.get_num_threads(),
             "command": " ".join(["python bench/demo_sweep.py", *(argv if argv is not None else sys.argv[1:])]),
-            "commit": git_commit(),
+            "commit": commit(),
         }
         print(json.dumps(row), flush=True)
         rows.append(row)

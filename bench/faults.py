@@ -51,7 +51,6 @@ import os
 import random
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -70,7 +69,7 @@ sys.path.insert(0, str(ROOT))
 
 from mutor_vision.cli import EXIT_PEER_LOST  # noqa: E402
 from mutor_vision.data import token_loader  # noqa: E402
-from mutor_vision.processes import cpu_child_env, cpu_ranks_command  # noqa: E402
+from mutor_vision.processes import cpu_child_env, cpu_ranks_command, free_port  # noqa: E402
 from mutor_vision.shards import ShardError, write_synthetic_shards  # noqa: E402
 from mutor_vision.training.checkpoints import CheckpointManager  # noqa: E402
 
@@ -78,7 +77,6 @@ TINY = ROOT / "configs" / "c2i" / "tiny_cpu.yaml"
 EVAL_SAMPLES = 160
 LONG = 10  # double_launch: a run this many times --steps, so the second launch starts while it runs
 STOP_WITHIN_S = 30  # a survivor must stop this soon after its peer machine was lost
-MACHINE_FAULTS = ("machine_training", "machine_save", "machine_eval_sampling", "machine_eval_metrics")
 
 
 def env() -> dict[str, str]:
@@ -333,12 +331,6 @@ def trial_disk_full_eval(work: Path, args: list[str], reference: Path, rng: rand
         (out / "samples" / n).read_bytes() == (reference / "samples" / n).read_bytes() for n in names
     )
     return {**record, "outcome": "exit 5, rerun filled in every PNG identical" if same else "DIFFERENT or failed"}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def machine_cmd(machine: int, port: int, args: list[str]) -> list[str]:

@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import commit  # bench/common.py (the script's folder is on the path)
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 DEMO_EXPORT = ROOT / "runs" / "demo" / "mutor2d-seed0" / "checkpoints" / "step_00000600" / "export"
@@ -409,19 +411,6 @@ def table(rows: list[dict[str, Any]]) -> str:
 # ---------------------------------------------------------------- the command
 
 
-def git_commit() -> str:
-    """HEAD (marked when the tree differs from it); ``GIT_COMMIT`` where the copy has no .git (a device machine)."""
-    if os.environ.get("GIT_COMMIT"):
-        return os.environ["GIT_COMMIT"]
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    commit = done.stdout.strip() or "unknown"
-    return commit + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
-
-
 def device_slug(name: str) -> str:
     """``NVIDIA H100 80GB HBM3`` -> ``h100``: the file name's device part."""
     match = re.search(r"\b([A-Z]\d{2,4}[A-Z]?)\b", name)
@@ -475,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": sys.version.split()[0],
-        "commit": git_commit(),
+        "commit": commit(),
         "command": "python bench/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -36,3 +36,9 @@ class PeerLost(RuntimeError):
     """Another rank of a distributed run, or its machine, stopped answering (died, killed, cut off):
     every rank stops, and the same command, run again on every machine, goes on (training: with
     ``--resume auto``)."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (library errors go on with details), or its kind's name."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -106,8 +106,3 @@ def libraries_offline() -> Iterator[None]:
     finally:
         for module, value in zip(flags, saved, strict=True):
             module.HF_HUB_OFFLINE = value
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

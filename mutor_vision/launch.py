@@ -29,9 +29,20 @@ import sys
 # which reads it once; the ranks inherit it.
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
-from mutor_vision.cli import EXIT_BUG, EXIT_PEER_LOST, LOST_PEER_HINT  # imports torch
+from mutor_vision.cli import (  # imports torch
+    EXIT_BUG,
+    EXIT_CONFIG,
+    EXIT_DIVERGED,
+    EXIT_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_PEER_LOST,
+    EXIT_STORAGE,
+    LOST_PEER_HINT,
+)
+from mutor_vision.errors import first_line
 
-DOCUMENTED = {2, 3, 4, 5, 6, 130}  # codes whose rank printed its own one line (cli.py)
+# the codes whose rank printed its own one line (cli.py)
+DOCUMENTED = {EXIT_CONFIG, EXIT_DIVERGED, EXIT_INPUT, EXIT_STORAGE, EXIT_PEER_LOST, EXIT_INTERRUPTED}
 EXIT_BARRIER_S = 20  # seconds an agent whose ranks succeeded waits for the other machines' agents
 
 
@@ -84,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     except (SystemExit, KeyboardInterrupt):
         raise
     except Exception as error:  # the agent's own: the rendezvous store on the first machine is gone
-        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"{script}: lost the job's rendezvous ({text}); this machine stopped: {LOST_PEER_HINT}", file=sys.stderr)
+        print(
+            f"{script}: lost the job's rendezvous ({first_line(error)}); this machine stopped: {LOST_PEER_HINT}",
+            file=sys.stderr,
+        )
         return EXIT_PEER_LOST
     return 0
 

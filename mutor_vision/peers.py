@@ -23,7 +23,7 @@ import time
 
 import torch.distributed as dist
 
-from mutor_vision.errors import PeerLost
+from mutor_vision.errors import PeerLost, first_line
 
 HEARTBEAT_S = 1.0  # seconds between a rank's beats
 DEAD_AFTER_S = 15.0  # a rank whose beat has not moved for this long is lost
@@ -54,7 +54,7 @@ class Peers:
             try:
                 self.store.add(f"{_PREFIX}/beat/{self.rank}", 1)
             except Exception as error:  # the store's host is gone, or the network
-                self.failure = _first_line(error)
+                self.failure = _first_sentence(error)
                 return
             self._closed.wait(HEARTBEAT_S)
 
@@ -68,7 +68,9 @@ class Peers:
         try:
             return op(*args)
         except Exception as error:
-            raise PeerLost(f"the job's store (on the first machine) cannot be reached: {_first_line(error)}") from None
+            raise PeerLost(
+                f"the job's store (on the first machine) cannot be reached: {_first_sentence(error)}"
+            ) from None
 
     def _host(self, rank: int) -> str:
         try:
@@ -143,7 +145,5 @@ def announce_failure(what: str) -> None:
             peers().announce(what)
 
 
-def _first_line(error: BaseException) -> str:
-    """The error's first sentence (torch's store errors go on with guesses at the cause)."""
-    text = str(error).strip()
-    return text.splitlines()[0].split(". ")[0] if text else type(error).__name__
+def _first_sentence(error: BaseException) -> str:
+    return first_line(error).split(". ")[0]  # torch's store errors go on with guesses at the cause

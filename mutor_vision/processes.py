@@ -21,7 +21,7 @@ import torch
 from accelerate import PartialState
 from accelerate.state import AcceleratorState, GradientState
 
-from mutor_vision.errors import ConfigError, PeerLost
+from mutor_vision.errors import ConfigError, PeerLost, first_line
 from mutor_vision.locks import FolderLock, acquire
 
 DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0  # how long a collective waits for a rank that does not come
@@ -97,7 +97,7 @@ def lost_peer(error: BaseException) -> str | None:
         dist_error = getattr(torch.distributed, "DistError", ())
         if isinstance(error, dist_error) or (isinstance(error, RuntimeError) and _LOST_PEER.search(text)):
             # gloo: "[.../pair.cc:545] Read error [127.0.0.1]:49796: Connection reset by peer. This is ..."
-            core = re.sub(r"^\[[^\]]*\]\s*", "", text.strip().splitlines()[0] if text.strip() else type(error).__name__)
+            core = re.sub(r"^\[[^\]]*\]\s*", "", first_line(error))
             return "a collective failed: " + core.split(". ")[0]
         error = error.__cause__ or error.__context__
     return None
@@ -112,11 +112,15 @@ def cpu_child_env(checkout: str | os.PathLike) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, **cpu_only}
 
 
-def cpu_ranks_command(num_processes: int = 2) -> list[str]:
-    """``accelerate launch`` of ``num_processes`` CPU ranks on a free port (parallel runs never collide)."""
+def free_port() -> int:
+    """A loopback port nothing listens on now (parallel runs of tests and benchmarks never collide)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return probe.getsockname()[1]
+
+
+def cpu_ranks_command(num_processes: int = 2) -> list[str]:
+    """``accelerate launch`` of ``num_processes`` CPU ranks on a free port."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes)]
     return [*launch, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(port)]  # fmt: skip
+            "--main_process_port", str(free_port())]  # fmt: skip

@@ -20,6 +20,7 @@ from torch import nn
 from mutor_vision.config import check, default_values, to_dict
 from mutor_vision.errors import ConfigError
 from mutor_vision.models import GPT, SamplingConfig
+from mutor_vision.processes import DEFAULT_COLLECTIVE_TIMEOUT_S
 
 STAMPED = {"stamped": True}
 
@@ -43,7 +44,8 @@ class EvalConfig:
     compile: bool = False  # the CUDA-graph decode (CUDA only; ignored on the CPU)
     device: str = "auto"  # auto: CUDA when available; cpu
     overlap: bool | None = None  # measure batch i while batch i + 1 samples; None: on CUDA (run.py)
-    collective_timeout_s: float = 600.0  # seconds a collective waits for a rank that does not come
+    # seconds a collective waits for a rank that does not come
+    collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S
     notes: dict[str, Any] = field(default_factory=dict)  # the caller's entries for results.json
 
     def __post_init__(self) -> None:

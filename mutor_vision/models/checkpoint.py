@@ -34,9 +34,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mutor_vision.config import from_dict, to_dict
-from mutor_vision.errors import ConfigError, InputError
+from mutor_vision.errors import ConfigError, InputError, first_line
 from mutor_vision.files import atomic_write, atomic_write_json, atomic_write_text, storage_faults
-from mutor_vision.hub import first_line, is_hub_name, libraries_offline, offline_reason
+from mutor_vision.hub import is_hub_name, libraries_offline, offline_reason
 from mutor_vision.models.config import GPTConfig
 
 log = logging.getLogger(__name__)

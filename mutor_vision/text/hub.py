@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mutor_vision.errors import InputError
-from mutor_vision.hub import first_line, in_cache, is_hub_name, libraries_offline, offline_reason
+from mutor_vision.errors import InputError, first_line
+from mutor_vision.hub import in_cache, is_hub_name, libraries_offline, offline_reason
 
 MODEL_FILES = ("config.json",)  # what a Hugging Face model / tokenizer directory has, one of
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
